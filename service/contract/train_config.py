@@ -1,0 +1,130 @@
+"""The training job schema: one pydantic model used by the CLI, the API and the worker.
+
+Defaults follow SimCLR (Chen et al., 2020, arXiv:2002.05709): LARS with
+lr = 0.3 x batch/256, weight decay 1e-6, 10 warm-up epochs then cosine decay, a 2-layer
+MLP head to 128 dims, and the paper's augmentation family. Per-method defaults (MoCo v2's
+temperature 0.2, BYOL's 4096-wide heads) are filled in by :meth:`TrainConfig.resolved`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Method = Literal["simclr", "moco_v2", "byol"]
+Backbone = Literal["resnet18", "resnet34", "resnet50"]
+Optimizer = Literal["lars", "sgd", "adamw"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+# Per-method defaults for fields left unset (None) by the caller.
+METHOD_DEFAULTS: dict[str, dict[str, float | int]] = {
+    "simclr": {"temperature": 0.5, "proj_out_dim": 128},
+    "moco_v2": {"temperature": 0.2, "proj_out_dim": 128},
+    "byol": {"temperature": 1.0, "proj_out_dim": 256, "proj_hidden_dim": 4096, "pred_hidden_dim": 4096},
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AugmentConfig(_Strict):
+    """The paper's stochastic augmentation T, drawn twice per image (Appendix A)."""
+
+    crop_min_scale: float = Field(0.08, gt=0.0, le=1.0, description="RandomResizedCrop lower area fraction")
+    crop_max_scale: float = Field(1.0, gt=0.0, le=1.0)
+    hflip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    color_strength: float = Field(1.0, ge=0.0, le=4.0, description="s: jitter (0.8s, 0.8s, 0.8s, 0.2s)")
+    color_jitter_prob: float = Field(0.8, ge=0.0, le=1.0)
+    grayscale_prob: float = Field(0.2, ge=0.0, le=1.0)
+    blur: bool | None = Field(None, description="Gaussian blur; None = on for images larger than 64 px")
+    blur_prob: float = Field(0.5, ge=0.0, le=1.0)
+    blur_kernel_fraction: float = Field(0.1, gt=0.0, le=0.5, description="kernel side / image side")
+    blur_sigma_min: float = Field(0.1, gt=0.0)
+    blur_sigma_max: float = Field(2.0, gt=0.0)
+    solarize_prob: float = Field(0.0, ge=0.0, le=1.0)
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the batched augmentation runs; auto = the training device"
+    )
+
+    @model_validator(mode="after")
+    def _ranges(self) -> AugmentConfig:
+        if self.crop_min_scale > self.crop_max_scale:
+            raise ValueError("crop_min_scale must not exceed crop_max_scale")
+        if self.blur_sigma_min > self.blur_sigma_max:
+            raise ValueError("blur_sigma_min must not exceed blur_sigma_max")
+        return self
+
+
+class TrainConfig(_Strict):
+    """Every hyper-parameter of a pretraining run. Unknown fields are rejected."""
+
+    method: Method = "simclr"
+    backbone: Backbone = "resnet18"
+    small_stem: bool | None = Field(
+        None, description="3x3 stride-1 first conv, no max-pool; None = on for image_size <= 64"
+    )
+    image_size: int = Field(32, ge=16, le=512)
+    epochs: int = Field(100, ge=1, le=10_000)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps")
+    batch_size: int = Field(256, ge=2, le=65_536, description="global batch, over all processes")
+    optimizer: Optimizer = "lars"
+    base_lr: float = Field(0.3, gt=0.0, le=100.0, description="lr = base_lr x batch_size / 256")
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    weight_decay: float = Field(1e-6, ge=0.0, le=1.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    warmup_epochs: float = Field(10.0, ge=0.0)
+    temperature: float | None = Field(None, gt=0.0, le=10.0)
+    proj_hidden_dim: int | None = Field(None, ge=8, le=16_384, description="None = feature dim (SimCLR)")
+    proj_out_dim: int | None = Field(None, ge=8, le=8_192)
+    pred_hidden_dim: int | None = Field(None, ge=8, le=16_384, description="BYOL predictor width")
+    moco_momentum: float = Field(0.999, ge=0.0, lt=1.0)
+    queue_size: int = Field(65_536, ge=1, le=1_048_576)
+    byol_tau_base: float = Field(0.996, ge=0.0, le=1.0)
+    sync_bn: bool = Field(False, description="SyncBatchNorm across processes (the paper's global BN)")
+    precision: Precision = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU")
+    channels_last: bool = True
+    compile: bool = False
+    num_workers: int = Field(4, ge=0, le=64)
+    devices: int | None = Field(None, ge=1, description="GPUs to use; None = all the worker sees")
+    cpu_processes: int = Field(1, ge=1, le=64, description="gloo processes when no GPU is present")
+    seed: int = Field(0, ge=0)
+    deterministic: bool = False
+    checkpoint_every_steps: int = Field(200, ge=1)
+    log_every_steps: int = Field(10, ge=1)
+    knn_every_epochs: int = Field(0, ge=0, description="kNN monitor on a labeled split; 0 = off")
+    augment: AugmentConfig = AugmentConfig()
+
+    @model_validator(mode="after")
+    def _method_fits(self) -> TrainConfig:
+        if self.method == "moco_v2" and self.queue_size % self.batch_size:
+            raise ValueError(
+                f"queue_size ({self.queue_size}) must be a multiple of batch_size ({self.batch_size}) for moco_v2"
+            )
+        return self
+
+    def resolved(self) -> TrainConfig:
+        """The config with every method- and size-dependent default made explicit."""
+        fill: dict[str, object] = {
+            k: v for k, v in METHOD_DEFAULTS[self.method].items() if getattr(self, k) is None
+        }
+        if self.small_stem is None:
+            fill["small_stem"] = self.image_size <= 64
+        if self.augment.blur is None:
+            fill["augment"] = self.augment.model_copy(update={"blur": self.image_size > 64})
+        return self.model_copy(update=fill)
+
+    @property
+    def learning_rate(self) -> float:
+        """Peak learning rate after the paper's batch-size scaling."""
+        scale = {"linear": self.batch_size / 256, "sqrt": (self.batch_size / 256) ** 0.5, "none": 1.0}
+        return self.base_lr * scale[self.lr_scaling]
+
+
+class TrainJobRequest(TrainConfig):
+    """`POST /train-jobs` body: a TrainConfig plus where the data is and what to do after."""
+
+    dataset: str = Field(..., min_length=1, description="folder or .npz under a configured dataset root")
+    activate: bool = Field(True, description="activate the exported model when the job succeeds")
+    name: str | None = Field(None, max_length=200)

@@ -1,0 +1,88 @@
+"""Service configuration: one class, every knob an environment variable `SIMCLR_EMBED_*`.
+
+Defaults serve one machine (`simclr-embed up`); docker-compose.yml overrides them.
+List values accept a comma-separated string (`SIMCLR_EMBED_API_KEYS=key1,key2`).
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SIMCLR_EMBED_", extra="ignore", frozen=True)
+
+    # -- where things live ------------------------------------------------------------------
+    data_dir: Path = Field(Path("data"), description="holds models/ (registry), items/ (store, index), jobs/")
+    dataset_roots: CommaList = Field(
+        default_factory=list, description="folders training datasets must lie under; default <data_dir>/datasets"
+    )
+
+    # -- HTTP -------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="when set, mutating routes need `Authorization: Bearer <key>` or `X-API-Key`"
+    )
+    require_key_for_reads: bool = False
+    cors_origins: CommaList = Field(default_factory=list, description="CORS is closed unless origins are listed")
+
+    # -- input limits -----------------------------------------------------------------------
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="per request, enforced while reading")
+    max_image_pixels: int = Field(40_000_000, ge=64, description="refuses decompression bombs")
+    max_images_per_request: int = Field(64, ge=1)
+
+    # -- encoder runtime --------------------------------------------------------------------
+    batch_max_size: int = Field(64, ge=1, description="micro-batching: most images per ONNX Runtime run")
+    batch_max_wait_ms: float = Field(2.0, ge=0.0, description="micro-batching: longest wait to fill a batch")
+    ort_intra_op_threads: int = Field(0, ge=0, description="0 = ONNX Runtime's default (all cores)")
+    ort_inter_op_threads: int = Field(1, ge=0)
+    ort_providers: CommaList = Field(default_factory=list, description="default: CUDA when present, else CPU")
+    active_poll_s: float = Field(1.0, gt=0.0, description="how often the server checks models/active for a swap made elsewhere")
+    retired_model_ttl_s: float = Field(
+        60.0, ge=0.0, description="a replaced model stays loaded this long after its last use (search during re-embedding)"
+    )
+
+    # -- index ------------------------------------------------------------------------------
+    index_factory: str = Field("Flat", description="FAISS index_factory string, inner product; e.g. HNSW32, IVF1024,Flat")
+    index_min_train_vectors: int = Field(10_000, ge=1, description="trainable indexes wait for this many vectors")
+    index_snapshot_every: int = Field(1000, ge=1, description="adds between FAISS snapshots")
+
+    # -- jobs -------------------------------------------------------------------------------
+    broker_url: str | None = Field(None, description="Redis URL; unset = `up` starts an embedded server")
+    demo_on_empty: bool = Field(True, description="`up` trains a small demo encoder when the registry is empty")
+
+    @field_validator("dataset_roots", "api_keys", "cors_origins", "ort_providers", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return _split(value)
+
+    @cached_property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @cached_property
+    def items_dir(self) -> Path:
+        return self.data_dir / "items"
+
+    @cached_property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @cached_property
+    def resolved_dataset_roots(self) -> list[Path]:
+        roots = self.dataset_roots or [str(self.data_dir / "datasets")]
+        return [Path(r).expanduser().resolve() for r in roots]
