@@ -1,0 +1,164 @@
+"""The training loop: run directory contract, stop and resume, exact resume after SIGKILL, DDP on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.contract.train_config import TrainConfig
+from trainer.checkpoint import checkpoint_path, load_checkpoint, load_encoder
+from trainer.cli import main as cli_main
+from trainer.engine import GlobalBatchSampler, train
+
+REPO = Path(__file__).resolve().parents[2]
+# 48 images / batch 8 = 6 steps an epoch; the standard stem keeps a 16 px ResNet-18 step cheap.
+TINY = dict(image_size=16, small_stem=False, batch_size=8, num_workers=0, warmup_epochs=1.0, seed=3,
+            log_every_steps=1, checkpoint_every_steps=4)
+CLI_ARGS = ["--image-size", "16", "--no-small-stem", "--batch-size", "8", "--num-workers", "0",
+            "--warmup-epochs", "1", "--seed", "3", "--log-every-steps", "1", "--checkpoint-every-steps", "4"]
+
+
+class StopAfter:
+    """should_stop() that answers True on its k-th call (picklable, as train() requires)."""
+
+    def __init__(self, k: int) -> None:
+        self.k, self.calls = k, 0
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        return self.calls >= self.k
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_global_batches_partition_each_epoch() -> None:
+    n, batch, world = 50, 8, 2
+    shares = [GlobalBatchSampler(n, batch, r, world, seed=1) for r in range(world)]
+    epoch0 = [list(s) for s in shares]
+    assert all(len(b) == batch // world for rank in epoch0 for b in rank)
+    flat = [i for b in range(6) for rank in epoch0 for i in rank[b]]
+    assert len(flat) == 48 == len(set(flat))  # 6 full global batches, no image twice, drop_last
+    for s in shares:
+        s.set_epoch(0, start=4)
+    assert [list(s) for s in shares] == [rank[4:] for rank in epoch0]  # resume mid-epoch: the exact tail
+    for s in shares:
+        s.set_epoch(1)
+    assert [list(s) for s in shares] != epoch0  # a fresh shuffle each epoch
+
+
+def test_stop_then_resume_and_run_dir_contract(tiny_npz: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(epochs=2, **TINY)
+    progress: list[dict] = []
+    stopped = train(cfg, tiny_npz, tmp_path, on_progress=progress.append, should_stop=StopAfter(3))
+    assert stopped.stopped and stopped.step == 3 and stopped.total_steps == 12
+    assert load_checkpoint(checkpoint_path(tmp_path))["step"] == 3
+    assert not (tmp_path / "result.json").exists()
+    assert [p["step"] for p in progress] == [1, 2, 3]
+    assert set(progress[0]) == {"epoch", "step", "total_steps", "loss", "lr", "images_per_s", "eta_s"}
+
+    done = train(cfg, tiny_npz, tmp_path, on_progress=progress.append)
+    assert not done.stopped and done.step == 12 and done.epoch == 2
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["step"] == 12 and result["stopped"] is False
+    records = _read_jsonl(tmp_path / "metrics.jsonl")
+    assert {"event": "resume", "step": 3} in records
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == list(range(1, 13))
+    # The warm-up (1 epoch = 6 steps) rises linearly to the peak lr = 0.3 * 8 / 256, then decays.
+    lrs = {r["step"]: r["lr"] for r in records if "lr" in r}
+    peak = 0.3 * 8 / 256
+    assert lrs[1] == pytest.approx(peak / 6) and lrs[6] == pytest.approx(peak) == lrs[7]
+    assert lrs[12] < lrs[8] < peak
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["config"] == cfg.resolved().model_dump(mode="json")
+    assert config["dataset"]["num_images"] == 48 and config["data"] == str(tiny_npz)
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+
+    state = load_checkpoint(checkpoint_path(tmp_path))  # weights_only=True inside
+    assert {"method", "optimizer", "scheduler", "scaler", "rng", "epoch", "step", "config", "encoder"} <= set(state)
+    assert (state["epoch"], state["step"]) == (2, 12)
+    encoder, loaded_cfg, info = load_encoder(tmp_path)
+    assert loaded_cfg == cfg.resolved() and info["completed"] and info["step"] == 12
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(value, state["method"][f"encoder.{key}"])
+
+
+def test_resume_rejects_a_different_config(tiny_npz: Path, tmp_path: Path) -> None:
+    train(TrainConfig(epochs=1, max_steps=1, **TINY), tiny_npz, tmp_path)
+    with pytest.raises(ValueError, match="temperature"):
+        train(TrainConfig(epochs=1, temperature=0.2, **TINY), tiny_npz, tmp_path)
+    # epochs and max_steps may change: the run goes on longer.
+    assert train(TrainConfig(epochs=1, max_steps=2, **TINY), tiny_npz, tmp_path).step == 2
+
+
+def test_cli_config_file_and_overwrite_guard(tiny_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "cfg.yaml"
+    config.write_text("epochs: 1\nmax_steps: 1\ntemperature: 0.25\naugment:\n  crop_min_scale: 0.3\n")
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(tiny_npz), "--out", str(out), "--config", str(config), *CLI_ARGS,
+            "--augment.hflip-prob", "0.0"]
+    assert cli_main(argv) == 0
+    saved = json.loads((out / "config.json").read_text())["config"]
+    assert (saved["temperature"], saved["augment"]["crop_min_scale"], saved["augment"]["hflip_prob"]) == (0.25, 0.3, 0.0)
+    assert json.loads(capsys.readouterr().out)["step"] == 1
+    assert cli_main(argv) == 2  # a run is there: no silent overwrite without --resume
+    assert "--resume" in capsys.readouterr().err
+    assert cli_main(["train", "--data", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "x")]) == 2
+
+
+def _cli(out: Path, data: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "trainer.cli", "train", "--data", str(data), "--out", str(out), *CLI_ARGS,
+            "--epochs", "2", "--augment.blur", *extra]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted_run(tiny_npz: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    run = lambda out, *extra: subprocess.run(_cli(out, tiny_npz, *extra), env=env, cwd=REPO,  # noqa: E731
+                                             capture_output=True, text=True, timeout=600)
+    full = run(tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(killed_dir, tiny_npz), env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = checkpoint_path(killed_dir)
+    deadline = time.monotonic() + 300
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = load_checkpoint(ckpt)["step"]
+    assert 0 < killed_at < 12 and not (killed_dir / "result.json").exists()
+
+    resumed = run(killed_dir, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert {"event": "resume", "step": killed_at} in _read_jsonl(killed_dir / "metrics.jsonl")
+    expected, got = load_checkpoint(checkpoint_path(tmp_path / "full")), load_checkpoint(ckpt)
+    assert got["step"] == expected["step"] == 12
+    assert expected["method"].keys() == got["method"].keys()
+    for key, value in expected["method"].items():
+        torch.testing.assert_close(got["method"][key], value, rtol=1e-6, atol=1e-6, msg=f"{key} (killed at {killed_at})")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_two_cpu_processes_train_with_ddp(tiny_npz: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(epochs=1, max_steps=2, cpu_processes=2, sync_bn=True, **TINY)
+    result = train(cfg, tiny_npz, tmp_path, should_stop=StopAfter(100))
+    assert (result.step, result.stopped) == (2, False)
+    state = load_checkpoint(checkpoint_path(tmp_path))
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # ranks draw their own views

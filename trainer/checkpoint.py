@@ -1,0 +1,91 @@
+"""Checkpoints of a run directory: written atomically, read without unpickling code.
+
+A checkpoint holds only tensors, numbers, strings, lists and dicts (see docs/architecture.md),
+so `torch.load(..., weights_only=True)` reads it: loading a run never executes its content.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from service.contract.train_config import TrainConfig
+from trainer.models import Encoder
+
+CHECKPOINT = Path("checkpoints") / "last.pt"
+
+
+def checkpoint_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINT
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, write: Any) -> None:
+    """Call `write(file)` on a temporary sibling, fsync it, then rename it over `path`.
+
+    A reader (or a run killed mid-write) sees either the old file or the new one, never half.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write `state` with torch.save, atomically."""
+    atomic_write_bytes(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with `weights_only=True` (tensors and plain containers only)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load_encoder(run_dir: str | Path) -> tuple[Encoder, TrainConfig, dict[str, Any]]:
+    """The encoder f of a run's last checkpoint (eval mode), its resolved config, and facts about it.
+
+    info: `step`, `epoch`, `completed` (result.json exists), `checkpoint` (path), and `dataset`
+    (what config.json recorded about the training data, or {}).
+    """
+    run_dir = Path(run_dir)
+    path = checkpoint_path(run_dir)
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no checkpoint ({CHECKPOINT}); train first")
+    state = load_checkpoint(path)
+    cfg = TrainConfig.model_validate(state["config"]).resolved()
+    encoder = Encoder(cfg.backbone, bool(cfg.small_stem))
+    encoder.load_state_dict(state["encoder"])
+    encoder.eval()
+    config_json = run_dir / "config.json"
+    dataset = json.loads(config_json.read_text()).get("dataset", {}) if config_json.is_file() else {}
+    info = {
+        "step": int(state["step"]),
+        "epoch": int(state["epoch"]),
+        "completed": (run_dir / "result.json").is_file(),
+        "checkpoint": str(path),
+        "dataset": dataset,
+    }
+    return encoder, cfg, info

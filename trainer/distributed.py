@@ -1,0 +1,92 @@
+"""Process groups and the collectives the methods need.
+
+One process per GPU (NCCL) or `cpu_processes` processes on CPU (gloo). Everything here is a
+no-op for a single process, so the same code runs with and without a process group.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now, for a local rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_process_group(rank_: int, world: int, backend: str, init_method: str) -> None:
+    """Join the group; the CUDA device of a rank is its local index."""
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank_)))
+    dist.init_process_group(backend, init_method=init_method, rank=rank_, world_size=world)
+
+
+def destroy_process_group() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each rank the gradient of its own slice, summed over ranks.
+
+    Every rank's loss depends on every rank's rows, so the gradient of row block r is the
+    sum over all ranks' losses: all_reduce(SUM), then take block r (as lightly's GatherLayer;
+    keeping only the local block, without the sum, drops the other ranks' terms).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # x: [N, ...] -> [N * world, ...]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.n = x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # [N * world, ...] -> [N, ...]
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = dist.get_rank() * ctx.n
+        return grad[start : start + ctx.n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` [N, ...] from all ranks in rank order -> [N * world, ...], differentiably."""
+    if world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """The mean of `value` over ranks (a detached copy)."""
+    value = value.detach().clone()
+    if world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= world_size()
+    return value
+
+
+def broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's `flag` on every rank."""
+    if world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())

@@ -1,0 +1,405 @@
+"""The training loop: data -> two augmented views -> method -> loss -> optimiser, resumable.
+
+One process per GPU (DDP over NCCL), or `cfg.cpu_processes` gloo processes without a GPU.
+The loader position is a function of the global optimiser step: epoch e shuffles the whole
+dataset with a generator seeded by (seed, e), global batch b is images perm[bB:(b+1)B], and
+rank r takes its contiguous share of it. So a checkpoint at step k resumes at the exact
+next batch (and with the saved RNG states, the exact next augmentations).
+
+Run directory layout and the callback contract: docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Sampler
+
+from service.contract.train_config import TrainConfig
+from trainer import distributed
+from trainer.checkpoint import atomic_write_json, checkpoint_path, load_checkpoint, save_checkpoint
+from trainer.data import ImageDataset, open_dataset
+from trainer.methods import build_method
+from trainer.optim import build_optimizer, build_scheduler
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+StopCallback = Callable[[], bool]
+
+# Fields that may differ between a checkpoint's config and the config resuming it: they
+# change how the run is executed or how long it lasts, not what it learns step by step.
+RESUMABLE_CHANGES = frozenset(
+    {"epochs", "max_steps", "num_workers", "devices", "cpu_processes", "checkpoint_every_steps", "log_every_steps",
+     "compile", "knn_every_epochs"}
+)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: str
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float | None  # mean over ranks of the last logged window
+    images_per_s: float  # over the steps this call ran
+    wall_s: float
+    stopped: bool
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """This rank's share of every global batch of one epoch, from batch `start` on (drop_last)."""
+
+    def __init__(self, num_images: int, batch_size: int, rank: int, world: int, seed: int) -> None:
+        self.num_images, self.batch_size, self.rank, self.world, self.seed = num_images, batch_size, rank, world, seed
+        self.per_rank = batch_size // world
+        self.epoch, self.start = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_images // self.batch_size
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.num_images, generator=g)  # [num_images]
+        for b in range(self.start, self.batches_per_epoch):
+            first = b * self.batch_size + self.rank * self.per_rank
+            yield perm[first : first + self.per_rank].tolist()
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _world(cfg: TrainConfig) -> tuple[int, bool]:
+    """(number of processes, on CUDA?)."""
+    if torch.cuda.is_available():
+        available = torch.cuda.device_count()
+        if cfg.devices is not None and cfg.devices > available:
+            raise ValueError(f"devices={cfg.devices} but only {available} GPU(s) are visible")
+        return cfg.devices or available, True
+    return cfg.cpu_processes, False
+
+
+def _config_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    now = cfg.model_dump(mode="json")
+    return sorted(k for k in now.keys() | saved.keys() if k not in RESUMABLE_CHANGES and now.get(k) != saved.get(k))
+
+
+def train(
+    cfg: TrainConfig,
+    data: str | Path,
+    run_dir: str | Path,
+    *,
+    resume: bool = True,
+    on_progress: ProgressCallback | None = None,
+    should_stop: StopCallback | None = None,
+) -> TrainResult:
+    """Pretrain `cfg.method` on the images at `data`, writing checkpoints and logs to `run_dir`.
+
+    With `resume` and a checkpoint in `run_dir`, continue from it (its config must match but for
+    RESUMABLE_CHANGES); without `resume`, start over. Callbacks run on rank 0 (picklable when
+    the run spawns processes). Returns after `epochs` or `max_steps`, or when `should_stop()`.
+    """
+    cfg = cfg.resolved()
+    run_dir = Path(run_dir)
+    dataset = open_dataset(data, cfg.image_size)
+    world, cuda = _world(cfg)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} training processes")
+    if len(dataset) < cfg.batch_size:
+        raise ValueError(f"the dataset has {len(dataset)} images, fewer than one batch ({cfg.batch_size})")
+    ckpt = checkpoint_path(run_dir)
+    if resume and ckpt.is_file():
+        changed = _config_changes(load_checkpoint(ckpt)["config"], cfg)
+        if changed:
+            raise ValueError(f"{run_dir} holds a run with a different config ({', '.join(changed)}); "
+                             "resume with the same config or use another run directory")
+    elif ckpt.exists():
+        ckpt.unlink()
+    if not resume:
+        (run_dir / "result.json").unlink(missing_ok=True)
+    atomic_write_json(
+        run_dir / "config.json",
+        {"config": cfg.model_dump(mode="json"), "data": str(data), "dataset": dataset.describe()},
+    )
+    args = (world, cuda, cfg, dataset, str(run_dir), on_progress, should_stop)
+    if world == 1:
+        return _run(0, *args, init_method="")
+    init_method = f"tcp://127.0.0.1:{distributed.free_port()}"
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_spawned, args=(*args, init_method, queue), nprocs=world, start_method="spawn")
+    return TrainResult(**queue.get())
+
+
+def _spawned(rank: int, *args: Any) -> None:
+    *run_args, init_method, queue = args
+    result = _run(rank, *run_args, init_method=init_method)
+    if rank == 0:
+        queue.put(asdict(result))
+
+
+def _run(
+    rank: int,
+    world: int,
+    cuda: bool,
+    cfg: TrainConfig,
+    dataset: ImageDataset,
+    run_dir: str,
+    on_progress: ProgressCallback | None,
+    should_stop: StopCallback | None,
+    *,
+    init_method: str,
+) -> TrainResult:
+    if world > 1:
+        if not cuda:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        distributed.init_process_group(rank, world, "nccl" if cuda else "gloo", init_method)
+    try:
+        return _Trainer(rank, world, cuda, cfg, dataset, Path(run_dir), on_progress, should_stop).run()
+    finally:
+        distributed.destroy_process_group()
+
+
+class _Trainer:
+    """Everything one process holds during a run."""
+
+    def __init__(
+        self,
+        rank: int,
+        world: int,
+        cuda: bool,
+        cfg: TrainConfig,
+        dataset: ImageDataset,
+        run_dir: Path,
+        on_progress: ProgressCallback | None,
+        should_stop: StopCallback | None,
+    ) -> None:
+        from trainer.transforms import SimCLRAugment  # the data side's module, loaded with the run
+
+        self.rank, self.world, self.cfg, self.run_dir = rank, world, cfg, run_dir
+        self.is_main = rank == 0
+        self.on_progress, self.should_stop = on_progress, should_stop
+        self.device = torch.device("cuda", torch.cuda.current_device() if world > 1 else 0) if cuda else torch.device("cpu")
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = cuda and not cfg.deterministic
+        self.channels_last = cuda and cfg.channels_last
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+        _seed_all(cfg.seed)  # identical initial weights on every rank
+        self.method = build_method(cfg).to(self.device)
+        if self.channels_last:
+            self.method = self.method.to(memory_format=torch.channels_last)
+        if cfg.sync_bn and world > 1:
+            if cuda:
+                self.method = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
+            elif self.is_main:
+                warnings.warn("sync_bn needs GPUs; on CPU BatchNorm stays per process", stacklevel=2)
+        model: nn.Module = self.method
+        if world > 1:
+            model = DistributedDataParallel(self.method, device_ids=[self.device.index] if cuda else None)
+        self.model = torch.compile(model) if cfg.compile else model
+
+        self.sampler = GlobalBatchSampler(len(dataset), cfg.batch_size, rank, world, cfg.seed)
+        self.steps_per_epoch = self.sampler.batches_per_epoch
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.loader = DataLoader(
+            dataset,
+            batch_sampler=self.sampler,
+            num_workers=cfg.num_workers,
+            pin_memory=cuda,
+            # worker seeds come from here, not from the global RNG, so creating an iterator
+            # mid-epoch on resume draws nothing from the state we restore
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+        self.optimizer = build_optimizer(self.method, cfg)
+        self.scheduler = build_scheduler(
+            self.optimizer, self.total_steps, round(cfg.warmup_epochs * self.steps_per_epoch)
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)  # bf16 needs no loss scaling
+        aug_device = self.device if cfg.augment.device == "auto" else torch.device(cfg.augment.device)
+        self.aug_device = aug_device
+        self.augments = [SimCLRAugment(a, cfg.image_size).to(aug_device) for a in self.method.views_augment()]
+
+        _seed_all(cfg.seed * 1_000_003 + 1 + rank)  # each rank draws its own augmentations
+        self.step = 0
+        self._resume()
+
+    # --- checkpoints ---------------------------------------------------------------------
+
+    @property
+    def _ckpt(self) -> Path:
+        return checkpoint_path(self.run_dir)
+
+    def _resume(self) -> None:
+        if not self._ckpt.is_file():
+            return
+        state = load_checkpoint(self._ckpt)  # on CPU: RNG states must stay there
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.rank < len(state["rng"]):
+            _set_rng_state(state["rng"][self.rank])
+        self.step = int(state["step"])
+        self._log({"event": "resume", "step": self.step})
+
+    def _save(self) -> None:
+        rng = _rng_state()
+        rngs = [rng]
+        if self.world > 1:
+            rngs = [None] * self.world
+            dist.all_gather_object(rngs, rng)
+        if not self.is_main:
+            return
+        save_checkpoint(self._ckpt, {
+            "method": self.method.state_dict(),
+            "encoder": self.method.encoder.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rngs,
+            "epoch": self.step // self.steps_per_epoch,
+            "batch": self.step % self.steps_per_epoch,
+            "step": self.step,
+            "world_size": self.world,
+            "config": self.cfg.model_dump(mode="json"),
+        })
+
+    # --- logging -------------------------------------------------------------------------
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def _train_step(self, images: torch.Tensor) -> torch.Tensor:
+        """One optimiser step on uint8 images [n, 3, S, S]; returns the detached local loss."""
+        self.method.on_before_step(self.step, self.total_steps)
+        with torch.no_grad():
+            x = images.to(self.aug_device, non_blocking=True)
+            views = [aug(x).to(self.device, non_blocking=True) for aug in self.augments]  # 2 x [n, 3, S, S]
+            if self.channels_last:
+                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        with self.autocast:
+            loss = self.model(*views)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.method.on_after_optimizer_step(self.step, self.total_steps)
+        return loss.detach()
+
+    def run(self) -> TrainResult:
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        cfg, spe = self.cfg, self.steps_per_epoch
+        writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step) if self.is_main else None
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main, unit="step",
+                   dynamic_ncols=True, file=sys.stderr)
+        self.method.train()
+        start_step, started = self.step, time.perf_counter()
+        window_loss, window_steps, window_start = torch.zeros((), device=self.device), 0, started
+        last_loss: float | None = None
+        stopped = False
+        try:
+            while self.step < self.total_steps and not stopped:
+                self.sampler.set_epoch(self.step // spe, start=self.step % spe)
+                for images, _ in self.loader:
+                    window_loss += self._train_step(images)
+                    window_steps += 1
+                    self.step += 1
+                    bar.update(1)
+                    if self.should_stop is not None:
+                        stopped = distributed.broadcast_flag(self.is_main and bool(self.should_stop()), self.device)
+                    done = self.step >= self.total_steps
+                    if self.step % cfg.log_every_steps == 0 or done or stopped:
+                        last_loss = float(distributed.all_reduce_mean(window_loss / window_steps))
+                        now = time.perf_counter()
+                        rate = window_steps * cfg.batch_size / (now - window_start)
+                        record = {
+                            "epoch": self.step // spe, "step": self.step, "total_steps": self.total_steps,
+                            "loss": last_loss, "lr": self.lr,
+                            "images_per_s": rate, "eta_s": (self.total_steps - self.step) * cfg.batch_size / rate,
+                        }
+                        self._report(record, writer, bar)
+                        window_loss.zero_()
+                        window_steps, window_start = 0, now
+                    if stopped or done or self.step % spe == 0 or self.step % cfg.checkpoint_every_steps == 0:
+                        self._save()
+                    if stopped or done:
+                        break
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        wall = time.perf_counter() - started
+        result = TrainResult(
+            run_dir=str(self.run_dir), step=self.step, total_steps=self.total_steps, epoch=self.step // spe,
+            loss=last_loss, images_per_s=(self.step - start_step) * cfg.batch_size / max(wall, 1e-9),
+            wall_s=wall, stopped=stopped,
+        )
+        if self.is_main and not stopped:
+            atomic_write_json(self.run_dir / "result.json", asdict(result))
+        return result
+
+    def _report(self, record: dict[str, Any], writer: Any, bar: Any) -> None:
+        if not self.is_main:
+            return
+        self._log({**record, "time": time.time()})
+        for key in ("loss", "lr", "images_per_s"):
+            writer.add_scalar(f"train/{key}", record[key], record["step"])
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}", img_s=f"{record['images_per_s']:.0f}")
+        if self.on_progress is not None:
+            self.on_progress({k: record[k] for k in ("epoch", "step", "total_steps", "loss", "lr", "images_per_s", "eta_s")})

@@ -1,0 +1,72 @@
+"""Encoder f and projection head g (SimCLR, Chen et al. 2020, Sec. 2.1 and B.9).
+
+f is a torchvision ResNet built without pretrained weights; h = f(x) is the pooled feature
+[N, D] (D = 512 for ResNet-18/34, 2048 for ResNet-50), the representation we keep and export.
+g is the MLP that maps h to the space where the contrastive loss is applied; it is thrown
+away after pretraining.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+# Pixel normalisation applied after augmentation in training and inside the exported graph.
+PIXEL_MEAN = (0.485, 0.456, 0.406)
+PIXEL_STD = (0.229, 0.224, 0.225)
+
+_BACKBONES = {
+    "resnet18": torchvision.models.resnet18,
+    "resnet34": torchvision.models.resnet34,
+    "resnet50": torchvision.models.resnet50,
+}
+
+
+class Encoder(nn.Module):
+    """ResNet trunk without its classifier: images [N, 3, S, S] (normalised) -> h [N, D]."""
+
+    def __init__(self, backbone: str = "resnet18", small_stem: bool = False) -> None:
+        super().__init__()
+        if backbone not in _BACKBONES:
+            raise ValueError(f"unknown backbone {backbone!r}; choose from {sorted(_BACKBONES)}")
+        net = _BACKBONES[backbone](weights=None)
+        if small_stem:
+            # CIFAR variant (paper, Appendix B.9): 3x3 stride-1 conv, no max-pool.
+            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        self.feature_dim: int = net.fc.in_features
+        net.fc = nn.Identity()
+        self.net = net
+        self.backbone = backbone
+        self.small_stem = small_stem
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # [N, D]
+
+
+class ProjectionHead(nn.Module):
+    """g: Linear-BN-ReLU-...-Linear, [N, in_dim] -> [N, out_dim].
+
+    SimCLR uses 2 layers to 128 dims; BYOL's projector and predictor are the same shape
+    (hidden 4096, out 256). `last_bn` adds a BatchNorm without affine at the end (SimCLR v2).
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, last_bn: bool = False) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        dim = in_dim
+        for _ in range(num_layers - 1):
+            layers += [nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+            dim = hidden_dim
+        layers.append(nn.Linear(dim, out_dim, bias=not last_bn))
+        if last_bn:
+            layers.append(nn.BatchNorm1d(out_dim, affine=False))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.layers(h)
+
+
+def build_encoder(backbone: str, small_stem: bool) -> Encoder:
+    return Encoder(backbone, small_stem)

@@ -1,0 +1,220 @@
+"""Celery tasks: `train_job` (queue `train`) runs a pretraining job; `reindex` (queue `index`)
+re-embeds the items under a newly activated model.
+
+A job may be delivered more than once (a worker died; Redis's visibility timeout ran out
+while it still trained; a sweeper re-sent an orphan). Every delivery is safe:
+
+* a finished job returns at once;
+* only the holder of the job's owner lock trains, renewing it with a heartbeat; a delivery
+  that finds the lock held ends without touching the job;
+* training resumes from `<jobs_dir>/<job_id>/checkpoints/last.pt`;
+* the model id is derived from the job id, so the export runs only while that id is not yet
+  in the registry: a redelivery after publishing never publishes twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from celery import signals
+from celery.exceptions import Reject
+from redis.exceptions import RedisError
+
+from service.contract.registry import ModelNotFoundError, ModelRegistry
+from service.contract.train_config import TrainConfig, TrainJobRequest
+from service.jobs.celery_app import INDEX_TASK, TRAIN_TASK, app
+from service.jobs.options import job_options
+from service.jobs.store import TERMINAL, JobState, JobStore, model_id_for
+from service.settings import Settings
+from service.items.reindex import reembed_all
+from trainer.data import DatasetError
+from trainer.engine import train
+from trainer.export import export_run
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Set when this worker begins a warm shutdown (SIGTERM, Ctrl-C): the running job checkpoints
+# and goes back to the queue instead of holding the worker open until it ends.
+_shutting_down = threading.Event()
+
+
+@signals.worker_shutting_down.connect
+def _on_worker_shutdown(**_: Any) -> None:
+    _shutting_down.set()
+
+
+def _persist(fn: Callable[..., T], *args: Any, patience_s: float = 120.0, **kwargs: Any) -> T:
+    """Retry a state write through a broker restart: a finished job must not look unfinished."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except RedisError:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("broker unavailable; retrying %s", getattr(fn, "__name__", fn))
+            time.sleep(1.0)
+
+
+class JobControl:
+    """The run's callbacks: progress into the store, stop on cancel, lost lock or shutdown.
+
+    Picklable (it holds a URL, not a connection), as `train()` needs when it spawns ranks.
+    Broker errors never stop a run: progress is then dropped and the run goes on.
+    """
+
+    def __init__(self, broker_url: str, job_id: str, token: str, check_every_s: float = 0.5) -> None:
+        self.broker_url, self.job_id, self.token, self.check_every_s = broker_url, job_id, token, check_every_s
+        self._store: JobStore | None = None
+        self._checked_at = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_store": None}
+
+    @property
+    def store(self) -> JobStore:
+        if self._store is None:
+            self._store = JobStore.from_url(self.broker_url)
+        return self._store
+
+    def progress(self, info: dict[str, Any]) -> None:
+        try:
+            self.store.record_progress(self.job_id, info)
+        except RedisError as exc:
+            log.warning("job %s: progress not recorded (%s)", self.job_id, exc)
+
+    def should_stop(self) -> bool:
+        if _shutting_down.is_set():
+            return True
+        now = time.monotonic()
+        if now - self._checked_at < self.check_every_s:
+            return False
+        self._checked_at = now
+        try:
+            return self.store.cancel_requested(self.job_id) or not self.store.renew(self.job_id, self.token)
+        except RedisError:
+            return False
+
+
+class _Heartbeat(threading.Thread):
+    """Renews the owner lock while the job runs (data loading and export included)."""
+
+    def __init__(self, store: JobStore, job_id: str, token: str, every_s: float) -> None:
+        super().__init__(name=f"heartbeat-{job_id}", daemon=True)
+        self.store, self.job_id, self.token, self.every_s = store, job_id, token, every_s
+        self.lost = threading.Event()
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.every_s):
+            try:
+                if not self.store.renew(self.job_id, self.token):
+                    self.lost.set()
+                    return
+            except RedisError as exc:
+                log.warning("job %s: heartbeat failed (%s); retrying", self.job_id, exc)
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(timeout=5)
+
+
+def _published(registry: ModelRegistry, model_id: str) -> bool:
+    try:
+        registry.get(model_id)
+    except ModelNotFoundError:
+        return False
+    return True
+
+
+@app.task(name=TRAIN_TASK, ignore_result=True)
+def train_job(job_id: str) -> str:
+    """Run (or resume) job `job_id`; returns the state it left the job in, for the worker log."""
+    settings = Settings()
+    store = JobStore.from_url(str(settings.broker_url))
+    record = _persist(store.get, job_id, with_history=False)
+    if record is None:
+        log.warning("job %s: no record; dropping the message", job_id)
+        return "missing"
+    if record.state in TERMINAL:
+        return f"already {record.state.value}"
+    token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    if not _persist(store.acquire, job_id, token):
+        log.info("job %s: another worker holds it; this delivery ends", job_id)
+        return "held-elsewhere"
+    heartbeat = _Heartbeat(store, job_id, token, job_options().heartbeat_s)
+    heartbeat.start()
+    try:
+        return _run(settings, store, job_id, token, heartbeat)
+    finally:
+        heartbeat.stop()
+        try:
+            store.release(job_id, token)
+        except RedisError:
+            log.warning("job %s: lock not released; it lapses after its TTL", job_id)
+
+
+def _run(settings: Settings, store: JobStore, job_id: str, token: str, heartbeat: _Heartbeat) -> str:
+    if _persist(store.cancel_requested, job_id):
+        _persist(store.finish, job_id, JobState.cancelled)
+        return JobState.cancelled.value
+    if not _persist(store.start, job_id):
+        return "finished-elsewhere"
+    record = _persist(store.get, job_id, with_history=False)
+    assert record is not None
+    request = TrainJobRequest.model_validate(record.request)
+    cfg = TrainConfig.model_validate(request.model_dump(exclude={"dataset", "activate", "name"}))
+    registry = ModelRegistry(settings.models_dir)
+    model_id = model_id_for(job_id)
+    try:
+        if not _published(registry, model_id):
+            control = JobControl(str(settings.broker_url), job_id, token)
+            result = train(
+                cfg, record.dataset, settings.jobs_dir / job_id, resume=True,
+                on_progress=control.progress, should_stop=control.should_stop,
+            )
+            if result.stopped:
+                return _stopped(store, job_id, heartbeat)
+            export_run(settings.jobs_dir / job_id, registry, activate=False, model_id=model_id)
+        if request.activate:
+            registry.activate(model_id)
+            app.send_task(INDEX_TASK, args=[model_id])
+    except Reject:  # handing the job back on shutdown is not a failure
+        raise
+    except DatasetError as exc:
+        _persist(store.finish, job_id, JobState.failed, error=f"{exc.code}: {exc}")
+        return JobState.failed.value
+    except Exception as exc:  # a job's failure is the job's state, never a crashed worker
+        log.exception("job %s failed", job_id)
+        _persist(store.finish, job_id, JobState.failed, error=f"{type(exc).__name__}: {exc}")
+        return JobState.failed.value
+    _persist(store.finish, job_id, JobState.succeeded, model_id=model_id)
+    return JobState.succeeded.value
+
+
+def _stopped(store: JobStore, job_id: str, heartbeat: _Heartbeat) -> str:
+    """The run checkpointed and returned early: say why in the job's state."""
+    if _persist(store.cancel_requested, job_id):
+        _persist(store.finish, job_id, JobState.cancelled)
+        return JobState.cancelled.value
+    if heartbeat.lost.is_set() or not _persist(store.renew, job_id, heartbeat.token):
+        log.warning("job %s: another worker took it over; leaving it to that worker", job_id)
+        return "taken-over"
+    # Worker shutdown: hand the job back; the next worker resumes it from the checkpoint.
+    _persist(store.requeue, job_id)
+    raise Reject("worker shutting down; job requeued", requeue=True)
+
+
+@app.task(name=INDEX_TASK, ignore_result=True)
+def reindex(model_id: str) -> int:
+    """Re-embed the stored items lacking a `model_id` vector; stops early (resumable) on shutdown."""
+    settings = Settings()
+    return reembed_all(settings, ModelRegistry(settings.models_dir), model_id, should_stop=_shutting_down)
