@@ -1,0 +1,204 @@
+"""Dependencies shared by the routers: settings, the runtime, API keys, and image uploads.
+
+Image uploads (`read_images`) are one implementation for /embed, /items and /search, so every
+route accepts the same two shapes and answers bad input with the same codes:
+
+* multipart/form-data with one or more file parts (field `files` by default);
+* application/json `{"images": ["<base64>", ...]}` (a `data:image/...;base64,` prefix is allowed).
+
+| problem | status | code |
+|---|---|---|
+| body over `max_upload_bytes` (checked while streaming) | 413 | `payload_too_large` |
+| more than `max_images_per_request` images | 413 | `too_many_images` |
+| no image in the request | 422 | `no_images` |
+| content type neither multipart nor JSON | 415 | `unsupported_media_type` |
+| JSON that does not parse / wrong shape / bad base64 | 422 | `malformed_json` / `invalid_request` / `invalid_base64` |
+| multipart that does not parse | 422 | `malformed_multipart` |
+| not an image, or a format outside JPEG/PNG/WebP/BMP/GIF/TIFF | 415 | `unsupported_format` |
+| truncated or undecodable image | 422 | `corrupt_image` |
+| 0-byte image | 422 | `empty_image` |
+| more pixels than `max_image_pixels` (decompression bomb) | 413 | `image_too_large` |
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.api.errors import ApiError
+from service.contract.imaging import ImageDecodeError, decode_image
+from service.runtime import RuntimeManager
+from service.settings import Settings
+
+_DECODE_STATUS = {"unsupported_format": 415, "corrupt_image": 422, "empty_image": 422, "image_too_large": 413}
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_runtime(request: Request) -> RuntimeManager:
+    return request.app.state.runtime
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RuntimeDep = Annotated[RuntimeManager, Depends(get_runtime)]
+
+
+# -- API keys ---------------------------------------------------------------------------------
+
+
+def _presented_key(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("x-api-key") or None
+
+
+def _check_key(request: Request, settings: Settings) -> None:
+    presented = _presented_key(request)
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if presented is None:
+        raise ApiError(
+            401, "missing_api_key", "this route needs an API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`",
+            headers=challenge,
+        )
+    given = presented.encode()
+    # Compare against every key (no early exit), each in constant time.
+    matched = False
+    for key in settings.api_keys:
+        matched |= hmac.compare_digest(given, key.get_secret_value().encode())
+    if not matched:
+        raise ApiError(401, "invalid_api_key", "the API key is not valid for this server", headers=challenge)
+
+
+def require_write_key(request: Request, settings: SettingsDep) -> None:
+    """Mutating routes: a valid key when `api_keys` is configured."""
+    if settings.api_keys:
+        _check_key(request, settings)
+
+
+def require_read_key(request: Request, settings: SettingsDep) -> None:
+    """Read routes: a valid key when `api_keys` is configured and `require_key_for_reads` is on."""
+    if settings.api_keys and settings.require_key_for_reads:
+        _check_key(request, settings)
+
+
+# -- image uploads ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UploadedImage:
+    filename: str  # the part's filename, or "images[i]" for JSON
+    data: bytes  # the encoded bytes as sent (the item store keeps originals)
+    image: Image.Image  # decoded: 8-bit RGB, upright, first frame
+
+
+@dataclass
+class ImageUpload:
+    images: list[UploadedImage]
+    fields: dict[str, list[str]] = field(default_factory=dict)  # multipart text fields, in order
+    body: dict[str, Any] = field(default_factory=dict)  # JSON members other than the images
+
+
+async def read_images(
+    request: Request,
+    settings: Settings,
+    *,
+    file_field: str = "files",
+    json_field: str = "images",
+    min_images: int = 1,
+) -> ImageUpload:
+    """Read, limit and decode the images of a request (multipart `file_field` parts or JSON
+    `{json_field: [base64, ...]}`); the table in this module's docstring lists the errors.
+
+    The body size limit is enforced while streaming by `BodyLimitMiddleware`; decoding runs
+    in a worker thread.
+    """
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        raw, fields = await _read_multipart(request, file_field)
+        body: dict[str, Any] = {}
+    elif content_type == "application/json" or content_type.endswith("+json"):
+        raw, body = await _read_json(request, json_field)
+        fields = {}
+    else:
+        raise ApiError(
+            415, "unsupported_media_type",
+            f"send images as multipart/form-data (`{file_field}` parts) or as application/json "
+            f'{{"{json_field}": [base64, ...]}}; got content type {content_type or "none"!r}',
+        )
+    if len(raw) < min_images:
+        raise ApiError(
+            422, "no_images", f"the request holds no image: add `{file_field}` parts or a non-empty `{json_field}` list"
+        )
+    if len(raw) > settings.max_images_per_request:
+        raise ApiError(
+            413, "too_many_images",
+            f"{len(raw)} images in one request; the limit is {settings.max_images_per_request} "
+            "(SIMCLR_EMBED_MAX_IMAGES_PER_REQUEST): split them over several requests",
+        )
+    images = await run_in_threadpool(_decode_all, raw, settings.max_image_pixels)
+    return ImageUpload(images, fields, body)
+
+
+async def _read_multipart(request: Request, file_field: str) -> tuple[list[tuple[str, bytes]], dict[str, list[str]]]:
+    try:
+        form = await request.form()
+    except StarletteHTTPException as exc:  # Starlette turns multipart parse errors into 400
+        raise ApiError(422, "malformed_multipart", f"the multipart body could not be parsed: {exc.detail}") from exc
+    try:
+        raw: list[tuple[str, bytes]] = []
+        fields: dict[str, list[str]] = {}
+        for name, value in form.multi_items():
+            if name == file_field:
+                if not isinstance(value, UploadFile):
+                    raise ApiError(422, "invalid_request", f"`{file_field}` parts must be files (with a filename)")
+                raw.append((value.filename or f"{file_field}[{len(raw)}]", await value.read()))
+            elif isinstance(value, str):
+                fields.setdefault(name, []).append(value)
+        return raw, fields
+    finally:
+        await form.close()
+
+
+async def _read_json(request: Request, json_field: str) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(422, "malformed_json", f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict) or not isinstance(body.get(json_field), list):
+        raise ApiError(422, "invalid_request", f'expected a JSON object {{"{json_field}": [base64 strings]}}')
+    raw = []
+    for i, item in enumerate(body.pop(json_field)):
+        name = f"{json_field}[{i}]"
+        if not isinstance(item, str):
+            raise ApiError(422, "invalid_request", f"{name} must be a base64 string")
+        if item.startswith("data:"):
+            item = item.partition(",")[2]
+        try:
+            raw.append((name, base64.b64decode(item, validate=True)))
+        except (binascii.Error, ValueError) as exc:
+            raise ApiError(422, "invalid_base64", f"{name} is not valid base64: {exc}") from exc
+    return raw, body
+
+
+def _decode_all(raw: list[tuple[str, bytes]], max_pixels: int) -> list[UploadedImage]:
+    out = []
+    for name, data in raw:
+        try:
+            out.append(UploadedImage(name, data, decode_image(data, max_pixels=max_pixels)))
+        except ImageDecodeError as exc:
+            raise ApiError(_DECODE_STATUS.get(exc.code, 422), exc.code, f"{name}: {exc}") from exc
+    return out

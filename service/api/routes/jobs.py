@@ -1,0 +1,124 @@
+"""Routes: training jobs (`/train-jobs`). The job schema is the shared TrainJobRequest."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response, status
+from pydantic import BaseModel
+
+from service.api.deps import require_write_key
+from service.api.errors import ApiError
+from service.contract.train_config import TrainJobRequest
+from service.jobs.client import JobClient, JobsUnavailableError
+from service.jobs.store import JobRecord
+from service.settings import Settings
+
+router = APIRouter(prefix="/train-jobs", tags=["train-jobs"])
+
+
+class JobCreated(BaseModel):
+    id: str
+    url: str
+    state: str
+
+
+class JobPage(BaseModel):
+    total: int
+    offset: int
+    limit: int
+    items: list[JobRecord]
+
+
+def get_jobs(request: Request) -> JobClient:
+    jobs = getattr(request.app.state, "jobs", None)
+    if jobs is None:
+        raise ApiError(503, "jobs_unavailable", "the job queue is not configured on this server")
+    return jobs
+
+
+def resolve_dataset(raw: str, settings: Settings) -> Path:
+    """The dataset's real path, which must lie under a dataset root after `..` and symlinks resolve.
+
+    A relative path is taken under the first root. A path that escapes answers 400
+    `dataset_outside_roots`; one that does not exist answers 404 `dataset_not_found`.
+    """
+    roots = settings.resolved_dataset_roots
+    candidate = Path(raw).expanduser()
+    resolved = (candidate if candidate.is_absolute() else roots[0] / candidate).resolve()
+    if not any(resolved.is_relative_to(root) for root in roots):
+        listed = ", ".join(str(r) for r in roots)
+        raise ApiError(400, "dataset_outside_roots", f"dataset {raw!r} lies outside the dataset roots ({listed})")
+    if not resolved.exists():
+        raise ApiError(404, "dataset_not_found", f"dataset {raw!r} does not exist under the dataset roots")
+    if not (resolved.is_dir() or (resolved.is_file() and resolved.suffix == ".npz")):
+        raise ApiError(400, "dataset_unsupported", f"dataset {raw!r} must be a folder of images or a .npz file")
+    return resolved
+
+
+@contextmanager
+def _broker() -> Iterator[None]:
+    """Broker trouble answers 503 `jobs_unavailable` rather than a 500."""
+    try:
+        yield
+    except JobsUnavailableError as exc:
+        raise ApiError(503, exc.code, str(exc)) from exc
+
+
+def _found(record: JobRecord | None, job_id: str) -> JobRecord:
+    if record is None:
+        raise ApiError(404, "job_not_found", f"no training job {job_id!r}")
+    return record
+
+
+Jobs = Annotated[JobClient, Depends(get_jobs)]
+
+
+@router.post(
+    "", status_code=status.HTTP_202_ACCEPTED, response_model=JobCreated, dependencies=[Depends(require_write_key)]
+)
+def submit_job(body: TrainJobRequest, request: Request, response: Response, jobs: Jobs) -> dict[str, Any]:
+    """Queue a pretraining job; 202 with its id and URL. Poll the URL for progress.
+
+    Refused up front: invalid fields (422 `invalid_request` with `fields`), a dataset outside
+    the roots (400 `dataset_outside_roots`), missing (404 `dataset_not_found`) or neither a
+    folder nor an .npz (400 `dataset_unsupported`), no broker (503 `jobs_unavailable`).
+    Found by the worker, which reads the images: a dataset with no readable image, or fewer
+    images than one batch; the job then ends `failed` with `error` saying so (for example
+    `no_readable_images: no image under ... could be decoded`).
+    """
+    dataset = resolve_dataset(body.dataset, request.app.state.settings)
+    with _broker():
+        record = jobs.submit(body, dataset)
+    url = str(request.url_for("get_job", job_id=record.id))
+    response.headers["Location"] = url
+    return {"id": record.id, "url": url, "state": record.state.value}
+
+
+@router.get("", response_model=JobPage)
+def list_jobs(
+    jobs: Jobs, offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=200)] = 50
+) -> JobPage:
+    """Jobs, newest first, without loss histories."""
+    with _broker():
+        total, items = jobs.list(offset=offset, limit=limit)
+    return JobPage(total=total, offset=offset, limit=limit, items=items)
+
+
+@router.get("/{job_id}", response_model=JobRecord)
+def get_job(job_id: str, jobs: Jobs) -> JobRecord:
+    with _broker():
+        return _found(jobs.get(job_id), job_id)
+
+
+@router.delete(
+    "/{job_id}", status_code=status.HTTP_202_ACCEPTED, response_model=JobRecord,
+    dependencies=[Depends(require_write_key)],
+)
+def cancel_job(job_id: str, jobs: Jobs) -> JobRecord:
+    """Cancel: a queued job at once; a running one stops at its next step and keeps its checkpoint."""
+    with _broker():
+        return _found(jobs.cancel(job_id), job_id)

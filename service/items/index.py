@@ -1,0 +1,214 @@
+"""The FAISS index of one model: inner product on unit vectors, ids = item store pks.
+
+Exact by default (`IDMap2,Flat`: IndexFlatIP behind IndexIDMap2). Another `factory` string
+(`HNSW32`, `IVF1024,Flat`, `IVF256,PQ16`, ...) is built with `faiss.index_factory(d, factory,
+METRIC_INNER_PRODUCT)`; an index that needs training stays exact until `min_train` vectors
+exist, then is trained once on all of them. IVF indexes take our ids natively; others (HNSW)
+are wrapped in IndexIDMap2. Indexes that cannot remove vectors (HNSW) keep removed ids as
+tombstones filtered out of results.
+
+Concurrency (faiss issue #367): searches share an RWLock, add/remove/train hold it alone.
+
+Snapshot file: MAGIC, 8-byte header length, JSON header (model, dim, factory, ntotal, the
+store change counter it reflects, tombstones, sha256 of the index bytes), then the bytes of
+`faiss.serialize_index`. Written to a temporary file, fsynced and renamed; a truncated or
+corrupted file fails the length or sha256 check and raises SnapshotError (callers rebuild).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from service.items.rwlock import RWLock
+
+MAGIC = b"SIMCLR-EMBED-FAISS-1\n"
+EXACT = "IDMap2,Flat"
+# Search-time knobs for the ANN factories (ParameterSpace syntax); ignored where absent.
+DEFAULT_SEARCH_PARAMS = "nprobe=32,efSearch=128"
+
+
+class SnapshotError(Exception):
+    """A snapshot that is missing, truncated, corrupt or for another index."""
+
+
+@dataclass(frozen=True)
+class SnapshotHeader:
+    model_id: str
+    dim: int
+    factory: str
+    ntotal: int
+    changes: int
+    tombstones: list[int]
+
+
+def _is_exact(factory: str) -> bool:
+    return factory.replace(" ", "") in ("", "Flat", EXACT, "IDMap,Flat")
+
+
+def _build(dim: int, factory: str) -> faiss.Index:
+    """An empty index for `factory` that accepts add_with_ids."""
+    if _is_exact(factory):
+        return faiss.index_factory(dim, EXACT, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if faiss.try_extract_index_ivf(index) is None:
+        index = faiss.index_factory(dim, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
+    return index
+
+
+def _apply_params(index: faiss.Index, params: str) -> None:
+    space = faiss.ParameterSpace()
+    for item in filter(None, params.split(",")):
+        name, value = item.split("=")
+        try:
+            space.set_index_parameter(index, name, float(value) if "." in value else int(value))
+        except RuntimeError:
+            continue  # the parameter does not apply to this index type
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = min(ivf.nprobe, ivf.nlist)
+
+
+class VectorIndex:
+    def __init__(
+        self, dim: int, factory: str = "Flat", *, min_train: int = 10_000, search_params: str = DEFAULT_SEARCH_PARAMS
+    ) -> None:
+        self.dim = dim
+        self.factory = factory
+        self.min_train = min_train
+        self.search_params = search_params
+        self.lock = RWLock()
+        self._tombstones: set[int] = set()
+        target = _build(dim, factory)
+        # Trainable targets wait (exact) until min_train vectors exist.
+        self._index = target if target.is_trained else _build(dim, EXACT)
+        self._final = target.is_trained
+        _apply_params(self._index, search_params)
+
+    @property
+    def ntotal(self) -> int:
+        """Vectors searchable (tombstones excluded)."""
+        return self._index.ntotal - len(self._tombstones)
+
+    @property
+    def kind(self) -> str:
+        return self.factory if self._final else f"{EXACT} (until {self.min_train} vectors to train {self.factory})"
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """ids int64 [N], vectors float32 [N, D] (unit norm)."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim or len(ids) != len(vectors):
+            raise ValueError(f"expected ids [N] and vectors [N, {self.dim}], got {ids.shape} and {vectors.shape}")
+        if not len(ids):
+            return
+        with self.lock.write():
+            if not self._final and self._index.ntotal + len(ids) >= self.min_train:
+                self._train_with(ids, vectors)
+            else:
+                self._index.add_with_ids(vectors, ids)
+
+    def _train_with(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Move from the exact stand-in to the trained target (write lock held)."""
+        old = self._index
+        old_ids = faiss.vector_to_array(faiss.downcast_index(old).id_map).astype(np.int64)
+        old_vecs = faiss.downcast_index(old).index.reconstruct_n(0, old.ntotal)  # [M, D]
+        all_ids = np.concatenate([old_ids, ids])
+        all_vecs = np.ascontiguousarray(np.concatenate([old_vecs, vectors]))
+        target = _build(self.dim, self.factory)
+        target.train(all_vecs)
+        target.add_with_ids(all_vecs, all_ids)
+        _apply_params(target, self.search_params)
+        self._index, self._final = target, True
+
+    def remove(self, ids: np.ndarray) -> None:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        with self.lock.write():
+            try:
+                self._index.remove_ids(faiss.IDSelectorBatch(ids))
+            except RuntimeError:  # e.g. HNSW cannot remove: filter at search time instead
+                self._tombstones.update(int(i) for i in ids)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """queries float32 [Q, D] -> (scores [Q, k'], ids [Q, k']), best first, k' <= k; -1 ids dropped."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"expected queries [Q, {self.dim}], got {queries.shape}")
+        with self.lock.read():
+            total = self._index.ntotal
+            want = min(k + len(self._tombstones), total)
+            if want == 0:
+                empty = np.empty((len(queries), 0))
+                return empty.astype(np.float32), empty.astype(np.int64)
+            scores, ids = self._index.search(queries, want)  # [Q, want]
+            dead = self._tombstones.copy()
+        if dead or (ids < 0).any():
+            keep = [[j for j in range(want) if ids[q, j] >= 0 and int(ids[q, j]) not in dead][:k] for q in range(len(queries))]
+            width = min((len(row) for row in keep), default=0)
+            scores = np.stack([scores[q, row[:width]] for q, row in enumerate(keep)])
+            ids = np.stack([ids[q, row[:width]] for q, row in enumerate(keep)])
+        return scores[:, :k], ids[:, :k]
+
+    # -- snapshots ----------------------------------------------------------------------
+
+    def save(self, path: str | Path, *, model_id: str, changes: int) -> None:
+        """Write the snapshot atomically; `changes` is the store counter the index reflects."""
+        path = Path(path)
+        with self.lock.read():  # serialising only reads the index
+            blob = faiss.serialize_index(self._index).tobytes()
+            header = {
+                "model_id": model_id, "dim": self.dim, "factory": self.factory, "final": self._final,
+                "ntotal": self.ntotal, "changes": changes, "tombstones": sorted(self._tombstones),
+                "sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob),
+            }
+        head = json.dumps(header).encode()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(MAGIC + struct.pack("<Q", len(head)) + head)
+                fh.write(blob)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(
+        cls, path: str | Path, *, min_train: int = 10_000, search_params: str = DEFAULT_SEARCH_PARAMS
+    ) -> tuple[VectorIndex, SnapshotHeader]:
+        """Read a snapshot; raises SnapshotError when it is missing or damaged in any way."""
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise SnapshotError(f"cannot read {path}: {exc}") from exc
+        try:
+            if not data.startswith(MAGIC):
+                raise SnapshotError(f"{path} is not an index snapshot")
+            (hlen,) = struct.unpack_from("<Q", data, len(MAGIC))
+            start = len(MAGIC) + 8
+            header = json.loads(data[start : start + hlen])
+            blob = data[start + hlen :]
+            if len(blob) != header["size"] or hashlib.sha256(blob).hexdigest() != header["sha256"]:
+                raise SnapshotError(f"{path} is truncated or corrupt (size or sha256 mismatch)")
+            index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
+        except SnapshotError:
+            raise
+        except (struct.error, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise SnapshotError(f"{path} is unreadable: {exc}") from exc
+        self = cls(header["dim"], header["factory"], min_train=min_train, search_params=search_params)
+        self._index, self._final = index, bool(header["final"])
+        self._tombstones = set(header["tombstones"])
+        _apply_params(self._index, search_params)
+        meta = SnapshotHeader(header["model_id"], header["dim"], header["factory"], header["ntotal"], header["changes"], header["tombstones"])
+        return self, meta
