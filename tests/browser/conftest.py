@@ -1,0 +1,176 @@
+"""Browser fixtures: a real headless Chromium (Debian's chromium + chromedriver) driving the page
+that a real API subprocess serves.
+
+The service side is the jobs tests' `Stack` (tests/integration/jobstack.py): a private
+redis-server, the API under uvicorn and, when a test asks, a `simclr-embed worker` subprocess,
+all on free ports over a tmp data folder. Before the API starts, the data folder gets two
+published ONNX encoders (real ResNet-18s, exported by the trainer's own `export_encoder`, `enc-a`
+active) and digits.npz as a dataset.
+
+Each test saves a screenshot to tests/artifacts/screenshots/<name>.png; with UPDATE_SCREENSHOTS=1
+to docs/screenshots/<name>.png, which the README shows.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))  # jobstack lives beside its tests
+
+from _procs import wait_until  # noqa: E402
+from jobstack import Stack  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+# The README's screenshots are refreshed only on request (UPDATE_SCREENSHOTS=1); a plain test run
+# writes them under the ignored tests/artifacts/ so that it leaves the working tree clean.
+SCREENSHOTS = REPO / ("docs/screenshots" if os.environ.get("UPDATE_SCREENSHOTS") == "1" else "tests/artifacts/screenshots")
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+WINDOW = (1200, 800)
+MODEL_A, MODEL_B = "enc-a", "enc-b"
+SIZE = 16
+API_KEY = "browser-test-key-1"
+
+
+@pytest.fixture(scope="session")
+def digit_images(digits_path: Path) -> np.ndarray:
+    """Real scans, one per class 0-9: uint8 [10, 16, 16, 3] (8x8 grey upscaled 2x, as RGB)."""
+    with np.load(digits_path) as data:
+        x, y = data["x_test"], data["y_test"]
+    first = [int(np.flatnonzero(y == c)[0]) for c in range(10)]
+    return np.repeat(x[first].repeat(2, axis=1).repeat(2, axis=2), 3, axis=-1)
+
+
+@pytest.fixture(scope="session")
+def models_template(tmp_path_factory: pytest.TempPathFactory, digit_images: np.ndarray) -> Path:
+    """A models/ registry with two randomly initialised ResNet-18 encoders, `enc-a` active."""
+    import torch
+
+    from service.contract.imaging import ResizePolicy
+    from service.contract.registry import ModelCard, ModelRegistry
+    from trainer.export import export_encoder
+    from trainer.models import Encoder
+
+    root = tmp_path_factory.mktemp("web-models")
+    registry = ModelRegistry(root / "models")
+    torch.set_num_threads(1)
+    for seed, model_id in enumerate((MODEL_A, MODEL_B)):
+        torch.manual_seed(seed)
+        card = ModelCard(
+            model_id=model_id, method="simclr", backbone="resnet18", input_size=SIZE, embedding_dim=512,
+            resize_policy=ResizePolicy(SIZE).to_json(), created_at=f"2024-05-0{seed + 1}T12:00:00Z",
+            dataset_fingerprint=f"{seed:02d}" * 32, metrics={"knn_top1": 0.5 + seed / 10},
+        )
+        onnx_path = root / f"{model_id}.onnx"
+        export_encoder(Encoder("resnet18", small_stem=True).eval(), onnx_path, card=card, parity_images=digit_images)
+        registry.publish(onnx_path, card, activate=model_id == MODEL_A)
+        onnx_path.unlink()
+    return root / "models"
+
+
+@pytest.fixture(scope="session")
+def model_ids(models_template: Path) -> tuple[str, str]:
+    """The two published encoders: (active at start, the other)."""
+    return MODEL_A, MODEL_B
+
+
+def _start(stack_class: type[Stack], root: Path, models: Path, digits_path: Path) -> Stack:
+    data = root / "data"
+    shutil.copytree(models, data / "models")
+    (data / "datasets").mkdir()
+    shutil.copyfile(digits_path, data / "datasets" / "digits.npz")
+    stack = stack_class(root)
+    wait_until(lambda: stack.http.get("/readyz").status_code == 200, 60, "the API to be ready (model, index, broker)")
+    return stack
+
+
+@pytest.fixture(scope="session")
+def web_stack(tmp_path_factory: pytest.TempPathFactory, models_template: Path, digits_path: Path) -> Iterator[Stack]:
+    """Redis + API (no API keys) over a data folder with the two encoders; workers on demand."""
+    stack = _start(Stack, tmp_path_factory.mktemp("web"), models_template, digits_path)
+    try:
+        yield stack
+    finally:
+        stack.close()
+
+
+class KeyedStack(Stack):
+    """The stack with `SIMCLR_EMBED_API_KEYS` set and keys required for reads too."""
+
+    def _spawn(self, name: str, cmd: list[str]):  # noqa: ANN202 - same as Stack._spawn
+        self.env.update(SIMCLR_EMBED_API_KEYS=API_KEY, SIMCLR_EMBED_REQUIRE_KEY_FOR_READS="true")
+        return super()._spawn(name, cmd)
+
+
+@pytest.fixture(scope="session")
+def api_key() -> str:
+    """The key `keyed_stack` accepts."""
+    return API_KEY
+
+
+@pytest.fixture(scope="session")
+def keyed_stack(tmp_path_factory: pytest.TempPathFactory, models_template: Path, digits_path: Path) -> Iterator[Stack]:
+    stack = _start(KeyedStack, tmp_path_factory.mktemp("web-keyed"), models_template, digits_path)
+    try:
+        yield stack
+    finally:
+        stack.close()
+
+
+@pytest.fixture
+def browser() -> Iterator[object]:
+    """A fresh headless Chromium (fresh sessionStorage) with a 1200x800 window."""
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (make browser)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--disable-extensions", f"--window-size={WINDOW[0]},{WINDOW[1]}", "--force-device-scale-factor=1"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
+    # The viewport itself is WINDOW (the window size would include the browser's frame).
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": WINDOW[0], "height": WINDOW[1], "deviceScaleFactor": 1, "mobile": False})
+    try:
+        yield driver
+    finally:
+        for entry in driver.get_log("browser"):  # shown by pytest when the test fails
+            print("console:", entry["level"], entry["message"])
+        driver.quit()
+
+
+@pytest.fixture
+def screenshot(browser) -> Callable[[str], Path]:  # noqa: ANN001
+    """Save the viewport as SCREENSHOTS/<name>.png (palette PNG: small enough to commit)."""
+
+    def save(name: str) -> Path:
+        import io
+
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        path = SCREENSHOTS / f"{name}.png"
+        image = Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("RGB")
+        image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+        return path
+
+    return save
+
+
+@pytest.fixture
+def digit_files(tmp_path: Path, digit_images: np.ndarray) -> list[Path]:
+    """digit_images as PNG files digit-0.png ... digit-9.png (file inputs take paths)."""
+    paths = []
+    for label, image in enumerate(digit_images):
+        paths.append(tmp_path / f"digit-{label}.png")
+        Image.fromarray(image).save(paths[-1], format="PNG")
+    return paths
