@@ -1,0 +1,127 @@
+"""Encoder inference: ONNX Runtime (CPU) vs torch eager, images/s per batch size.
+
+Both sides run the same thing: uint8 [N, S, S, 3] in, unit-norm embedding out (the exported
+graph, trainer.export.EmbeddingGraph, in torch eager under inference_mode). Both get the same
+thread count (torch.set_num_threads and ORT intra_op_num_threads). Each encoder is exported
+with trainer.export.export_encoder, so the parity check on real CIFAR-10 images runs first.
+Torch and ORT calls are interleaved so load from other processes hits both alike.
+
+    .venv/bin/python bench/onnx_vs_torch.py --threads 2 [--models r18s32,r18_224,r50_224]
+
+Prints a markdown table (docs/benchmarks.md, "Encoder inference: ONNX Runtime vs torch").
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from service.contract.imaging import ResizePolicy  # noqa: E402
+from service.contract.registry import ModelCard  # noqa: E402
+from trainer.export import EmbeddingGraph, export_encoder  # noqa: E402
+from trainer.models import Encoder  # noqa: E402
+
+MODELS = {  # name -> (backbone, small_stem, input size)
+    "r18s32": ("resnet18", True, 32),
+    "r18_224": ("resnet18", False, 224),
+    "r50_224": ("resnet50", False, 224),
+}
+CIFAR = REPO.parent / "shared" / "data" / "cifar10-5k.npz"
+
+
+def _session(path: Path, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _time_pair(run_torch, run_ort, min_time: float, min_iters: int) -> tuple[float, float]:
+    """Median seconds per call of each, calls interleaved, after one warm-up call each."""
+    run_torch(), run_ort()
+    t_torch, t_ort = [], []
+    start = time.perf_counter()
+    while len(t_torch) < min_iters or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        run_torch()
+        t1 = time.perf_counter()
+        run_ort()
+        t2 = time.perf_counter()
+        t_torch.append(t1 - t0)
+        t_ort.append(t2 - t1)
+    return statistics.median(t_torch), statistics.median(t_ort)
+
+
+def bench_model(name: str, images: np.ndarray, batches: list[int], threads: int, min_time: float) -> list[str]:
+    backbone, small_stem, size = MODELS[name]
+    torch.manual_seed(0)
+    encoder = Encoder(backbone, small_stem).eval()
+    policy = ResizePolicy(size)
+    card = ModelCard(
+        model_id=f"bench-{name}", method="simclr", backbone=backbone, input_size=size,
+        embedding_dim=encoder.feature_dim, resize_policy=policy.to_json(), created_at="1970-01-01T00:00:00Z",
+    )  # fmt: skip
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        diff = export_encoder(encoder, path, card=card, parity_images=policy.batch(images[:16]))
+        session = _session(path, threads)
+        graph = EmbeddingGraph(encoder).eval()
+        for batch in batches:
+            x = policy.batch(images[:batch])  # [B, S, S, 3] uint8, real images
+            xt = torch.from_numpy(x)
+
+            def run_torch() -> None:
+                with torch.inference_mode():
+                    graph(xt)
+
+            def run_ort() -> None:
+                session.run(["embedding"], {"images": x})
+
+            s_torch, s_ort = _time_pair(run_torch, run_ort, min_time, min_iters=3)
+            rows.append(
+                f"| {backbone}{' small stem' if small_stem else ''} | {size} | {batch} | {batch / s_torch:.1f} "
+                f"| {batch / s_ort:.1f} | {s_torch / s_ort:.2f}x | {diff:.1e} |"
+            )
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", default="r18s32,r18_224", help=f"comma list of {', '.join(MODELS)}")
+    parser.add_argument("--batches", default="1,8,32,64")
+    parser.add_argument("--min-time", type=float, default=2.0, help="seconds of timed calls per cell and side")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with np.load(CIFAR) as data:
+        images = np.ascontiguousarray(data["x_test"][:64])  # [64, 32, 32, 3]
+    print(
+        f"torch {torch.__version__}, onnxruntime {ort.__version__}, {platform.processor() or platform.machine()}, "
+        f"{args.threads} threads both sides, ORT_ENABLE_ALL, CPUExecutionProvider\n"
+    )
+    print("| encoder | S | batch | torch eager img/s | ONNX Runtime img/s | ORT / torch | parity max diff |")
+    print("|---|---|---|---|---|---|---|")
+    batches = [int(b) for b in args.batches.split(",")]
+    for name in args.models.split(","):
+        bench_model(name, images, batches, args.threads, args.min_time)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
