@@ -29,7 +29,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -53,6 +53,8 @@ def get_runtime(request: Request) -> RuntimeManager:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RuntimeDep = Annotated[RuntimeManager, Depends(get_runtime)]
+# Pagination offset: bounded so that a huge value is a 422, never an overflow in SQLite or Redis.
+Offset = Annotated[int, Query(ge=0, le=10**12, description="how many entries to skip")]
 
 
 # -- API keys ---------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.contract.registry import ModelNotFoundError, RegistryError
@@ -27,6 +28,29 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.headers = headers
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")  # e.g. `fields` on 422
+
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+_MEANING = {
+    400: "bad request (e.g. a path outside the allowed roots)", 401: "missing or invalid API key",
+    404: "not found", 409: "conflict", 413: "upload too large", 415: "not a supported image",
+    422: "invalid fields or values", 503: "not ready: no active model, or the job queue unreachable",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, object]]:
+    """OpenAPI `responses=` entries for the errors a route answers on purpose, all in the one shape."""
+    return {status: {"model": ErrorResponse, "description": _MEANING[status]} for status in statuses}
 
 
 def error_body(code: str, message: str, **extra: object) -> dict[str, object]:

@@ -35,8 +35,6 @@ MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
 READ_ONLY_POSTS = {"/embed", "/search"}
 # Routes that never need a key: probes and the web page (the page asks for the key itself).
 OPEN = {"/healthz", "/readyz", "/", "/static/{name}", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
-# Bug: the job reads lack `require_read_key`, so REQUIRE_KEY_FOR_READS does not cover them.
-OPEN_READ_BUG = [("GET", "/train-jobs"), ("GET", "/train-jobs/{job_id}")]
 
 
 def _walk(routes: list[BaseRoute]) -> Iterator[BaseRoute]:
@@ -91,9 +89,8 @@ def test_with_keys_for_reads_every_route_but_probes_and_page_needs_a_key(hardene
         guarded = [(m, p) for m, p in _routes(client.app) if p not in OPEN and p != "/metrics"]
         assert ("GET", "/items") in guarded and ("POST", "/embed") in guarded
         unguarded = [(m, p) for m, p in guarded if client.request(m, _url(p)).status_code != 401]
-        # Exactly the known gap (reported to the jobs routes' owner): when it is fixed this list
-        # must become empty; any other route showing up here is a new hole.
-        assert unguarded == OPEN_READ_BUG, f"routes answering without a key: {unguarded}"
+        assert ("GET", "/train-jobs") in guarded and ("GET", "/train-jobs/{job_id}") in guarded
+        assert unguarded == [], f"routes answering without a key: {unguarded}"
 
 
 @pytest.mark.parametrize("presented", [

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel
 
 from service.api.deps import RuntimeDep, SettingsDep, read_images, require_read_key
+from service.api.errors import error_responses
 
 router = APIRouter(tags=["embed"])
 
@@ -18,14 +19,18 @@ IMAGE_BODY = {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
-                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    "properties": {
+                        "files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}
+                    },
                     "required": ["files"],
                 }
             },
             "application/json": {
                 "schema": {
                     "type": "object",
-                    "properties": {"images": {"type": "array", "items": {"type": "string", "format": "byte"}}},
+                    "properties": {
+                        "images": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "byte"}}
+                    },
                     "required": ["images"],
                 }
             },
@@ -44,7 +49,7 @@ class EmbedResponse(BaseModel):
     "/embed",
     dependencies=[Depends(require_read_key)],
     response_model=None,
-    responses={200: {"model": EmbedResponse}, 413: {}, 415: {}, 422: {}, 503: {}},
+    responses={200: {"model": EmbedResponse}, **error_responses(401, 413, 415, 422, 503)},
     openapi_extra=IMAGE_BODY,
     summary="Embed images with the active encoder",
 )

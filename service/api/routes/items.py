@@ -13,8 +13,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
-from service.api.deps import SettingsDep, read_images, require_read_key, require_write_key
-from service.api.errors import ApiError
+from service.api.deps import Offset, SettingsDep, read_images, require_read_key, require_write_key
+from service.api.errors import ApiError, error_responses
 from service.items.schemas import ItemOut, ItemPage, ItemsAdded, parse_metadata, validate_item_id
 from service.items.service import ItemService
 
@@ -40,7 +40,10 @@ def _metadata_list(raw: Any, count: int) -> list[dict[str, Any] | None]:
     return [parse_metadata(m if isinstance(m, str) or m is None else json.dumps(m)) for m in raw]
 
 
-@router.post("/items", status_code=201, response_model=ItemsAdded, dependencies=[Depends(require_write_key)])
+@router.post(
+    "/items", status_code=201, response_model=ItemsAdded, dependencies=[Depends(require_write_key)],
+    responses=error_responses(401, 409, 413, 415, 422, 503),
+)
 async def add_items(
     request: Request,
     items: ItemsDep,
@@ -62,10 +65,10 @@ async def add_items(
     return ItemsAdded(ids=stored, count=len(stored))
 
 
-@router.get("/items", response_model=ItemPage, dependencies=[Depends(require_read_key)])
+@router.get("/items", response_model=ItemPage, dependencies=[Depends(require_read_key)], responses=error_responses(401))
 def list_items(
     items: ItemsDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> ItemPage:
     page, total = items.page(offset, limit)
@@ -76,7 +79,10 @@ def list_items(
     )
 
 
-@router.get("/items/{item_id}", response_model=ItemOut, dependencies=[Depends(require_read_key)])
+@router.get(
+    "/items/{item_id}", response_model=ItemOut, dependencies=[Depends(require_read_key)],
+    responses=error_responses(401, 404),
+)
 def get_item(item_id: str, items: ItemsDep) -> ItemOut:
     return ItemOut.of(items.get(item_id))
 
@@ -84,7 +90,10 @@ def get_item(item_id: str, items: ItemsDep) -> ItemOut:
 @router.get(
     "/items/{item_id}/image",
     response_class=Response,
-    responses={200: {"content": {"image/*": {}}, "description": "the original bytes as uploaded"}},
+    responses={
+        200: {"content": {"image/*": {}}, "description": "the original bytes as uploaded"},
+        **error_responses(401, 404),
+    },
     dependencies=[Depends(require_read_key)],
 )
 def get_item_image(item_id: str, items: ItemsDep) -> Response:
@@ -92,7 +101,9 @@ def get_item_image(item_id: str, items: ItemsDep) -> Response:
     return Response(data, media_type=content_type, headers={"Cache-Control": "private, max-age=3600"})
 
 
-@router.delete("/items/{item_id}", status_code=204, dependencies=[Depends(require_write_key)])
+@router.delete(
+    "/items/{item_id}", status_code=204, dependencies=[Depends(require_write_key)], responses=error_responses(401, 404)
+)
 def delete_item(item_id: str, items: ItemsDep) -> Response:
     items.delete(item_id)
     return Response(status_code=204)

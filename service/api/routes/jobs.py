@@ -10,8 +10,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from pydantic import BaseModel
 
-from service.api.deps import require_write_key
-from service.api.errors import ApiError
+from service.api.deps import Offset, require_read_key, require_write_key
+from service.api.errors import ApiError, error_responses
 from service.contract.train_config import TrainJobRequest
 from service.jobs.client import JobClient, JobsUnavailableError
 from service.jobs.store import JobRecord
@@ -47,8 +47,14 @@ def resolve_dataset(raw: str, settings: Settings) -> Path:
     `dataset_outside_roots`; one that does not exist answers 404 `dataset_not_found`.
     """
     roots = settings.resolved_dataset_roots
-    candidate = Path(raw).expanduser()
-    resolved = (candidate if candidate.is_absolute() else roots[0] / candidate).resolve()
+    candidate = Path(raw)  # no `~` expansion: a path names a place under the roots, not a user's home
+    try:
+        resolved = (candidate if candidate.is_absolute() else roots[0] / candidate).resolve()
+        resolved.stat()  # NUL bytes, over-long names and symlink loops surface here as errors
+    except FileNotFoundError:
+        pass  # checked below, once the path is known to lie under a root
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise ApiError(400, "invalid_dataset_path", f"dataset {raw!r} is not a usable path: {exc}") from exc
     if not any(resolved.is_relative_to(root) for root in roots):
         listed = ", ".join(str(r) for r in roots)
         raise ApiError(400, "dataset_outside_roots", f"dataset {raw!r} lies outside the dataset roots ({listed})")
@@ -78,7 +84,8 @@ Jobs = Annotated[JobClient, Depends(get_jobs)]
 
 
 @router.post(
-    "", status_code=status.HTTP_202_ACCEPTED, response_model=JobCreated, dependencies=[Depends(require_write_key)]
+    "", status_code=status.HTTP_202_ACCEPTED, response_model=JobCreated, dependencies=[Depends(require_write_key)],
+    responses=error_responses(400, 401, 404, 422, 503),
 )
 def submit_job(body: TrainJobRequest, request: Request, response: Response, jobs: Jobs) -> dict[str, Any]:
     """Queue a pretraining job; 202 with its id and URL. Poll the URL for progress.
@@ -98,17 +105,18 @@ def submit_job(body: TrainJobRequest, request: Request, response: Response, jobs
     return {"id": record.id, "url": url, "state": record.state.value}
 
 
-@router.get("", response_model=JobPage)
-def list_jobs(
-    jobs: Jobs, offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=200)] = 50
-) -> JobPage:
+@router.get("", response_model=JobPage, dependencies=[Depends(require_read_key)], responses=error_responses(401, 503))
+def list_jobs(jobs: Jobs, offset: Offset = 0, limit: Annotated[int, Query(ge=1, le=200)] = 50) -> JobPage:
     """Jobs, newest first, without loss histories."""
     with _broker():
         total, items = jobs.list(offset=offset, limit=limit)
     return JobPage(total=total, offset=offset, limit=limit, items=items)
 
 
-@router.get("/{job_id}", response_model=JobRecord)
+@router.get(
+    "/{job_id}", response_model=JobRecord, dependencies=[Depends(require_read_key)],
+    responses=error_responses(401, 404, 503),
+)
 def get_job(job_id: str, jobs: Jobs) -> JobRecord:
     with _broker():
         return _found(jobs.get(job_id), job_id)
@@ -116,7 +124,7 @@ def get_job(job_id: str, jobs: Jobs) -> JobRecord:
 
 @router.delete(
     "/{job_id}", status_code=status.HTTP_202_ACCEPTED, response_model=JobRecord,
-    dependencies=[Depends(require_write_key)],
+    dependencies=[Depends(require_write_key)], responses=error_responses(401, 404, 503),
 )
 def cancel_job(job_id: str, jobs: Jobs) -> JobRecord:
     """Cancel: a queued job at once; a running one stops at its next step and keeps its checkpoint."""

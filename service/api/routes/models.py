@@ -9,6 +9,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import RuntimeDep, require_read_key, require_write_key
+from service.api.errors import error_responses
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -34,7 +35,7 @@ async def list_models(runtime: RuntimeDep) -> ModelList:
     "/{model_id}/activate",
     dependencies=[Depends(require_write_key)],
     response_model=Activated,
-    responses={404: {"description": "no such model"}, 409: {"description": "checksum or load failure"}},
+    responses=error_responses(401, 404, 409),
 )
 async def activate_model(model_id: str, runtime: RuntimeDep) -> Activated:
     """Verify and load the model, then swap: requests in flight finish on the previous model."""

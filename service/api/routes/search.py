@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import SettingsDep, read_images, require_read_key
-from service.api.errors import ApiError
+from service.api.errors import ApiError, error_responses
 from service.api.routes.items import ItemsDep
 from service.items.schemas import MAX_K, SearchHit, SearchRequest, SearchResponse
 
@@ -44,7 +44,10 @@ def _k_field(values: list[str] | None) -> int:
         raise RequestValidationError([{**e, "loc": ("k",)} for e in exc.errors()]) from exc
 
 
-@router.post("/search", response_model=SearchResponse, openapi_extra=_OPENAPI, dependencies=[Depends(require_read_key)])
+@router.post(
+    "/search", response_model=SearchResponse, openapi_extra=_OPENAPI, dependencies=[Depends(require_read_key)],
+    responses=error_responses(401, 404, 413, 415, 422, 503),
+)
 async def search(request: Request, items: ItemsDep, settings: SettingsDep) -> SearchResponse:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
