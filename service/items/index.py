@@ -29,11 +29,10 @@ import faiss
 import numpy as np
 
 from service.items.rwlock import RWLock
+from service.settings import DEFAULT_INDEX_SEARCH_PARAMS
 
 MAGIC = b"SIMCLR-EMBED-FAISS-1\n"
 EXACT = "IDMap2,Flat"
-# Search-time knobs for the ANN factories (ParameterSpace syntax); ignored where absent.
-DEFAULT_SEARCH_PARAMS = "nprobe=32,efSearch=128"
 
 
 class SnapshotError(Exception):
@@ -79,7 +78,7 @@ def _apply_params(index: faiss.Index, params: str) -> None:
 
 class VectorIndex:
     def __init__(
-        self, dim: int, factory: str = "Flat", *, min_train: int = 10_000, search_params: str = DEFAULT_SEARCH_PARAMS
+        self, dim: int, factory: str = "Flat", *, min_train: int = 10_000, search_params: str = DEFAULT_INDEX_SEARCH_PARAMS
     ) -> None:
         self.dim = dim
         self.factory = factory
@@ -185,7 +184,7 @@ class VectorIndex:
 
     @classmethod
     def load(
-        cls, path: str | Path, *, min_train: int = 10_000, search_params: str = DEFAULT_SEARCH_PARAMS
+        cls, path: str | Path, *, min_train: int = 10_000, search_params: str = DEFAULT_INDEX_SEARCH_PARAMS
     ) -> tuple[VectorIndex, SnapshotHeader]:
         """Read a snapshot; raises SnapshotError when it is missing or damaged in any way."""
         try:

@@ -55,7 +55,9 @@ def load_or_build_index(settings: Settings, store: ItemStore, model_id: str, dim
     state = store.state(model_id)
     path = snapshot_path(settings, model_id)
     try:
-        index, head = VectorIndex.load(path, min_train=settings.index_min_train_vectors)
+        index, head = VectorIndex.load(
+            path, min_train=settings.index_min_train_vectors, search_params=settings.index_search_params
+        )
         if (head.model_id, head.dim, head.factory) != (model_id, dim, settings.index_factory):
             raise SnapshotError(f"snapshot is for {head.model_id}/{head.dim}/{head.factory}")
         if (head.changes, head.ntotal) != (state.changes, state.count):
@@ -66,7 +68,9 @@ def load_or_build_index(settings: Settings, store: ItemStore, model_id: str, dim
     except SnapshotError as exc:
         reason = str(exc)
     pks, vecs, changes = store.vectors(model_id)
-    index = VectorIndex(dim, settings.index_factory, min_train=settings.index_min_train_vectors)
+    index = VectorIndex(
+        dim, settings.index_factory, min_train=settings.index_min_train_vectors, search_params=settings.index_search_params
+    )
     index.add(pks, vecs)
     log.info("index of %s rebuilt from the store (%d vectors): %s", model_id, len(pks), reason)
     return index, changes, f"rebuilt: {reason}"

@@ -66,6 +66,20 @@ def test_ann_factories_train_once_and_find_the_vector_itself(factory: str) -> No
     assert sum(hits) >= 18  # approximate search: itself is the top hit almost always
 
 
+@pytest.mark.parametrize(("params", "nprobe"), [("nprobe=1", 1), ("nprobe=16", 16), ("nprobe=99", 32)])
+def test_search_params_reach_the_trained_and_the_reloaded_index(tmp_path, params: str, nprobe: int) -> None:
+    """`index_search_params` is applied after training and again on load; nprobe is capped at nlist."""
+    import faiss
+
+    rng = np.random.default_rng(3)
+    index = VectorIndex(16, "IVF32,Flat", min_train=400, search_params=params)
+    index.add(np.arange(500), unit(rng, 500, 16))
+    assert faiss.extract_index_ivf(index._index).nprobe == nprobe
+    index.save(tmp_path / "snap", model_id="m", changes=1)
+    loaded, _ = VectorIndex.load(tmp_path / "snap", min_train=400, search_params=params)
+    assert faiss.extract_index_ivf(loaded._index).nprobe == nprobe
+
+
 def test_concurrent_adds_and_searches_are_consistent() -> None:
     """Writers add while readers search (faiss #367): no crash, every result is a real id
     whose score is its true inner product, and every vector is found after the fact."""
