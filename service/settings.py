@@ -7,7 +7,7 @@ List values accept a comma-separated string (`SIMCLR_EMBED_API_KEYS=key1,key2`).
 from __future__ import annotations
 
 import re
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Annotated
 
@@ -73,6 +73,16 @@ class Settings(BaseSettings):
     # -- jobs -------------------------------------------------------------------------------
     broker_url: str | None = Field(None, description="Redis URL; unset = `up` starts an embedded server")
     demo_on_empty: bool = Field(True, description="`up` trains a small demo encoder when the registry is empty")
+    embedded_broker_port: int = Field(6390, ge=0, le=65535, description="`up`'s embedded Redis port; 0 = a free one")
+    worker_concurrency: int = Field(1, ge=1, le=64, description="`worker` processes when --concurrency is not given")
+    # The queue's safety margins (celery #5935/#6229: Redis redelivers a long job while it runs).
+    job_lock_ttl_s: float = Field(
+        60.0, ge=1.0, description="a job's owner lock expires this long after its worker's last heartbeat"
+    )
+    broker_visibility_timeout_s: int = Field(
+        3600, ge=1, description="Redis redelivers an unacknowledged task after this long (kombu visibility_timeout)"
+    )
+    loss_history_max: int = Field(2000, ge=10, description="loss values kept per job (oldest dropped)")
 
     @field_validator("dataset_roots", "api_keys", "cors_origins", "ort_providers", mode="before")
     @classmethod
@@ -86,6 +96,11 @@ class Settings(BaseSettings):
         if value and not _SEARCH_PARAMS.match(value):
             raise ValueError("expected FAISS parameters as name=number pairs, e.g. 'nprobe=32,efSearch=128'")
         return value
+
+    @property
+    def heartbeat_s(self) -> float:
+        """Renew a job's lock three times per TTL, so one missed beat does not lose it."""
+        return self.job_lock_ttl_s / 3
 
     @cached_property
     def models_dir(self) -> Path:
@@ -103,3 +118,9 @@ class Settings(BaseSettings):
     def resolved_dataset_roots(self) -> list[Path]:
         roots = self.dataset_roots or [str(self.data_dir / "datasets")]
         return [Path(r).expanduser().resolve() for r in roots]
+
+
+@lru_cache(maxsize=1)
+def env_settings() -> Settings:
+    """The environment's settings, for processes without an app (worker, tasks, `up`)."""
+    return Settings()

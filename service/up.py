@@ -33,7 +33,6 @@ import redis
 from PIL import Image
 
 from service.contract.registry import ModelRegistry
-from service.jobs.options import job_options
 from service.settings import Settings
 
 log = logging.getLogger("simclr_embed.up")
@@ -209,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     try:
         if settings.broker_url is None:
-            broker, url = start_embedded_broker(settings.data_dir, job_options().embedded_broker_port)
+            broker, url = start_embedded_broker(settings.data_dir, settings.embedded_broker_port)
             env["SIMCLR_EMBED_BROKER_URL"] = url
             log.info("embedded broker at %s (data in %s)", url, settings.data_dir / "broker")
         worker = subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=env, start_new_session=True)

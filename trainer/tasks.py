@@ -30,7 +30,6 @@ from redis.exceptions import RedisError
 from service.contract.registry import ModelNotFoundError, ModelRegistry
 from service.contract.train_config import TrainConfig, TrainJobRequest
 from service.jobs.celery_app import INDEX_TASK, TRAIN_TASK, app
-from service.jobs.options import job_options
 from service.jobs.store import TERMINAL, JobState, JobStore, model_id_for
 from service.settings import Settings
 from service.items.reindex import reembed_all
@@ -139,7 +138,7 @@ def _published(registry: ModelRegistry, model_id: str) -> bool:
 def train_job(job_id: str) -> str:
     """Run (or resume) job `job_id`; returns the state it left the job in, for the worker log."""
     settings = Settings()
-    store = JobStore.from_url(str(settings.broker_url))
+    store = JobStore.from_url(str(settings.broker_url), settings)
     record = _persist(store.get, job_id, with_history=False)
     if record is None:
         log.warning("job %s: no record; dropping the message", job_id)
@@ -150,7 +149,7 @@ def train_job(job_id: str) -> str:
     if not _persist(store.acquire, job_id, token):
         log.info("job %s: another worker holds it; this delivery ends", job_id)
         return "held-elsewhere"
-    heartbeat = _Heartbeat(store, job_id, token, job_options().heartbeat_s)
+    heartbeat = _Heartbeat(store, job_id, token, settings.heartbeat_s)
     heartbeat.start()
     try:
         return _run(settings, store, job_id, token, heartbeat)

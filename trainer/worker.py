@@ -25,9 +25,8 @@ from celery import signals
 from redis.exceptions import RedisError
 
 from service.jobs.celery_app import INDEX_QUEUE, TRAIN_QUEUE, TRAIN_TASK, app
-from service.jobs.options import job_options
 from service.jobs.store import JobStore
-from service.settings import Settings
+from service.settings import env_settings
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +41,9 @@ def revive_orphans(store: JobStore) -> list[str]:
 
 
 def _watch_orphans(stop: threading.Event) -> None:
-    options = job_options()
-    store = JobStore.from_url(str(Settings().broker_url), options)
-    while not stop.wait(options.job_lock_ttl_s / 2):
+    settings = env_settings()
+    store = JobStore.from_url(str(settings.broker_url), settings)
+    while not stop.wait(settings.job_lock_ttl_s / 2):
         try:
             revive_orphans(store)
         except RedisError as exc:
@@ -71,12 +70,12 @@ def celery_argv(queues: str, concurrency: int, loglevel: str, hostname: str) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if not Settings().broker_url:
+    if not env_settings().broker_url:
         print("simclr-embed worker: set SIMCLR_EMBED_BROKER_URL (or use `simclr-embed up`)", flush=True)
         return 2
     import trainer.tasks  # noqa: F401  registers the tasks on `app`
 
-    concurrency = args.concurrency or job_options().worker_concurrency
+    concurrency = args.concurrency or env_settings().worker_concurrency
     stop = threading.Event()
     if TRAIN_QUEUE in args.queues.split(","):
 

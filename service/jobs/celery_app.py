@@ -20,8 +20,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from service.jobs.options import JobOptions, job_options
-from service.settings import Settings
+from service.settings import Settings, env_settings
 
 TRAIN_TASK = "trainer.tasks.train_job"
 INDEX_TASK = "trainer.tasks.reindex"
@@ -29,9 +28,9 @@ TRAIN_QUEUE = "train"
 INDEX_QUEUE = "index"
 
 
-def create_celery(broker_url: str | None, options: JobOptions | None = None) -> Celery:
+def create_celery(broker_url: str | None, settings: Settings | None = None) -> Celery:
     """A Celery app on `broker_url` (Redis, also the result backend); tasks live in trainer.tasks."""
-    options = options or job_options()
+    settings = settings or env_settings()
     app = Celery("simclr_embed", broker=broker_url, backend=broker_url, include=["trainer.tasks"])
     app.conf.update(
         task_routes={TRAIN_TASK: {"queue": TRAIN_QUEUE}, INDEX_TASK: {"queue": INDEX_QUEUE}},
@@ -41,8 +40,8 @@ def create_celery(broker_url: str | None, options: JobOptions | None = None) -> 
         task_track_started=True,
         worker_prefetch_multiplier=1,
         worker_cancel_long_running_tasks_on_connection_loss=False,
-        broker_transport_options={"visibility_timeout": options.broker_visibility_timeout_s},
-        result_backend_transport_options={"visibility_timeout": options.broker_visibility_timeout_s},
+        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_s},
+        result_backend_transport_options={"visibility_timeout": settings.broker_visibility_timeout_s},
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         result_expires=7 * 24 * 3600,
@@ -56,4 +55,4 @@ def create_celery(broker_url: str | None, options: JobOptions | None = None) -> 
 
 
 # `celery -A service.jobs.celery_app worker` and the worker CLI use this one, configured from the env.
-app = create_celery(Settings().broker_url)
+app = create_celery(env_settings().broker_url)

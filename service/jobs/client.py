@@ -16,9 +16,8 @@ from redis.retry import Retry
 
 from service.contract.train_config import TrainJobRequest
 from service.jobs.celery_app import TRAIN_TASK, create_celery
-from service.jobs.options import JobOptions, job_options
 from service.jobs.store import JobRecord, JobStore
-from service.settings import Settings
+from service.settings import Settings, env_settings
 
 
 T = TypeVar("T")
@@ -36,9 +35,9 @@ def new_job_id() -> str:
 
 
 class JobClient:
-    def __init__(self, broker_url: str | None, options: JobOptions | None = None) -> None:
+    def __init__(self, broker_url: str | None, settings: Settings | None = None) -> None:
         self.broker_url = broker_url
-        options = options or job_options()
+        settings = settings or env_settings()
         self._celery: Celery | None = None
         self._store: JobStore | None = None
         self._probe: redis.Redis | None = None
@@ -46,8 +45,8 @@ class JobClient:
             # /readyz wants a quick answer: one try, one second, no backoff.
             self._probe = redis.Redis.from_url(broker_url, socket_timeout=1, socket_connect_timeout=1,
                                                retry=Retry(NoBackoff(), 0))
-            self._celery = create_celery(broker_url, options)
-            self._store = JobStore.from_url(broker_url, options)
+            self._celery = create_celery(broker_url, settings)
+            self._store = JobStore.from_url(broker_url, settings)
 
     @property
     def store(self) -> JobStore:
@@ -104,4 +103,4 @@ class JobClient:
 
 def build_job_client(settings: Settings) -> JobClient:
     """The job client the app keeps on `app.state.jobs`."""
-    return JobClient(settings.broker_url)
+    return JobClient(settings.broker_url, settings)

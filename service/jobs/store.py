@@ -32,7 +32,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from service.jobs.options import JobOptions, job_options
+from service.settings import Settings, env_settings
 
 PREFIX = "simclr-embed:"
 
@@ -139,10 +139,10 @@ class JobStore:
         self._release = client.register_script(_RELEASE)
 
     @classmethod
-    def from_url(cls, url: str, options: JobOptions | None = None) -> JobStore:
-        """A store on the broker at `url`, sized by the `SIMCLR_EMBED_*` job options."""
-        options = options or job_options()
-        return cls(connect(url), lock_ttl_s=options.job_lock_ttl_s, loss_history_max=options.loss_history_max)
+    def from_url(cls, url: str, settings: Settings | None = None) -> JobStore:
+        """A store on the broker at `url`, sized by the `SIMCLR_EMBED_*` job settings."""
+        settings = settings or env_settings()
+        return cls(connect(url), lock_ttl_s=settings.job_lock_ttl_s, loss_history_max=settings.loss_history_max)
 
     @staticmethod
     def _key(job_id: str, suffix: str = "") -> str:
