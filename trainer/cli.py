@@ -4,6 +4,10 @@ Every TrainConfig field is an option generated from the pydantic model (`--batch
 `--augment.crop-min-scale`, booleans as `--compile/--no-compile`), so the CLI never drifts from
 the schema the API and the worker use. `--config FILE` (JSON or YAML) gives a base that the
 options override.
+
+Under torchrun every process runs `train`; the engine joins torchrun's group, rank 0 alone
+prints the result, and a group that torchrun restarts after a failure resumes from the last
+checkpoint instead of refusing the run directory it left behind.
 """
 
 from __future__ import annotations
@@ -94,16 +98,21 @@ def _parser(command: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args: argparse.Namespace) -> dict[str, Any]:
+def _train(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The run's result, or None on a torchrun rank other than 0 (rank 0 reports it)."""
     from dataclasses import asdict
 
     from trainer.checkpoint import checkpoint_path
+    from trainer.distributed import torchrun_launch
     from trainer.engine import train
 
     cfg = build_config(args)
-    if checkpoint_path(args.out).exists() and not args.resume:
+    launch = torchrun_launch()
+    resume = args.resume or (launch is not None and launch.restart > 0)
+    if checkpoint_path(args.out).exists() and not resume:
         raise ValueError(f"{args.out} already holds a run; pass --resume to continue it or choose another --out")
-    return asdict(train(cfg, args.data, args.out, resume=args.resume))
+    result = train(cfg, args.data, args.out, resume=resume)
+    return asdict(result) if launch is None or launch.rank == 0 else None
 
 
 def _eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -128,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, ValueError, FileNotFoundError) as exc:  # DatasetError is a ValueError
         print(f"simclr-embed {command}: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2))
+    if result is not None:
+        print(json.dumps(result, indent=2))
     return 0
 
 

@@ -1,16 +1,50 @@
 """Process groups and the collectives the methods need.
 
-One process per GPU (NCCL) or `cpu_processes` processes on CPU (gloo). Everything here is a
-no-op for a single process, so the same code runs with and without a process group.
+One process per GPU (NCCL) or `cpu_processes` processes on CPU (gloo), spawned by the engine
+or started by torchrun (see `torchrun_launch`). Everything here is a no-op for a single
+process, so the same code runs with and without a process group.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+# What torchrun (and torch.distributed's other launchers) put in each worker's environment.
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """This process's place in a group that a launcher started: global and per-node rank."""
+
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    restart: int  # how many times the launcher has restarted the group; 0 on the first attempt
+
+
+def torchrun_launch() -> Launch | None:
+    """The launch torchrun describes in the environment, or None when no launcher started us.
+
+    Under torchrun the processes and the rendezvous already exist: the engine must join them
+    (init_method env://) instead of spawning its own.
+    """
+    env = os.environ
+    if not all(env.get(key) for key in LAUNCHER_ENV):
+        return None
+    world = int(env["WORLD_SIZE"])
+    return Launch(
+        rank=int(env["RANK"]), world=world, local_rank=int(env["LOCAL_RANK"]),
+        local_world=int(env.get("LOCAL_WORLD_SIZE", world)),
+        restart=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
+    )
 
 
 def is_initialized() -> bool:
@@ -42,6 +76,27 @@ def init_process_group(rank_: int, world: int, backend: str, init_method: str) -
 def destroy_process_group() -> None:
     if is_initialized():
         dist.destroy_process_group()
+
+
+def main_first(work: Callable[[], None]) -> None:
+    """Run `work` on rank 0 while the other ranks wait; a ValueError it raises is raised on all.
+
+    For run-directory set-up that only rank 0 may do but every rank must see done (or failed)
+    before it goes on: a rank that raised alone would leave the others blocked in a collective.
+    """
+    error: ValueError | None = None
+    if rank() == 0:
+        try:
+            work()
+        except ValueError as exc:
+            error = exc
+    if world_size() > 1:
+        message = [None if error is None else str(error)]
+        dist.broadcast_object_list(message, src=0)
+        if error is None and message[0] is not None:
+            error = ValueError(message[0])
+    if error is not None:
+        raise error
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -1,6 +1,9 @@
 """The training loop: data -> two augmented views -> method -> loss -> optimiser, resumable.
 
-One process per GPU (DDP over NCCL), or `cfg.cpu_processes` gloo processes without a GPU.
+One process per GPU (DDP over NCCL), or `cfg.cpu_processes` gloo processes without a GPU,
+spawned here on one machine; or, under torchrun (several nodes), the processes torchrun
+started, which join its rendezvous instead. Only rank 0 writes to the run directory.
+
 The loader position is a function of the global optimiser step: epoch e shuffles the whole
 dataset with a generator seeded by (seed, e), global batch b is images perm[bB:(b+1)B], and
 rank r takes its contiguous share of it. So a checkpoint at step k resumes at the exact
@@ -19,6 +22,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -142,15 +146,45 @@ def train(
     With `resume` and a checkpoint in `run_dir`, continue from it (its config must match but for
     RESUMABLE_CHANGES); without `resume`, start over. Callbacks run on rank 0 (picklable when
     the run spawns processes). Returns after `epochs` or `max_steps`, or when `should_stop()`.
+
+    Launched by torchrun, this process is one rank of torchrun's group (`devices` and
+    `cpu_processes` are then torchrun's to decide) and every rank returns the run's result;
+    `run_dir` must then be one folder that all nodes share.
     """
     cfg = cfg.resolved()
     run_dir = Path(run_dir)
     dataset = open_dataset(data, cfg.image_size)
-    world, cuda = _world(cfg)
+    launch = distributed.torchrun_launch()
+    world, cuda = _world(cfg) if launch is None else _launched_world(launch)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} training processes")
     if len(dataset) < cfg.batch_size:
         raise ValueError(f"the dataset has {len(dataset)} images, fewer than one batch ({cfg.batch_size})")
+    args = (world, cuda, cfg, dataset, str(run_dir), on_progress, should_stop)
+    prepare = partial(_prepare_run_dir, cfg, data, dataset, run_dir, resume)
+    if launch is not None:
+        return _run(launch.rank, *args, init_method="env://", processes_here=launch.local_world, prepare=prepare)
+    prepare()
+    if world == 1:
+        return _run(0, *args, init_method="", processes_here=1)
+    init_method = f"tcp://127.0.0.1:{distributed.free_port()}"
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_spawned, args=(*args, init_method, queue), nprocs=world, start_method="spawn")
+    return TrainResult(**queue.get())
+
+
+def _launched_world(launch: distributed.Launch) -> tuple[int, bool]:
+    """(number of processes, on CUDA?) of a torchrun launch: one process per GPU of each node."""
+    if not torch.cuda.is_available():
+        return launch.world, False
+    if launch.local_rank >= torch.cuda.device_count():
+        raise ValueError(f"LOCAL_RANK {launch.local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
+                         "start at most one process per GPU (torchrun --nproc-per-node gpu)")
+    return launch.world, True
+
+
+def _prepare_run_dir(cfg: TrainConfig, data: str | Path, dataset: ImageDataset, run_dir: Path, resume: bool) -> None:
+    """Check a checkpoint to resume against `cfg` (or drop it), and record the run's config."""
     ckpt = checkpoint_path(run_dir)
     if resume and ckpt.is_file():
         changed = _config_changes(load_checkpoint(ckpt)["config"], cfg)
@@ -165,18 +199,12 @@ def train(
         run_dir / "config.json",
         {"config": cfg.model_dump(mode="json"), "data": str(data), "dataset": dataset.describe()},
     )
-    args = (world, cuda, cfg, dataset, str(run_dir), on_progress, should_stop)
-    if world == 1:
-        return _run(0, *args, init_method="")
-    init_method = f"tcp://127.0.0.1:{distributed.free_port()}"
-    queue = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_spawned, args=(*args, init_method, queue), nprocs=world, start_method="spawn")
-    return TrainResult(**queue.get())
 
 
 def _spawned(rank: int, *args: Any) -> None:
     *run_args, init_method, queue = args
-    result = _run(rank, *run_args, init_method=init_method)
+    world = run_args[0]
+    result = _run(rank, *run_args, init_method=init_method, processes_here=world)
     if rank == 0:
         queue.put(asdict(result))
 
@@ -192,12 +220,17 @@ def _run(
     should_stop: StopCallback | None,
     *,
     init_method: str,
+    processes_here: int,
+    prepare: Callable[[], None] | None = None,
 ) -> TrainResult:
+    """One rank's run; `prepare` (rank 0 only, before any rank reads the run directory) if given."""
     if world > 1:
-        if not cuda:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        if not cuda:  # the CPU processes on this machine share its cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes_here))
         distributed.init_process_group(rank, world, "nccl" if cuda else "gloo", init_method)
     try:
+        if prepare is not None:
+            distributed.main_first(prepare)
         return _Trainer(rank, world, cuda, cfg, dataset, Path(run_dir), on_progress, should_stop).run()
     finally:
         distributed.destroy_process_group()
@@ -278,9 +311,16 @@ class _Trainer:
         return checkpoint_path(self.run_dir)
 
     def _resume(self) -> None:
-        if not self._ckpt.is_file():
-            return
-        state = load_checkpoint(self._ckpt)  # on CPU: RNG states must stay there
+        if self._ckpt.is_file():
+            self._load(load_checkpoint(self._ckpt))  # on CPU: RNG states must stay there
+        if self.world > 1:
+            steps: list[Any] = [None] * self.world
+            dist.all_gather_object(steps, self.step)
+            if len(set(steps)) > 1:  # every rank raises: none is left waiting in a collective
+                raise ValueError(f"the ranks found checkpoints at different steps {steps} in {self.run_dir}; "
+                                 "the run directory must be one folder shared by every node")
+
+    def _load(self, state: dict[str, Any]) -> None:
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
