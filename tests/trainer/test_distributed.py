@@ -1,4 +1,5 @@
-"""Two gloo processes holding half a batch each == one process holding the whole batch."""
+"""Two gloo processes holding half a batch each == one process holding the whole batch;
+rank-0-first set-up that the other ranks wait for, and whose failure they share."""
 
 from __future__ import annotations
 
@@ -28,9 +29,21 @@ def _problem() -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:
     return model, x_a, x_b
 
 
+def _refuse() -> None:
+    raise ValueError("refused on rank 0")
+
+
 def _rank(rank: int, world: int, init_method: str, out: str) -> None:
     distributed.init_process_group(rank, world, "gloo", init_method)
     try:
+        marker = Path(out) / "set-up-by-rank-0"
+        distributed.main_first(lambda: marker.write_text(str(distributed.rank())))
+        set_up = marker.read_text()  # every rank returns only once rank 0 is done
+        try:
+            distributed.main_first(_refuse)
+            refused = ""
+        except ValueError as exc:
+            refused = str(exc)
         model, x_a, x_b = _problem()
         ddp = DistributedDataParallel(model)  # averages parameter gradients over ranks
         rows = slice(rank * N // world, (rank + 1) * N // world)
@@ -42,6 +55,7 @@ def _rank(rank: int, world: int, init_method: str, out: str) -> None:
             "loss": distributed.all_reduce_mean(loss),
             "weight_grad": model.weight.grad, "bias_grad": model.bias.grad,
             "z_grad": z.grad, "gathered": distributed.gather_with_grad(x_a[rows]),
+            "set_up": set_up, "refused": refused,
         }, Path(out) / f"rank{rank}.pt")
     finally:
         distributed.destroy_process_group()
@@ -62,6 +76,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
     loss.backward()
 
     for r, got in enumerate(ranks):
+        assert got["set_up"] == "0" and got["refused"] == "refused on rank 0"
         assert torch.equal(got["gathered"], x_a)  # rank order preserved
         torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-5, atol=1e-7)
         # Each rank's loss reaches the other rank's rows through the gathered candidates;
