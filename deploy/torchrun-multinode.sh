@@ -6,10 +6,16 @@
 #   SIMCLR_EMBED_RDZV_HOST=10.0.0.11 SIMCLR_EMBED_NNODES=2 \
 #     deploy/torchrun-multinode.sh --data /datasets/products --out /data/jobs/products-run1
 #
-# Arguments are passed to `python -m trainer.cli train` unchanged. In the worker image this
-# script is /usr/local/bin/simclr-embed-torchrun (deploy/compose.worker-node.yml, profile
-# `torchrun`). NCCL picks its network interface itself; set NCCL_SOCKET_IFNAME (and
-# GLOO_SOCKET_IFNAME) when a node has several.
+# Arguments are passed to `simclr-embed train` (python -m trainer.cli train) unchanged. Each
+# process torchrun starts sees RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR and joins torchrun's
+# group (env://) instead of spawning its own: one process per GPU, LOCAL_RANK picks the GPU,
+# global rank 0 alone writes checkpoints, metrics and the result. --out must be one folder
+# shared by all nodes; a group that torchrun restarts resumes from its last checkpoint.
+# On CPU-only nodes set SIMCLR_EMBED_NPROC_PER_NODE to a number (gloo processes).
+#
+# In the worker image this script is /usr/local/bin/simclr-embed-torchrun
+# (deploy/compose.worker-node.yml, profile `torchrun`). NCCL picks its network interface
+# itself; set NCCL_SOCKET_IFNAME (and GLOO_SOCKET_IFNAME) when a node has several.
 set -euo pipefail
 
 : "${SIMCLR_EMBED_RDZV_HOST:?set SIMCLR_EMBED_RDZV_HOST to the address of the rendezvous node}"
