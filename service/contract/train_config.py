@@ -3,14 +3,17 @@
 Defaults follow SimCLR (Chen et al., 2020, arXiv:2002.05709): LARS with
 lr = 0.3 x batch/256, weight decay 1e-6, 10 warm-up epochs then cosine decay, a 2-layer
 MLP head to 128 dims, and the paper's augmentation family. Per-method defaults (MoCo v2's
-temperature 0.2, BYOL's 4096-wide heads) are filled in by :meth:`TrainConfig.resolved`.
+temperature 0.2, BYOL's 4096-wide heads) are filled in by :meth:`TrainConfig.resolved`;
+per-method augmentation defaults (METHOD_AUGMENT_DEFAULTS) are filled in when a TrainConfig
+is validated, for the `augment` fields the caller did not set, so they travel with the
+config through JSON (the job store, run directories, model cards) as ordinary values.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 Method = Literal["simclr", "moco_v2", "byol"]
 Backbone = Literal["resnet18", "resnet34", "resnet50"]
@@ -24,13 +27,33 @@ METHOD_DEFAULTS: dict[str, dict[str, float | int]] = {
     "byol": {"temperature": 1.0, "proj_out_dim": 256, "proj_hidden_dim": 4096, "pred_hidden_dim": 4096},
 }
 
+# Per-method defaults of AugmentConfig fields the caller did not set; AugmentConfig's own
+# defaults are SimCLR's. MoCo v2 (facebookresearch/moco, main_moco.py --aug-plus): crops of
+# at least 20% of the area, ColorJitter(0.4, 0.4, 0.4, 0.1) = strength 0.5. BYOL (Grill et
+# al. 2020, Table 6): jitter (0.4, 0.4, 0.2, 0.1), of which strength 0.5 is the nearest
+# (saturation 0.4, not 0.2); blur p = 1.0 / 0.1 and solarisation p = 0.0 / 0.2 on views a / b.
+# Blur itself stays on the size rule of `AugmentConfig.blur` for every method.
+METHOD_AUGMENT_DEFAULTS: dict[str, dict[str, float]] = {
+    "simclr": {},
+    "moco_v2": {"crop_min_scale": 0.2, "color_strength": 0.5},
+    "byol": {"color_strength": 0.5, "blur_prob": 1.0, "view_b_blur_prob": 0.1, "solarize_prob": 0.0,
+             "view_b_solarize_prob": 0.2},
+}
+# A second view's probability is a default only while its first view's is one too: an
+# explicit `blur_prob` alone applies to both views.
+VIEW_B_FIELDS = {"view_b_blur_prob": "blur_prob", "view_b_solarize_prob": "solarize_prob"}
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class AugmentConfig(_Strict):
-    """The paper's stochastic augmentation T, drawn twice per image (Appendix A)."""
+    """The paper's stochastic augmentation T, drawn twice per image (Appendix A).
+
+    The defaults are SimCLR's; inside a TrainConfig, the fields left unset take the
+    method's values from METHOD_AUGMENT_DEFAULTS.
+    """
 
     crop_min_scale: float = Field(0.08, gt=0.0, le=1.0, description="RandomResizedCrop lower area fraction")
     crop_max_scale: float = Field(1.0, gt=0.0, le=1.0)
@@ -44,6 +67,12 @@ class AugmentConfig(_Strict):
     blur_sigma_min: float = Field(0.1, gt=0.0)
     blur_sigma_max: float = Field(2.0, gt=0.0)
     solarize_prob: float = Field(0.0, ge=0.0, le=1.0)
+    view_b_blur_prob: float | None = Field(
+        None, ge=0.0, le=1.0, description="BYOL: blur_prob of the second view; None = blur_prob"
+    )
+    view_b_solarize_prob: float | None = Field(
+        None, ge=0.0, le=1.0, description="BYOL: solarize_prob of the second view; None = solarize_prob"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where the batched augmentation runs; auto = the training device"
     )
@@ -94,7 +123,24 @@ class TrainConfig(_Strict):
     checkpoint_every_steps: int = Field(200, ge=1)
     log_every_steps: int = Field(10, ge=1)
     knn_every_epochs: int = Field(0, ge=0, description="kNN monitor on a labeled split; 0 = off")
-    augment: AugmentConfig = AugmentConfig()
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig, validate_default=True,
+        description="fields left unset take the method's defaults (METHOD_AUGMENT_DEFAULTS)",
+    )
+
+    @field_validator("augment", mode="after")
+    @classmethod
+    def _method_augment_defaults(cls, augment: AugmentConfig, info: ValidationInfo) -> AugmentConfig:
+        """Fill the augment fields the caller left unset with the method's values."""
+        method = info.data.get("method")
+        if method is None:  # `method` itself failed validation; that error is reported
+            return augment
+        unset = set(AugmentConfig.model_fields) - augment.model_fields_set
+        fill = {
+            k: v for k, v in METHOD_AUGMENT_DEFAULTS[method].items()
+            if k in unset and VIEW_B_FIELDS.get(k, k) in unset
+        }  # fmt: skip
+        return augment.model_copy(update=fill) if fill else augment
 
     @model_validator(mode="after")
     def _method_fits(self) -> TrainConfig:
@@ -102,6 +148,9 @@ class TrainConfig(_Strict):
             raise ValueError(
                 f"queue_size ({self.queue_size}) must be a multiple of batch_size ({self.batch_size}) for moco_v2"
             )
+        view_b = [k for k in VIEW_B_FIELDS if getattr(self.augment, k) is not None]
+        if view_b and self.method != "byol":
+            raise ValueError(f"augment.{view_b[0]} applies to byol only; {self.method} draws the same T for both views")
         return self
 
     def resolved(self) -> TrainConfig:

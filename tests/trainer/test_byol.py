@@ -109,6 +109,14 @@ def test_byol_asymmetric_views(image_size: int, blur: bool) -> None:
     assert view_a.model_copy(update={"blur_prob": 0.1, "solarize_prob": 0.2}) == view_b  # nothing else differs
 
 
+def test_byol_explicit_probabilities_win_over_the_asymmetric_pair() -> None:
+    cfg = TrainConfig(method="byol", batch_size=8, proj_hidden_dim=16, pred_hidden_dim=16,
+                      augment={"blur_prob": 0.3, "view_b_solarize_prob": 0.5})  # fmt: skip
+    view_a, view_b = BYOL(cfg).views_augment()
+    assert (view_a.blur_prob, view_a.solarize_prob) == (0.3, 0.0)  # explicit; BYOL's view a default
+    assert (view_b.blur_prob, view_b.solarize_prob) == (0.3, 0.5)  # view a's blur; explicit view b
+
+
 @pytest.mark.slow
 def test_byol_engine_run_on_digits_lowers_its_loss(digits_path: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(

@@ -8,9 +8,11 @@ tau = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2, tau_base = 0.996. What is new o
   the mean of the two (lightly's convention), half the paper's sum, so its scale matches a
   single term (range [0, 4]).
 * The asymmetric augmentation pair (paper, Table 6): view a blur p = 1.0, no solarisation;
-  view b blur p = 0.1, solarisation p = 0.2. Blur itself follows `augment.blur` (off for
-  images of 64 px or less, as solo-learn's CIFAR recipe), so small images keep only the
-  solarisation asymmetry.
+  view b blur p = 0.1, solarisation p = 0.2. These are BYOL's defaults in the config
+  (METHOD_AUGMENT_DEFAULTS: view a takes `blur_prob`/`solarize_prob`, view b
+  `view_b_blur_prob`/`view_b_solarize_prob`, falling back to view a's), so explicit values
+  win. Blur itself follows `augment.blur` (off for images of 64 px or less, as solo-learn's
+  CIFAR recipe), so small images keep only the solarisation asymmetry.
 """
 
 from __future__ import annotations
@@ -22,9 +24,6 @@ from trainer.losses.byol import byol_loss
 from trainer.methods.base import Method
 from trainer.methods.momentum import cosine_tau, ema_update, momentum_copy
 from trainer.models import ProjectionHead
-
-VIEW_A = {"blur_prob": 1.0, "solarize_prob": 0.0}
-VIEW_B = {"blur_prob": 0.1, "solarize_prob": 0.2}
 
 
 class BYOL(Method):
@@ -38,7 +37,11 @@ class BYOL(Method):
 
     def views_augment(self) -> tuple[AugmentConfig, AugmentConfig]:
         aug = self.cfg.augment
-        return aug.model_copy(update=VIEW_A), aug.model_copy(update=VIEW_B)
+        view_b = {
+            "blur_prob": aug.blur_prob if aug.view_b_blur_prob is None else aug.view_b_blur_prob,
+            "solarize_prob": aug.solarize_prob if aug.view_b_solarize_prob is None else aug.view_b_solarize_prob,
+        }
+        return aug, aug.model_copy(update=view_b)
 
     def training_step(self, x_a: torch.Tensor, x_b: torch.Tensor) -> torch.Tensor:
         x = torch.cat([x_a, x_b])  # [2N, 3, S, S]: one batch, BN statistics over both views
