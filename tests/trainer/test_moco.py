@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from service.contract.train_config import TrainConfig
 from trainer import distributed
@@ -196,6 +197,7 @@ def test_moco_single_process_split_bn_groups_keys_by_random_permutation() -> Non
 # --- DDP: shuffle BN across ranks, keys gathered before enqueueing -----------------------
 
 WORLD = 2
+P = 16  # proj_out_dim of _tiny
 
 
 def _rank_views(r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,45 +205,89 @@ def _rank_views(r: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(N, 3, S, S, generator=g), torch.randn(N, 3, S, S, generator=g)
 
 
+def _online(method: MoCoV2) -> list[torch.Tensor]:
+    return list(method.encoder.parameters()) + list(method.projector.parameters())
+
+
+def _key_side(method: MoCoV2) -> list[torch.Tensor]:
+    return list(method.key_encoder.parameters()) + list(method.key_projector.parameters())
+
+
 def _ddp_rank(r: int, init_method: str, out: str) -> None:
+    """One optimiser step of MoCo as the engine runs it: DDP-wrapped, SGD, then the momentum update."""
     torch.set_num_threads(1)  # as the parent's reference (conftest), so the float sums agree
     distributed.init_process_group(r, WORLD, "gloo", init_method)
     try:
         method = _tiny()
+        model = DistributedDataParallel(method)  # broadcasts buffers (queue, BN statistics) every forward
+        optimizer = build_optimizer(method, method.cfg)
         x_a, x_b = _rank_views(r)
         torch.manual_seed(7)  # rank 0's key permutation, broadcast to rank 1
-        method.training_step(x_a, x_b)
-        torch.save({"queue": method.queue.keys, "ptr": method.queue.ptr}, Path(out) / f"rank{r}.pt")
+        loss = model(x_a, x_b)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        method.on_after_optimizer_step(0, 10)
+        torch.save(
+            {"loss": loss.detach(), "queue": method.queue.keys, "ptr": method.queue.ptr,
+             "online": [p.detach() for p in _online(method)], "key": [p.detach() for p in _key_side(method)]},
+            Path(out) / f"rank{r}.pt",
+        )  # fmt: skip
     finally:
         distributed.destroy_process_group()
 
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_moco_ddp_shuffles_keys_across_ranks_and_enqueues_all(tmp_path: Path) -> None:
+def test_moco_ddp_step_shuffles_bn_gathers_keys_and_matches_one_process(tmp_path: Path) -> None:
     init_method = f"tcp://127.0.0.1:{distributed.free_port()}"
     mp.start_processes(_ddp_rank, args=(init_method, str(tmp_path)), nprocs=WORLD, start_method="spawn")
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
-    # Reference in one process: the 2N images of both ranks, permuted with rank 0's draw; rank r
-    # encodes slice r of the permutation as one BN batch (both views), then keys go home.
+    # Reference in one process. Keys: the 2N images of both ranks permuted with rank 0's draw;
+    # slice r of the permutation is one key-encoder BN batch (both views), then keys go home.
     method = _tiny()
     views = [_rank_views(r) for r in range(WORLD)]
     every_a, every_b = torch.cat([v[0] for v in views]), torch.cat([v[1] for v in views])  # [2N, ...]
     torch.manual_seed(7)
     perm = torch.randperm(WORLD * N)
-    key_b, key_a = torch.empty(WORLD * N, 16), torch.empty(WORLD * N, 16)
+    key_b, key_a = torch.empty(WORLD * N, P), torch.empty(WORLD * N, P)
     with torch.no_grad():
         for idx in perm.view(WORLD, N):
             k = method._key(torch.cat([every_b[idx], every_a[idx]]))  # views_k = [x_b, x_a]
             key_b[idx], key_a[idx] = k[:N], k[N:]
     rows = lambda r: slice(r * N, (r + 1) * N)  # noqa: E731
-    # Queue = rank 0's keys (view-b keys, then view-a keys), then rank 1's, in gather order.
+    queue_before = method.queue.keys.clone()
+    key_before = [p.detach().clone() for p in _key_side(method)]
+    # Queries: each rank's own images in its own BN batch; InfoNCE against the queue before the step.
+    losses = []
+    for r, (x_a, x_b) in enumerate(views):
+        q_a, q_b = method._query(torch.cat([x_a, x_b])).chunk(2)  # [N, P] each
+        t = method.cfg.temperature
+        losses.append((info_nce_loss(q_a, key_b[rows(r)], queue_before, t) + info_nce_loss(q_b, key_a[rows(r)], queue_before, t)) / 2)
+    for r in range(WORLD):
+        assert got[r]["loss"].item() == pytest.approx(losses[r].item(), rel=1e-5)
+    # DDP averages the ranks' gradients: the step equals one on the mean of the two losses.
+    optimizer = build_optimizer(method, method.cfg)
+    optimizer.zero_grad()
+    (sum(losses) / WORLD).backward()
+    optimizer.step()
+    for g in got:
+        for p, p_ddp in zip(_online(method), g["online"], strict=True):
+            torch.testing.assert_close(p_ddp, p.detach(), rtol=1e-4, atol=1e-6)
+    # The key side moved by momentum from the updated online weights, identically on both ranks.
+    m = method.cfg.moco_momentum
+    for g in got:
+        for k0, q, k in zip(key_before, _online(method), g["key"], strict=True):
+            torch.testing.assert_close(k, m * k0 + (1 - m) * q.detach(), rtol=1e-4, atol=1e-6)
+    for k0, k1 in zip(got[0]["key"], got[1]["key"], strict=True):
+        assert torch.equal(k0, k1)
+    # Queue = rank 0's keys (view-b keys, then view-a keys), then rank 1's, in gather order, on both ranks.
     expected = torch.cat([torch.cat([key_b[rows(r)], key_a[rows(r)]]) for r in range(WORLD)])  # [2 * 2N, P]
     for g in got:
         assert int(g["ptr"]) == 2 * WORLD * N
         torch.testing.assert_close(g["queue"][: len(expected)], expected, rtol=1e-5, atol=1e-6)
-        assert torch.equal(g["queue"][len(expected) :], method.queue.keys[len(expected) :])  # same random init
+        assert torch.equal(g["queue"][len(expected) :], queue_before[len(expected) :])  # same random init
     # Shuffle BN changed the keys: the same images in their own rank's BN batch give others.
     with torch.no_grad():
         unshuffled = method._key(torch.cat([every_b[rows(0)], every_a[rows(0)]]))[:N]
