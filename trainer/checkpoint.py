@@ -7,12 +7,12 @@ so `torch.load(..., weights_only=True)` reads it: loading a run never executes i
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from service.contract.atomic import write_atomic
 from service.contract.train_config import TrainConfig
 from trainer.models import Encoder
 
@@ -23,40 +23,13 @@ def checkpoint_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINT
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, write: Any) -> None:
-    """Call `write(file)` on a temporary sibling, fsync it, then rename it over `path`.
-
-    A reader (or a run killed mid-write) sees either the old file or the new one, never half.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write `state` with torch.save, atomically."""
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
+    write_atomic(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -26,6 +26,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.contract import atomic
+
 FORMAT_VERSION = "1"
 MODEL_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # use fullmatch: "$" admits a trailing newline
 # Names the registry itself uses at its root; never model ids.
@@ -117,31 +119,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str, tmp_dir: Path | None = None) -> None:
-    """Write `text` to a temporary file in `tmp_dir` (same filesystem; default beside `path`),
-    fsync, rename over `path`: readers see the old or the new content, never a part."""
-    fd, tmp = tempfile.mkstemp(dir=tmp_dir or path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 class ModelRegistry:
     """A directory of published encoders and the pointer to the active one."""
 
@@ -173,16 +150,16 @@ class ModelRegistry:
             card = card.model_copy(
                 update={"sha256": sha256_file(stage / "model.onnx"), "size_bytes": (stage / "model.onnx").stat().st_size}
             )
-            _write_atomic(stage / "card.json", card.model_dump_json(indent=2))
+            atomic.write_atomic(stage / "card.json", card.model_dump_json(indent=2), mode=FILE_MODE)
             os.chmod(stage, DIR_MODE)
-            _fsync_dir(stage)
+            atomic.fsync_dir(stage)
             try:
                 os.rename(stage, final)  # atomic on one filesystem; fails if `final` appeared
             except OSError as exc:
                 if final.exists():
                     raise RegistryError(f"model {model_id} was published concurrently; model ids are never reused") from exc
                 raise
-            _fsync_dir(self.root)
+            atomic.fsync_dir(self.root)
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
@@ -198,7 +175,7 @@ class ModelRegistry:
         self._staging.mkdir(exist_ok=True)
         # The temporary pointer lives in .staging, so a writer killed half-way leaves it where
         # sweep_staging looks.
-        _write_atomic(self.root / "active", model_id + "\n", tmp_dir=self._staging)
+        atomic.write_atomic(self.root / "active", model_id + "\n", tmp_dir=self._staging, mode=FILE_MODE)
         return card
 
     def sweep_staging(self, min_age_s: float = 0.0) -> int:

@@ -9,17 +9,9 @@ has its original; identical images are stored once.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from service.contract.atomic import write_atomic
 
 
 class BlobStore:
@@ -40,18 +32,7 @@ class BlobStore:
         final = self.path(sha)
         if final.is_file() and final.stat().st_size == len(data):
             return sha
-        final.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=".tmp.")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(final.parent)
+        write_atomic(final, data)
         return sha
 
     def get(self, sha256: str) -> bytes:

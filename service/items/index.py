@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 
+from service.contract.atomic import write_atomic
 from service.items.rwlock import RWLock
 from service.settings import DEFAULT_INDEX_SEARCH_PARAMS
 
@@ -169,18 +168,7 @@ class VectorIndex:
                 "sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob),
             }
         head = json.dumps(header).encode()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(MAGIC + struct.pack("<Q", len(head)) + head)
-                fh.write(blob)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, MAGIC + struct.pack("<Q", len(head)) + head + blob)
 
     @classmethod
     def load(

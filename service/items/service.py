@@ -26,10 +26,9 @@ from PIL import Image
 
 from service.api.errors import ApiError
 from service.contract.registry import ModelRegistry
-from service.items.blobs import BlobStore
 from service.items.index import VectorIndex
 from service.items.reindex import Encoder, load_or_build_index, open_store, reembed_all, snapshot_path
-from service.items.store import DuplicateItemError, Item, ItemStore, NewItem
+from service.items.store import DuplicateItemError, Item, NewItem
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from service.contract import registry as reg
+from service.contract import atomic
 from service.contract.registry import (
     METADATA_KEYS,
     ModelCard,
@@ -22,6 +22,7 @@ from service.contract.registry import (
     ModelNotFoundError,
     ModelRegistry,
     RegistryError,
+    sha256_file,
 )
 
 # Every file-system step a publish (with activation) takes; each one in turn is made to fail.
@@ -32,8 +33,8 @@ STEPS = [
     (os, "chmod"),
     (os, "rename"),
     (os, "replace"),
-    (reg, "_write_atomic"),
-    (reg, "_fsync_dir"),
+    (atomic, "write_atomic"),
+    (atomic, "fsync_dir"),
 ]
 
 
@@ -88,7 +89,7 @@ def _assert_consistent(registry: ModelRegistry, published: bool) -> None:
 
 def test_publish_steps_are_known(tmp_path, make_card, model_file):
     calls = _publish_steps(tmp_path, make_card, model_file)
-    assert {"copyfile", "rename", "replace", "_write_atomic", "_fsync_dir"} <= set(calls)
+    assert {"copyfile", "rename", "replace", "write_atomic", "fsync_dir"} <= set(calls)
     assert len(calls) >= 10
 
 
@@ -143,14 +144,14 @@ def test_publish_killed_at_every_step(tmp_path, make_card, model_file):
 def test_activation_failure_keeps_old_pointer(registry, make_card, model_file, monkeypatch):
     _seeded(registry, make_card, model_file)
 
-    original = reg._write_atomic
+    original = atomic.write_atomic
 
-    def fail_on_pointer(path, text, tmp_dir=None):
+    def fail_on_pointer(path, data, **kwargs):
         if path.name == "active":
             raise OSError("disk full")
-        return original(path, text, tmp_dir)
+        return original(path, data, **kwargs)
 
-    monkeypatch.setattr(reg, "_write_atomic", fail_on_pointer)
+    monkeypatch.setattr(atomic, "write_atomic", fail_on_pointer)
     with pytest.raises(OSError, match="disk full"):
         registry.publish(model_file, make_card("new"), activate=True)
     monkeypatch.undo()
@@ -178,7 +179,7 @@ def test_verify_refuses_tampered_model(registry, make_card, model_file):
 
 def test_verify_refuses_card_with_other_hash(registry, make_card, model_file):
     card = registry.publish(model_file, make_card("m1"))
-    assert card.sha256 == reg.sha256_file(model_file) and card.size_bytes == model_file.stat().st_size
+    assert card.sha256 == sha256_file(model_file) and card.size_bytes == model_file.stat().st_size
     (registry.root / "m1" / "card.json").write_text(card.model_copy(update={"sha256": "0" * 64}).model_dump_json())
     with pytest.raises(ModelIntegrityError, match="sha256"):
         registry.verify("m1")
