@@ -155,12 +155,13 @@ def run_demo(settings: Settings, api: str, stop: threading.Event) -> None:
         with np.load(dataset) as data:
             images, labels = data["x_train"][:300], data["y_train"][:300]
         for start in range(0, len(images), 50):
-            files, form = [], []
+            files, form = [], {"ids": [], "metadata": []}
             for i in range(start, min(start + 50, len(images))):
                 buf = io.BytesIO()
                 Image.fromarray(images[i][..., 0]).save(buf, format="PNG")
                 files.append(("files", (f"digit-{i}.png", buf.getvalue(), "image/png")))
-                form += [("ids", f"digit-{i}"), ("metadata", f'{{"label": {int(labels[i])}}}')]
+                form["ids"].append(f"digit-{i}")
+                form["metadata"].append(f'{{"label": {int(labels[i])}}}')
             answer = _add_items(http, files, form, stop)
             if answer.status_code >= 300:
                 log.warning("demo items not added: %s %s", answer.status_code, answer.text)
@@ -168,7 +169,7 @@ def run_demo(settings: Settings, api: str, stop: threading.Event) -> None:
         log.info("demo ready: %d digits indexed; try POST %s/search", len(images), api)
 
 
-def _add_items(http: httpx.Client, files: list, form: list, stop: threading.Event) -> httpx.Response:
+def _add_items(http: httpx.Client, files: list, form: dict[str, list[str]], stop: threading.Event) -> httpx.Response:
     """POST /items, waiting out 503 while the API loads the model the worker just activated."""
     deadline = time.monotonic() + 60
     while True:

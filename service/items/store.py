@@ -261,7 +261,14 @@ class ItemStore:
         with self._lock:
             rows = self._db.execute("SELECT * FROM items ORDER BY pk LIMIT ? OFFSET ?", (limit, offset)).fetchall()
             total = self._db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
-        return [_item(r) for r in rows], total
+            models: dict[int, list[str]] = {r["pk"]: [] for r in rows}
+            if rows:
+                marks = ",".join("?" * len(rows))
+                for pk, model_id in self._db.execute(
+                    f"SELECT item, model_id FROM vectors WHERE item IN ({marks}) ORDER BY model_id", list(models)
+                ):
+                    models[pk].append(model_id)
+        return [_item(r, models[r["pk"]]) for r in rows], total
 
     def count(self) -> int:
         with self._lock:

@@ -44,6 +44,7 @@ def test_add_get_image_list_delete(client: TestClient) -> None:
     pages = [client.get("/items", params={"offset": o, "limit": 2}).json() for o in (0, 2, 4)]
     assert [i["id"] for p in pages for i in p["items"]] == ids
     assert [p["next_offset"] for p in pages] == [2, 4, None] and pages[0]["total"] == 5
+    assert all(i["models"] == [MODEL_A] for p in pages for i in p["items"])  # the list says what GET /items/{id} says
 
     for i, image in enumerate(images):  # each image finds itself first
         hits = search_image(client, image).json()
@@ -124,6 +125,8 @@ def test_activation_reembeds_and_swaps_when_complete(client: TestClient) -> None
             break
     assert items.served == MODEL_B and items.pending is None
     assert client.get("/items/m5").json()["models"] == [MODEL_A, MODEL_B]
+    listed = client.get("/items", params={"limit": 1000}).json()["items"]
+    assert {i["id"]: i["models"] for i in listed if i["id"] in ids} == {i: [MODEL_A, MODEL_B] for i in ids}
     for i, image in enumerate(images):
         assert search_image(client, image, 1).json() == {
             "model_id": MODEL_B, "results": [{"id": ids[i], "score": pytest.approx(1.0, abs=1e-5), "metadata": None}]
