@@ -177,6 +177,18 @@ def test_moco_step_loss_queue_and_key_side(symmetric: bool) -> None:
         torch.testing.assert_close(p.double(), e, rtol=1e-6, atol=1e-7)
 
 
+def test_moco_head_outputs_are_centred_per_bn_batch() -> None:
+    """The output BN of g (MoCo v3's projector): in a training batch every output dimension has
+    mean 0 and variance 1, so keys of different images share no common direction."""
+    method = _tiny()
+    method.train()
+    x_a, _ = _views()
+    with torch.no_grad():
+        z = method._query(x_a).double()  # [N, P], before normalisation
+    torch.testing.assert_close(z.mean(0), torch.zeros(z.shape[1], dtype=torch.float64), rtol=0, atol=1e-6)
+    torch.testing.assert_close(z.var(0, unbiased=False), torch.ones(z.shape[1], dtype=torch.float64), rtol=0, atol=1e-3)
+
+
 def test_moco_single_process_split_bn_groups_keys_by_random_permutation() -> None:
     method = _tiny()
     method.bn_groups = 2  # what a batch of 64 gets; here on 8 images to stay fast
