@@ -1,31 +1,45 @@
 """SimCLR vs MoCo v2 vs BYOL at the same budget: loss start/end and kNN top-1 of h.
 
 Each method pretrains through the real engine (`trainer.engine.train`) on the same data with
-the same epochs, global batch, image size, backbone and optimiser; then the exported-style
-encoder f is scored by `trainer.evaluate.evaluate_encoder` (kNN top-1, k = 200, T = 0.1, and
-a linear probe) against a randomly initialised encoder of the same architecture.
-The loss "start" is the mean over the first log window, "end" over the last.
+the same epochs, global batch, image size, backbone, optimiser, head width and crop/colour
+strength (SimCLR's CIFAR values, Appendix B.9); each method keeps what is its own (MoCo's
+queue and key encoder, BYOL's predictor, target network and solarisation on one view). Then
+the encoder f is scored by `trainer.evaluate.evaluate_encoder` (kNN top-1, k = 200, T = 0.1,
+and a linear probe) beside raw pixels and a randomly initialised encoder of the same
+architecture (same seed as the runs' initial weights). "loss start" is the mean over the
+first log window, "end" over the last.
 
-    .venv/bin/python bench/methods_compare.py --data ../shared/data/digits.npz --image-size 32 --epochs 3
+Short runs need faster momentum networks than the papers' (m = 0.999, tau = 0.996 are set for
+hundreds of thousands of steps): a key or target network averages the last ~1 / (1 - m)
+steps, so at m = 0.999 it stays the random initial network for a run of 78 steps. Defaults
+here: MoCo m = 0.9, BYOL tau_base = 0.99.
+
+    .venv/bin/python bench/methods_compare.py --data ../shared/data/cifar10-5k.npz --epochs 2 --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from service.contract.train_config import TrainConfig
-from trainer.checkpoint import load_encoder
-from trainer.engine import train
-from trainer.evaluate import evaluate_encoder
-from trainer.models import Encoder
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from service.contract.train_config import TrainConfig  # noqa: E402
+from trainer.checkpoint import load_encoder  # noqa: E402
+from trainer.data import load_split  # noqa: E402
+from trainer.engine import train  # noqa: E402
+from trainer.evaluate import evaluate_encoder, raw_pixel_baseline  # noqa: E402
+from trainer.models import Encoder  # noqa: E402
 
 METHODS = ("simclr", "moco_v2", "byol")
+LABELS = {"simclr": "SimCLR", "moco_v2": "MoCo v2", "byol": "BYOL"}
 
 
 def _losses(run_dir: Path) -> list[float]:
@@ -33,54 +47,76 @@ def _losses(run_dir: Path) -> list[float]:
         return [r["loss"] for r in map(json.loads, f) if "loss" in r]
 
 
+def method_config(method: str, args: argparse.Namespace) -> TrainConfig:
+    """The shared budget plus what belongs to `method`."""
+    own: dict[str, object] = {
+        "simclr": {"temperature": args.temperature},
+        "moco_v2": {"temperature": args.temperature, "queue_size": args.queue_size, "moco_momentum": args.moco_momentum},
+        "byol": {"byol_tau_base": args.byol_tau_base, "pred_hidden_dim": args.head_dim},
+    }[method]
+    base_lr = args.byol_base_lr if method == "byol" else args.base_lr
+    return TrainConfig(
+        method=method, backbone=args.backbone, small_stem=args.small_stem, image_size=args.image_size,
+        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, optimizer=args.optimizer,
+        base_lr=base_lr, weight_decay=args.weight_decay, warmup_epochs=0.0, seed=args.seed, num_workers=0,
+        log_every_steps=5, checkpoint_every_steps=10_000, proj_hidden_dim=args.head_dim,
+        augment={"crop_min_scale": args.crop_min_scale, "color_strength": args.color_strength, "blur": False},
+        **own,
+    )  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="../shared/data/digits.npz")
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10-5k.npz"))
     p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=None, help="cap on optimiser steps, for a loaded machine")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--small-stem", action="store_true", help="CIFAR stem (16x the compute at 32 px)")
     p.add_argument("--optimizer", default="lars")
     p.add_argument("--base-lr", type=float, default=1.0)
+    p.add_argument("--weight-decay", type=float, default=1e-6)
+    p.add_argument("--temperature", type=float, default=0.2, help="SimCLR's and MoCo's")
+    p.add_argument("--crop-min-scale", type=float, default=0.2)
+    p.add_argument("--color-strength", type=float, default=0.5)
     p.add_argument("--queue-size", type=int, default=1024)
-    p.add_argument("--moco-momentum", type=float, default=0.99)
+    p.add_argument("--moco-momentum", type=float, default=0.9)
+    p.add_argument("--byol-tau-base", type=float, default=0.99)
+    p.add_argument("--byol-base-lr", type=float, default=0.2, help="BYOL's own base rate (paper: 0.2 with LARS)")
     p.add_argument("--head-dim", type=int, default=512, help="hidden width of every projector/predictor")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    budget = dict(
-        backbone=args.backbone, small_stem=args.small_stem, image_size=args.image_size, epochs=args.epochs,
-        max_steps=args.max_steps,
-        batch_size=args.batch_size, optimizer=args.optimizer, base_lr=args.base_lr, warmup_epochs=0.0,
-        weight_decay=1e-5, num_workers=0, log_every_steps=5, proj_hidden_dim=args.head_dim,
-        pred_hidden_dim=args.head_dim, augment={"crop_min_scale": 0.2},
-    )
-    torch.manual_seed(0)
+    x_train, y_train = load_split(args.data, "train", args.image_size)
+    x_test, y_test = load_split(args.data, "test", args.image_size)
+    rows = [("raw pixels (centred)", None, None, raw_pixel_baseline(x_train, y_train, x_test, y_test), None, None)]
+    torch.manual_seed(args.seed)  # the engine's initial weights come from the same seed
     random_enc = Encoder(args.backbone, args.small_stem)
-    rows = [("random init", None, None, evaluate_encoder(random_enc, args.data, args.image_size), 0.0)]
-    print(f"random init: {rows[0][3]}", flush=True)
+    rows.append(("random-init " + args.backbone, None, None, evaluate_encoder(random_enc, args.data, args.image_size),
+                 None, None))  # fmt: skip
+    for name, *_, scores, _, _ in rows:
+        print(f"{name}: {scores}", flush=True)
     for method in args.methods:
-        cfg = TrainConfig(method=method, queue_size=args.queue_size, moco_momentum=args.moco_momentum, **budget)
         with tempfile.TemporaryDirectory() as tmp:
-            started = time.perf_counter()
-            result = train(cfg, args.data, tmp, resume=False)
-            wall = time.perf_counter() - started
+            result = train(method_config(method, args), args.data, tmp, resume=False)
             losses = _losses(Path(tmp))
             encoder, _, _ = load_encoder(tmp)
             scores = evaluate_encoder(encoder, args.data, args.image_size)
-        rows.append((method, losses[0], losses[-1], scores, wall))
-        print(f"{method}: {result.step} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, {scores}", flush=True)
+        rows.append((LABELS[method], losses[0], losses[-1], scores, result.step, result.wall_s))
+        print(f"{method}: {result.step} steps, {result.wall_s:.0f} s, loss {losses[0]:.3f} -> {losses[-1]:.3f}, {scores}",
+              flush=True)  # fmt: skip
 
-    print(f"\n{json.dumps({k: v for k, v in vars(args).items()})}\n")
-    print("| method | loss start | loss end | kNN top-1 | linear top-1 | train s |")
-    print("|---|---|---|---|---|---|")
-    for name, start, end, s, wall in rows:
-        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        print(f"| {name} | {fmt(start)} | {fmt(end)} | {s['knn_top1']:.3f} | {s['linear_top1']:.3f} | {wall:.0f} |")
+    print(f"\n{json.dumps(vars(args))}\n")
+    print("| features | loss start | loss end | kNN top-1 | linear top-1 | steps | train s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, start, end, s, steps, wall in rows:
+        fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+        print(f"| {name} | {fmt(start, '.3f')} | {fmt(end, '.3f')} | {100 * s['knn_top1']:.1f}% | "
+              f"{100 * s['linear_top1']:.1f}% | {fmt(steps, 'd')} | {fmt(wall, '.0f')} |")  # fmt: skip
 
 
 if __name__ == "__main__":
