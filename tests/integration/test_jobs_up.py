@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,29 +23,44 @@ from test_jobs import job_lifecycle_to_served_model
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def up(tmp_path_factory: pytest.TempPathFactory, digits_path: Path) -> Iterator[tuple[Api, subprocess.Popen[bytes], int]]:
-    data_dir = tmp_path_factory.mktemp("up") / "data"
-    (data_dir / "datasets").mkdir(parents=True)
-    shutil.copyfile(digits_path, data_dir / "datasets" / "digits.npz")
+def start_up(data_dir: Path, **env: str) -> tuple[Api, subprocess.Popen[bytes], int]:
+    """`simclr-embed up` over `data_dir` on free ports; returns once its API answers."""
     port, broker_port = free_port(), free_port()
-    env = {
-        **base_env(data_dir), "SIMCLR_EMBED_PORT": str(port), "SIMCLR_EMBED_EMBEDDED_BROKER_PORT": str(broker_port),
-        "SIMCLR_EMBED_DEMO_ON_EMPTY": "false",
-    }
-    log = open(data_dir.parent / "up.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "up"], cwd=REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    env = {**base_env(data_dir), "SIMCLR_EMBED_PORT": str(port), "SIMCLR_EMBED_EMBEDDED_BROKER_PORT": str(broker_port),
+           **env}
+    log_path = data_dir.parent / "up.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "up"], cwd=REPO, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
     api = Api(f"http://127.0.0.1:{port}", data_dir)
 
     def answering() -> bool:
-        assert proc.poll() is None, (data_dir.parent / "up.log").read_text()[-3000:]
+        assert proc.poll() is None, log_path.read_text()[-3000:]
         try:
             return api.http.get("/train-jobs").status_code == 200
         except httpx.TransportError:
             return False
 
     wait_until(answering, 90, "`simclr-embed up` to serve the API")
+    return api, proc, broker_port
+
+
+def stop_up(api: Api, proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    api.http.close()
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory, digits_path: Path) -> Iterator[tuple[Api, subprocess.Popen[bytes], int]]:
+    data_dir = tmp_path_factory.mktemp("up") / "data"
+    (data_dir / "datasets").mkdir(parents=True)
+    shutil.copyfile(digits_path, data_dir / "datasets" / "digits.npz")
+    api, proc, broker_port = start_up(data_dir, SIMCLR_EMBED_DEMO_ON_EMPTY="false")
     try:
         yield api, proc, broker_port
     finally:
@@ -66,3 +82,43 @@ def test_up_runs_a_job_end_to_end_on_the_embedded_broker(up, digits_path: Path) 
         httpx.get(f"{api.base_url}/train-jobs", timeout=2)
     with pytest.raises(OSError):  # the embedded broker stopped with it
         socket.create_connection(("127.0.0.1", broker_port), timeout=1).close()
+
+
+def test_first_start_trains_the_demo_and_search_works(tmp_path: Path) -> None:
+    """A fresh data folder and no dataset of the user's: `up` writes scikit-learn's digits, trains
+    the demo encoder through the job queue, activates it and indexes 300 digits; a restart does not
+    train it again. Needs no ../shared data: this is what a fresh clone gets."""
+    data_dir = tmp_path / "data"
+    api, proc, _ = start_up(data_dir)  # the demo is on by default
+    try:
+        def indexed() -> dict | None:
+            page = api.http.get("/items", params={"limit": 1000}).json()
+            return page if page["total"] == 300 else None
+
+        page = wait_until(indexed, 900, "the demo to train, activate and index 300 digits", every_s=2)
+        jobs = api.http.get("/train-jobs").json()["items"]
+        assert [j["state"] for j in jobs] == ["succeeded"] and jobs[0]["name"].startswith("demo")
+        active = api.http.get("/models").json()["active"]
+        assert active == jobs[0]["model_id"] and all(i["models"] == [active] for i in page["items"])
+
+        # Each digit finds itself at score 1 (first, or tied with an identical scan); its nearest
+        # other digit mostly has the same label (chance: 10%).
+        labels = {i["id"]: i["metadata"]["label"] for i in page["items"]}
+        same = 0
+        for item_id in list(labels)[:50]:
+            hits = api.http.post("/search", json={"item_id": item_id, "k": 3}).json()["results"]
+            assert item_id in [h["id"] for h in hits[:2]] and hits[0]["score"] > 0.9999, hits
+            nearest = next(h["id"] for h in hits if h["id"] != item_id)
+            same += labels[nearest] == labels[item_id]
+        assert same >= 25, f"{same}/50 nearest neighbours share the label"
+    finally:
+        stop_up(api, proc)
+    assert proc.returncode == 0
+
+    api, proc, _ = start_up(data_dir)
+    try:
+        time.sleep(3)  # the demo thread would have submitted by now
+        assert api.http.get("/train-jobs").json()["total"] == 1
+        assert api.http.get("/items").json()["total"] == 300
+    finally:
+        stop_up(api, proc)
