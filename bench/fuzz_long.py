@@ -27,7 +27,7 @@ from load_test import REPO, build_data_dir, noise_images, serve  # bench/ is sys
 sys.path.insert(0, str(REPO / "tests"))
 from _procs import RedisServer  # noqa: E402
 
-# Checks the schema cannot satisfy yet, with the reason (docs/reliability.md, "Schema gaps"):
+# Checks the schema cannot satisfy, with the reason (docs/reliability.md, "Excluded everywhere"):
 # positive_data_acceptance: the schema cannot say "bytes that decode as an image", so a
 #   schema-valid random blob is rightly refused with 415/422;
 # allow_header_conformance: Starlette's 405 lists only the first matching route's methods.
