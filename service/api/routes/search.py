@@ -26,6 +26,7 @@ _OPENAPI = {
                 "schema": {
                     "type": "object",
                     "required": ["file"],
+                    "additionalProperties": False,
                     "properties": {
                         "file": {"type": "string", "format": "binary"},
                         "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10},
@@ -54,6 +55,12 @@ async def search(request: Request, items: ItemsDep, settings: SettingsDep) -> Se
         upload = await read_images(request, settings, file_field="file")
         if len(upload.images) != 1:
             raise ApiError(422, "one_image", "search by image takes exactly one `file` part")
+        if unexpected := sorted(set(upload.fields) - {"k"}):
+            # e.g. an `item_id` beside the image: which query was meant is ambiguous, so say so.
+            raise ApiError(
+                422, "unexpected_fields",
+                f"search by image takes a `file` part and an optional `k` field; unexpected: {', '.join(unexpected)}",
+            )
         model_id, hits = await items.search_image(upload.images[0].image, _k_field(upload.fields.get("k")))
     else:
         if content_type != "application/json":
