@@ -1,6 +1,7 @@
 """End to end on real data: a short SimCLR run on digits lowers the loss and lifts the kNN
-top-1 of h clearly above the same encoder at random init, both measured in this run
-(bench/knn_quality.py is the full version, with raw pixels and the linear probe)."""
+top-1 of h far above the same encoder at random init, measured in this run. Passing raw
+pixels on digits takes the 30 epochs of bench/knn_quality.py (about 4.5 CPU minutes), too long
+for a test; that benchmark reports it, with the linear probe and CIFAR-10."""
 
 from __future__ import annotations
 
@@ -25,10 +26,13 @@ def test_short_simclr_run_beats_random_init(digits_path: Path, tmp_path: Path) -
     torch.set_num_threads(1)  # one thread runs faster than two on a shared 2-core machine
     x_train, y_train = load_split(digits_path, "train", SIZE)
     x_test, y_test = load_split(digits_path, "test", SIZE)
+    # bench/knn_quality.py's recipe for small grayscale images, at 10 epochs instead of 30:
+    # crops of >= 60% of a digit, no flip, no random grayscale, batch 64, LARS, T = 0.2.
     cfg = TrainConfig(
-        backbone="resnet18", small_stem=False, image_size=SIZE, epochs=4, batch_size=128, optimizer="lars",
-        base_lr=1.0, warmup_epochs=0.4, temperature=0.2, num_workers=0, seed=0, log_every_steps=5,
-        augment=AugmentConfig(crop_min_scale=0.2, hflip_prob=0.0, color_strength=0.5, grayscale_prob=0.0, blur=False),
+        backbone="resnet18", small_stem=False, image_size=SIZE, epochs=10, batch_size=64, optimizer="lars",
+        base_lr=1.0, warmup_epochs=1.0, temperature=0.2, num_workers=0, seed=0, log_every_steps=5,
+        checkpoint_every_steps=10_000,
+        augment=AugmentConfig(crop_min_scale=0.6, hflip_prob=0.0, color_strength=0.5, grayscale_prob=0.0, blur=False),
     )
     torch.manual_seed(0)
     random_init = Encoder("resnet18", small_stem=False)
@@ -39,6 +43,7 @@ def test_short_simclr_run_beats_random_init(digits_path: Path, tmp_path: Path) -
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert result.step == cfg.epochs * (len(x_train) // cfg.batch_size)
-    assert losses[-1] < losses[0] - 0.3, losses  # one run here: 5.53 -> 4.95
-    # 360 test images: 3 points is 11 images; one run here gave 76.7% -> 81.4%.
-    assert knn_trained >= knn_random + 0.03, (knn_random, knn_trained)
+    assert losses[-1] < losses[0] - 2.0, losses  # one run here: 4.69 -> 1.89
+    # 360 test images: one image is 0.28 points. One run here: random init 76.7%, raw pixels
+    # 95.8%, trained 93.6% (107 s on one thread).
+    assert knn_trained >= knn_random + 0.15, (knn_random, knn_trained)
