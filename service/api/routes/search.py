@@ -39,6 +39,8 @@ _OPENAPI = {
 
 
 def _k_field(values: list[str] | None) -> int:
+    if values is not None and len(values) != 1:
+        raise ApiError(422, "invalid_request", f"send one `k` field, not {len(values)}")
     try:
         return SearchRequest.model_validate({"k": (values or ["10"])[0], "item_id": "_"}).k
     except ValidationError as exc:

@@ -98,6 +98,8 @@ def test_duplicates_replace_and_errors(client: TestClient) -> None:
     assert code(client.post("/search", json={"item_id": "x", "k": 1001}))[0] == 422
     ambiguous = client.post("/search", files={"file": ("q.png", a, "image/png")}, data={"item_id": "x", "k": "2"})
     assert code(ambiguous) == (422, "unexpected_fields") and "item_id" in ambiguous.json()["error"]["message"]
+    two_k = client.post("/search", files=[("file", ("q.png", a, "image/png")), ("k", (None, "1")), ("k", (None, "2"))])
+    assert code(two_k) == (422, "invalid_request")
     assert code(client.post("/search", json={"k": 3}))[0] == 422
     assert code(client.post("/search", content=b"{nope", headers={"content-type": "application/json"})) == (422, "malformed_json")
     assert code(client.post("/search", files={"file": ("q.png", a, "image/png")}, data={"k": "x"}))[0] == 422
