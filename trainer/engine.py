@@ -386,8 +386,9 @@ class _Trainer:
 
         cfg, spe = self.cfg, self.steps_per_epoch
         writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step) if self.is_main else None
+        # On a terminal the bar redraws in place; into a log (a worker's) one line every 10 s is enough.
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main, unit="step",
-                   dynamic_ncols=True, file=sys.stderr)
+                   dynamic_ncols=True, file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 10.0)
         self.method.train()
         start_step, started = self.step, time.perf_counter()
         window_loss, window_steps, window_start = torch.zeros((), device=self.device), 0, started

@@ -50,6 +50,7 @@ def create_celery(broker_url: str | None, settings: Settings | None = None) -> C
         accept_content=["json"],
         task_publish_retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2},
         worker_hijack_root_logger=False,
+        worker_redirect_stdouts_level="INFO",  # a training progress line is not a warning
     )
     return app
 
