@@ -1,11 +1,14 @@
-"""Fixtures shared by the whole suite: the real data in ../shared/data."""
+"""Fixtures shared by the whole suite: the real data in ../shared/data, a private Redis."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from _procs import RedisServer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -34,3 +37,12 @@ def cifar_images(cifar5k_path: Path) -> np.ndarray:
     """256 real CIFAR-10 test images, uint8 [256, 32, 32, 3]."""
     with np.load(cifar5k_path) as data:
         return np.ascontiguousarray(data["x_test"][:256])
+
+
+@pytest.fixture(scope="module")
+def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server of the module's own on a free port (never the machine's shared one on 6379)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()

@@ -10,13 +10,11 @@ hostile-image tests exercise real embedding, real FAISS search and a real broker
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from _procs import RedisServer
 from service.settings import Settings
 from tests.service.conftest import (  # noqa: F401  (fixtures re-exported for this folder)
     Models,
@@ -34,15 +32,6 @@ SEED_ITEMS = 6
 def noise(h: int, w: int, seed: int = 0, channels: int = 3) -> np.ndarray:
     """uint8 [h, w, channels] uniform noise."""
     return np.random.default_rng(seed).integers(0, 256, (h, w, channels), dtype=np.uint8)
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A private redis-server for /train-jobs (never the shared one on 6379)."""
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

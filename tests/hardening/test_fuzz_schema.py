@@ -44,9 +44,9 @@ schema = schemathesis.openapi.from_dict(create_app(Settings(data_dir=Path("unuse
 
 
 @pytest.fixture(scope="module")
-def fuzz_client(hardened_dir: Path, broker: RedisServer) -> Iterator[asgi.ASGIClient]:
+def fuzz_client(hardened_dir: Path, private_redis: RedisServer) -> Iterator[asgi.ASGIClient]:
     """The real app in-process, lifespan started, with items indexed."""
-    with asgi.get_client(create_app(hardened_settings(hardened_dir, broker.url))) as client:
+    with asgi.get_client(create_app(hardened_settings(hardened_dir, private_redis.url))) as client:
         seed_items(client.post)
         yield client
     asgi.shutdown_lifespans()

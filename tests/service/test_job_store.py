@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -11,18 +10,10 @@ from _procs import RedisServer
 from service.jobs.store import JobState, JobStore, connect
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    srv = RedisServer(tmp_path_factory.mktemp("redis-store"))
-    srv.start()
-    yield srv
-    srv.stop()
-
-
 @pytest.fixture
-def store(server: RedisServer) -> JobStore:
-    server.client().flushdb()
-    return JobStore(connect(server.url), lock_ttl_s=1.0, loss_history_max=5)
+def store(private_redis: RedisServer) -> JobStore:
+    private_redis.client().flushdb()
+    return JobStore(connect(private_redis.url), lock_ttl_s=1.0, loss_history_max=5)
 
 
 def new(store: JobStore, job_id: str = "j1") -> str:

@@ -21,14 +21,6 @@ from service.settings import Settings
 JOB = {"dataset": "digits.npz", "image_size": 16, "batch_size": 32, "max_steps": 4, "epochs": 1}
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def layout(tmp_path: Path) -> Path:
     """<tmp>/datasets (the root) with a dataset, and things outside it to escape to."""
@@ -52,9 +44,9 @@ def make_client(settings: Settings) -> TestClient:
 
 
 @pytest.fixture
-def api(layout: Path, redis_server: RedisServer) -> Iterator[TestClient]:
-    redis_server.client().flushdb()
-    settings = Settings(data_dir=layout / "data", dataset_roots=[str(layout / "datasets")], broker_url=redis_server.url)
+def api(layout: Path, private_redis: RedisServer) -> Iterator[TestClient]:
+    private_redis.client().flushdb()
+    settings = Settings(data_dir=layout / "data", dataset_roots=[str(layout / "datasets")], broker_url=private_redis.url)
     yield make_client(settings)
 
 
@@ -64,7 +56,7 @@ def error(answer: httpx.Response) -> dict:
     return body["error"]
 
 
-def test_submit_queues_a_record_and_a_celery_message(api: TestClient, layout: Path, redis_server: RedisServer) -> None:
+def test_submit_queues_a_record_and_a_celery_message(api: TestClient, layout: Path, private_redis: RedisServer) -> None:
     answer = api.post("/train-jobs", json={**JOB, "name": "first"})
     assert answer.status_code == 202
     body = answer.json()
@@ -76,7 +68,7 @@ def test_submit_queues_a_record_and_a_celery_message(api: TestClient, layout: Pa
     assert job["dataset"] == str((layout / "datasets" / "digits.npz").resolve())
     assert job["request"]["batch_size"] == 32 and job["request"]["activate"] is True
 
-    raw = redis_server.client().lrange("train", 0, -1)  # the `train` queue of the Redis broker
+    raw = private_redis.client().lrange("train", 0, -1)  # the `train` queue of the Redis broker
     assert len(raw) == 1
     message = json.loads(raw[0])
     assert message["headers"]["task"] == "trainer.tasks.train_job"
@@ -144,9 +136,9 @@ def test_cancel_queued_job_and_unknown_ids(api: TestClient) -> None:
         assert answer.status_code == 404 and error(answer)["code"] == "job_not_found"
 
 
-def test_write_key_guards_submit_and_cancel(layout: Path, redis_server: RedisServer) -> None:
+def test_write_key_guards_submit_and_cancel(layout: Path, private_redis: RedisServer) -> None:
     settings = Settings(data_dir=layout / "data", dataset_roots=[str(layout / "datasets")],
-                        broker_url=redis_server.url, api_keys=["s3cret"])
+                        broker_url=private_redis.url, api_keys=["s3cret"])
     client = make_client(settings)
     assert client.post("/train-jobs", json=JOB).status_code == 401
     assert client.delete("/train-jobs/x").status_code == 401
