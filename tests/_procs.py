@@ -18,6 +18,9 @@ import redis
 
 T = TypeVar("T")
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+# How long a server subprocess may take to answer: the first start in a fresh environment
+# compiles every dependency's bytecode, on a CI box of 2 cores that may be busy.
+STARTUP_S = 180.0
 
 
 def free_port() -> int:

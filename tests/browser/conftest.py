@@ -25,7 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))  # jobstack lives beside its tests
 
-from _procs import wait_until  # noqa: E402
+from _procs import STARTUP_S, wait_until  # noqa: E402
 from jobstack import Stack  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,7 +87,7 @@ def _start(stack_class: type[Stack], root: Path, models: Path, digits_path: Path
     (data / "datasets").mkdir()
     shutil.copyfile(digits_path, data / "datasets" / "digits.npz")
     stack = stack_class(root)
-    wait_until(lambda: stack.http.get("/readyz").status_code == 200, 60, "the API to be ready (model, index, broker)")
+    wait_until(lambda: stack.http.get("/readyz").status_code == 200, STARTUP_S, "the API to be ready (model, index, broker)")
     return stack
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from _procs import RedisServer, free_port, wait_until
+from _procs import STARTUP_S, RedisServer, free_port, wait_until
 from service.contract.registry import ModelRegistry
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,7 +86,7 @@ class Stack(Api):
                     "--port", str(port)],
         )
         super().__init__(f"http://127.0.0.1:{port}", tmp / "data")
-        wait_until(self._api_up, 60, "the API to answer")
+        wait_until(self._api_up, STARTUP_S, "the API to answer")
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.tmp / f"{name}.log", "ab")

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from _procs import free_port, wait_until
+from _procs import STARTUP_S, free_port, wait_until
 from jobstack import REPO, Api, base_env
 from test_jobs import job_lifecycle_to_served_model
 
@@ -41,7 +41,7 @@ def start_up(data_dir: Path, **env: str) -> tuple[Api, subprocess.Popen[bytes], 
         except httpx.TransportError:
             return False
 
-    wait_until(answering, 90, "`simclr-embed up` to serve the API")
+    wait_until(answering, STARTUP_S, "`simclr-embed up` to serve the API")
     return api, proc, broker_port
 
 

@@ -26,7 +26,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from torch import nn
 
-from _procs import free_port, wait_until
+from _procs import STARTUP_S, free_port, wait_until
 from service.app import create_app
 from service.contract.imaging import ResizePolicy
 from service.contract.registry import ModelCard, ModelRegistry
@@ -146,7 +146,7 @@ def live_server(data_dir: Path, **env: str) -> Iterator[LiveServer]:
             return False
 
     try:
-        wait_until(up, 60, "the API server to answer /healthz", every_s=0.1)
+        wait_until(up, STARTUP_S, "the API server to answer /healthz", every_s=0.1)
         yield server
     finally:
         proc.terminate()
