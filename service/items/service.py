@@ -310,10 +310,19 @@ class ItemService:
         return self.search_vector(vector, k, served)
 
     async def search_image(self, image: Image.Image, k: int) -> tuple[str, list[Hit]]:
-        """Embed `image` with the served model (not necessarily the active one) and search."""
-        served, _ = self._served_index()
-        vector = (await self._embed(served, [image]))[0]
-        return await asyncio.to_thread(self.search_vector, vector, k, served)
+        """Embed `image` with the served model (not necessarily the active one) and search.
+
+        The served index can swap while the image is being embedded (a re-embedding just
+        completed); the query is then embedded again with the new model, not refused."""
+        for attempt in range(3):
+            served, _ = self._served_index()
+            vector = (await self._embed(served, [image]))[0]
+            try:
+                return await asyncio.to_thread(self.search_vector, vector, k, served)
+            except ApiError as exc:
+                if exc.code != "model_changed" or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def stats(self) -> dict[str, Any]:
         """For /readyz and /metrics."""

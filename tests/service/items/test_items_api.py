@@ -122,7 +122,9 @@ def test_activation_reembeds_and_swaps_when_complete(client: TestClient) -> None
     items = client.app.state.items
     seen = set()
     for _ in range(400):  # search answers throughout, from A until B is complete
-        hit = search_image(client, images[0], 1).json()
+        answer = search_image(client, images[0], 1)
+        assert answer.status_code == 200, answer.text
+        hit = answer.json()
         seen.add(hit["model_id"])
         assert hit["results"][0]["id"] == "m0"
         if items.served == MODEL_B:
