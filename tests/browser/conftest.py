@@ -87,7 +87,11 @@ def _start(stack_class: type[Stack], root: Path, models: Path, digits_path: Path
     (data / "datasets").mkdir()
     shutil.copyfile(digits_path, data / "datasets" / "digits.npz")
     stack = stack_class(root)
-    wait_until(lambda: stack.http.get("/readyz").status_code == 200, STARTUP_S, "the API to be ready (model, index, broker)")
+    try:
+        wait_until(lambda: stack.http.get("/readyz").status_code == 200, STARTUP_S, "the API to be ready (model, index, broker)")
+    except BaseException:
+        stack.close()
+        raise
     return stack
 
 

@@ -86,7 +86,11 @@ class Stack(Api):
                     "--port", str(port)],
         )
         super().__init__(f"http://127.0.0.1:{port}", tmp / "data")
-        wait_until(self._api_up, STARTUP_S, "the API to answer")
+        try:
+            wait_until(self._api_up, STARTUP_S, "the API to answer")
+        except BaseException:
+            self.close()  # a stack that never came up leaves no server behind
+            raise
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.tmp / f"{name}.log", "ab")
