@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import io
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,11 +33,12 @@ import onnxruntime as ort
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the tests' server fixture and the helpers it imports
 
 from service.contract.imaging import ResizePolicy  # noqa: E402
 from service.contract.registry import ModelCard, ModelRegistry  # noqa: E402
 from service.runtime import default_providers  # noqa: E402
+from tests.service.conftest import live_server  # noqa: E402
 
 
 def load_images(count: int, size: int) -> np.ndarray:
@@ -157,36 +157,20 @@ def main() -> int:
         raw = {int(b): raw_ort(session, images, int(b), args.seconds / 2) for b in args.batch_sizes.split(",")}
         best_b = max(raw, key=raw.__getitem__)
 
-        env = {**os.environ, "SIMCLR_EMBED_DATA_DIR": str(root), "SIMCLR_EMBED_ORT_INTRA_OP_THREADS": str(args.threads),
+        env = {"SIMCLR_EMBED_ORT_INTRA_OP_THREADS": str(args.threads),
                "SIMCLR_EMBED_BATCH_MAX_SIZE": str(args.batch_max_size),
                "SIMCLR_EMBED_BATCH_MAX_WAIT_MS": str(args.batch_max_wait_ms),
                "SIMCLR_EMBED_MAX_IMAGES_PER_REQUEST": str(max(64, args.per_request))}
-        port = 18000 + os.getpid() % 10000
-        server = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-             "--log-level", "warning"], cwd=REPO, env=env,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(600):
-                try:
-                    if httpx.get(url + "/readyz", timeout=1).json().get("checks", {}).get("model", "").startswith("ok"):
-                        break
-                except (httpx.TransportError, ValueError):
-                    pass
-                time.sleep(0.1)
+        with live_server(root, **env) as server:  # answers once its lifespan has loaded the model
             bodies = multipart_bodies(images, args.per_request)
             rounds = []  # (raw ORT at best_b, /embed) images/s
             for _ in range(args.rounds):
                 reference = raw_ort(session, images, best_b, args.seconds)
                 served, count = asyncio.run(
-                    http_throughput(url, bodies, args.per_request, args.clients, args.seconds)
+                    http_throughput(server.url, bodies, args.per_request, args.clients, args.seconds)
                 )
                 rounds.append((reference, served))
-            metrics = httpx.get(url + "/metrics").text
-        finally:
-            server.terminate()
-            server.wait(30)
+            metrics = httpx.get(server.url + "/metrics").text
 
     sums = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("simclr_embed_batch_size_sum")]
     counts = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("simclr_embed_batch_size_count")]

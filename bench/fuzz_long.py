@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from load_test import REPO, build_data_dir, noise_images, serve  # bench/ is sys.path[0]
+from load_test import REPO, build_data_dir, live_server, noise_images  # bench/ is sys.path[0]
 
 sys.path.insert(0, str(REPO / "tests"))
 from _procs import RedisServer  # noqa: E402
@@ -52,7 +52,8 @@ def main() -> int:
         redis.start()
         try:
             env = {"SIMCLR_EMBED_BROKER_URL": redis.url, "SIMCLR_EMBED_MAX_UPLOAD_BYTES": str(1 << 20)}
-            with serve(data_dir, **env) as (url, proc):
+            with live_server(data_dir, **env) as server:
+                url, proc = server.url, server.proc
                 files = [("files", (f"{i}.png", p, "image/png")) for i, p in enumerate(noise_images(args.items, 3))]
                 httpx.post(url + "/items", files=files, data={"ids": [f"seed-{i}" for i in range(args.items)]},
                            timeout=120).raise_for_status()

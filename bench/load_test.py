@@ -17,13 +17,9 @@ import argparse
 import asyncio
 import io
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -33,7 +29,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the tests' fixtures module and the helpers it imports
 
-from tests.service.conftest import DIM, SIZE, TinyEncoder  # noqa: E402  (the tests' tiny encoder)
+from tests.service.conftest import DIM, SIZE, TinyEncoder, live_server  # noqa: E402  (the tests' tiny encoder)
 
 MODEL_ID = "load-tiny"
 
@@ -69,47 +65,6 @@ def build_data_dir(root: Path) -> Path:
     ModelRegistry(data / "models").publish(onnx_path, card, activate=True)
     onnx_path.unlink()
     return data
-
-
-@contextmanager
-def serve(data_dir: Path, threads: int = 1, **env: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """`simclr-embed serve` on a free loopback port; yields (base URL, process)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("SIMCLR_EMBED_")}
-    environ.update({"SIMCLR_EMBED_DATA_DIR": str(data_dir), "SIMCLR_EMBED_ORT_INTRA_OP_THREADS": str(threads),
-                    "OMP_NUM_THREADS": str(threads), **env})
-    log = open(data_dir / "server.log", "wb")  # noqa: SIM115  (closed below)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "warning"], cwd=REPO, env=environ, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited {proc.returncode}: {(data_dir / 'server.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not answer /healthz within 90 s")
-            time.sleep(0.2)
-        yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def rss_mb(pid: int) -> float:
@@ -197,7 +152,9 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="load-test-") as tmp:
         data_dir = build_data_dir(Path(tmp))
-        with serve(data_dir, threads=args.threads) as (url, proc):
+        threads = str(args.threads)
+        with live_server(data_dir, SIMCLR_EMBED_ORT_INTRA_OP_THREADS=threads, OMP_NUM_THREADS=threads) as server:
+            url, proc = server.url, server.proc
             with httpx.Client(base_url=url, timeout=60) as http:
                 pics = noise_images(args.items, seed=1)
                 for start in range(0, args.items, 50):

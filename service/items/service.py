@@ -314,15 +314,15 @@ class ItemService:
 
         The served index can swap while the image is being embedded (a re-embedding just
         completed); the query is then embedded again with the new model, not refused."""
-        for attempt in range(3):
+        for retries_left in (2, 1, 0):
             served, _ = self._served_index()
             vector = (await self._embed(served, [image]))[0]
             try:
                 return await asyncio.to_thread(self.search_vector, vector, k, served)
             except ApiError as exc:
-                if exc.code != "model_changed" or attempt == 2:
+                if exc.code != "model_changed" or not retries_left:
                     raise
-        raise AssertionError("unreachable")
+        raise AssertionError("the last try returns or raises")
 
     def stats(self) -> dict[str, Any]:
         """For /readyz and /metrics."""

@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +82,9 @@ def model_ids(models_template: Path) -> tuple[str, str]:
     return MODEL_A, MODEL_B
 
 
-def _start(stack_class: type[Stack], root: Path, models: Path, digits_path: Path) -> Stack:
+@contextmanager
+def _running(stack_class: type[Stack], root: Path, models: Path, digits_path: Path) -> Iterator[Stack]:
+    """A stack over a copy of the registry and digits.npz, from ready (model, index, broker) to closed."""
     data = root / "data"
     shutil.copytree(models, data / "models")
     (data / "datasets").mkdir()
@@ -89,20 +92,16 @@ def _start(stack_class: type[Stack], root: Path, models: Path, digits_path: Path
     stack = stack_class(root)
     try:
         wait_until(lambda: stack.http.get("/readyz").status_code == 200, STARTUP_S, "the API to be ready (model, index, broker)")
-    except BaseException:
+        yield stack
+    finally:
         stack.close()
-        raise
-    return stack
 
 
 @pytest.fixture(scope="session")
 def web_stack(tmp_path_factory: pytest.TempPathFactory, models_template: Path, digits_path: Path) -> Iterator[Stack]:
     """Redis + API (no API keys) over a data folder with the two encoders; workers on demand."""
-    stack = _start(Stack, tmp_path_factory.mktemp("web"), models_template, digits_path)
-    try:
+    with _running(Stack, tmp_path_factory.mktemp("web"), models_template, digits_path) as stack:
         yield stack
-    finally:
-        stack.close()
 
 
 class KeyedStack(Stack):
@@ -121,11 +120,8 @@ def api_key() -> str:
 
 @pytest.fixture(scope="session")
 def keyed_stack(tmp_path_factory: pytest.TempPathFactory, models_template: Path, digits_path: Path) -> Iterator[Stack]:
-    stack = _start(KeyedStack, tmp_path_factory.mktemp("web-keyed"), models_template, digits_path)
-    try:
+    with _running(KeyedStack, tmp_path_factory.mktemp("web-keyed"), models_template, digits_path) as stack:
         yield stack
-    finally:
-        stack.close()
 
 
 @pytest.fixture

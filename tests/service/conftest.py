@@ -124,11 +124,15 @@ class LiveServer:
 
 @contextmanager
 def live_server(data_dir: Path, **env: str) -> Iterator[LiveServer]:
-    """`simclr-embed serve` in a subprocess on a free loopback port."""
+    """`simclr-embed serve` in a subprocess on a free loopback port, once /healthz answers.
+
+    The server sees none of the caller's own `SIMCLR_EMBED_*` variables, only `env` over these
+    defaults (one ONNX Runtime thread, a quick active-model poll)."""
     port = free_port()
     log = data_dir / f"server-{port}.log"
-    environ = {**os.environ, "SIMCLR_EMBED_DATA_DIR": str(data_dir), "SIMCLR_EMBED_ORT_INTRA_OP_THREADS": "1",
-               "SIMCLR_EMBED_ACTIVE_POLL_S": "0.2", **env}
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SIMCLR_EMBED_")}
+    environ.update({"SIMCLR_EMBED_DATA_DIR": str(data_dir), "SIMCLR_EMBED_ORT_INTRA_OP_THREADS": "1",
+                    "SIMCLR_EMBED_ACTIVE_POLL_S": "0.2", **env})
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
