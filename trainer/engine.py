@@ -38,6 +38,7 @@ from service.contract.train_config import TrainConfig
 from trainer import distributed
 from trainer.checkpoint import atomic_write_json, checkpoint_path, load_checkpoint, save_checkpoint
 from trainer.data import ImageDataset, open_dataset
+from trainer.evaluate import KnnMonitor
 from trainer.methods import build_method
 from trainer.optim import build_optimizer, build_scheduler
 
@@ -160,7 +161,8 @@ def train(
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} training processes")
     if len(dataset) < cfg.batch_size:
         raise ValueError(f"the dataset has {len(dataset)} images, fewer than one batch ({cfg.batch_size})")
-    args = (world, cuda, cfg, dataset, str(run_dir), on_progress, should_stop)
+    knn = KnnMonitor(data, cfg.image_size) if cfg.knn_every_epochs else None  # unlabeled data fails here
+    args = (world, cuda, cfg, dataset, knn, str(run_dir), on_progress, should_stop)
     prepare = partial(_prepare_run_dir, cfg, data, dataset, run_dir, resume)
     if launch is not None:
         return _run(launch.rank, *args, init_method="env://", processes_here=launch.local_world, prepare=prepare)
@@ -215,6 +217,7 @@ def _run(
     cuda: bool,
     cfg: TrainConfig,
     dataset: ImageDataset,
+    knn: KnnMonitor | None,
     run_dir: str,
     on_progress: ProgressCallback | None,
     should_stop: StopCallback | None,
@@ -231,7 +234,8 @@ def _run(
     try:
         if prepare is not None:
             distributed.main_first(prepare)
-        return _Trainer(rank, world, cuda, cfg, dataset, Path(run_dir), on_progress, should_stop).run()
+        knn = knn if rank == 0 else None
+        return _Trainer(rank, world, cuda, cfg, dataset, knn, Path(run_dir), on_progress, should_stop).run()
     finally:
         distributed.destroy_process_group()
 
@@ -246,6 +250,7 @@ class _Trainer:
         cuda: bool,
         cfg: TrainConfig,
         dataset: ImageDataset,
+        knn: KnnMonitor | None,
         run_dir: Path,
         on_progress: ProgressCallback | None,
         should_stop: StopCallback | None,
@@ -255,6 +260,7 @@ class _Trainer:
         self.rank, self.world, self.cfg, self.run_dir = rank, world, cfg, run_dir
         self.is_main = rank == 0
         self.on_progress, self.should_stop = on_progress, should_stop
+        self.knn, self.knn_top1 = knn, None  # the monitor runs on rank 0 only
         self.device = torch.device("cuda", torch.cuda.current_device() if world > 1 else 0) if cuda else torch.device("cpu")
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -405,6 +411,8 @@ class _Trainer:
                     if self.should_stop is not None:
                         stopped = distributed.broadcast_flag(self.is_main and bool(self.should_stop()), self.device)
                     done = self.step >= self.total_steps
+                    if self.knn is not None and self.step % spe == 0 and (self.step // spe) % cfg.knn_every_epochs == 0:
+                        self._monitor_knn(writer)
                     if self.step % cfg.log_every_steps == 0 or done or stopped:
                         last_loss = float(distributed.all_reduce_mean(window_loss / window_steps))
                         now = time.perf_counter()
@@ -413,6 +421,7 @@ class _Trainer:
                             "epoch": self.step // spe, "step": self.step, "total_steps": self.total_steps,
                             "loss": last_loss, "lr": self.lr,
                             "images_per_s": rate, "eta_s": (self.total_steps - self.step) * cfg.batch_size / rate,
+                            "knn_top1": self.knn_top1,
                         }
                         self._report(record, writer, bar)
                         window_loss.zero_()
@@ -435,12 +444,22 @@ class _Trainer:
             atomic_write_json(self.run_dir / "result.json", asdict(result))
         return result
 
+    def _monitor_knn(self, writer: Any) -> None:
+        """kNN top-1 of h at an epoch's end (rank 0; h in eval mode, train mode restored)."""
+        assert self.knn is not None
+        self.knn_top1 = self.knn(self.method.encoder, self.device)
+        self._log({"event": "knn", "epoch": self.step // self.steps_per_epoch, "step": self.step,
+                   "knn_top1": self.knn_top1, "time": time.time()})
+        writer.add_scalar("eval/knn_top1", self.knn_top1, self.step)
+
     def _report(self, record: dict[str, Any], writer: Any, bar: Any) -> None:
         if not self.is_main:
             return
-        self._log({**record, "time": time.time()})
+        self._log({k: v for k, v in record.items() if v is not None} | {"time": time.time()})
         for key in ("loss", "lr", "images_per_s"):
             writer.add_scalar(f"train/{key}", record[key], record["step"])
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}", img_s=f"{record['images_per_s']:.0f}")
+        knn = {} if self.knn_top1 is None else {"knn": f"{self.knn_top1:.3f}"}
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}", img_s=f"{record['images_per_s']:.0f}",
+                        **knn)
         if self.on_progress is not None:
-            self.on_progress({k: record[k] for k in ("epoch", "step", "total_steps", "loss", "lr", "images_per_s", "eta_s")})
+            self.on_progress(record)

@@ -183,17 +183,8 @@ def raw_pixel_baseline(
     return result
 
 
-def evaluate_encoder(
-    encoder: nn.Module,
-    data_path: str | Path,
-    image_size: int,
-    *,
-    batch_size: int = 256,
-    device: str | torch.device | None = None,
-    k: int = 200,
-    temperature: float = 0.1,
-) -> dict[str, float | int]:
-    """kNN and linear-probe top-1 of frozen h on a labeled train/test split.
+def labeled_splits(data_path: str | Path, image_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, y_train, x_test, y_test) of a labeled dataset, test labels indexed as train's.
 
     `data_path`: an `.npz` with x_train/x_test/y_train/y_test, or a folder with train/ and
     test/ each holding one subfolder per class. Raises DatasetError when it has no labels.
@@ -206,6 +197,21 @@ def evaluate_encoder(
         if unknown:
             raise DatasetError("class_mismatch", f"{data_path}: test classes {unknown[:5]} are absent from train")
         y_test = np.array([train.classes.index(c) for c in test.classes], dtype=np.int64)[y_test]
+    return x_train, y_train, x_test, y_test
+
+
+def evaluate_encoder(
+    encoder: nn.Module,
+    data_path: str | Path,
+    image_size: int,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    k: int = 200,
+    temperature: float = 0.1,
+) -> dict[str, float | int]:
+    """kNN and linear-probe top-1 of frozen h on a labeled train/test split (see labeled_splits)."""
+    x_train, y_train, x_test, y_test = labeled_splits(data_path, image_size)
     train_h = embed_images(encoder, x_train, batch_size, device)
     test_h = embed_images(encoder, x_test, batch_size, device)
     return {
@@ -214,3 +220,28 @@ def evaluate_encoder(
         "n_train": len(x_train),
         "n_test": len(x_test),
     }
+
+
+class KnnMonitor:
+    """kNN top-1 of h while a run trains: the labeled train split is the memory bank, the test
+    split the queries (the monitor of InstDisc, solo-learn and lightly).
+
+    Construction checks that both splits exist and carry labels, so a run asked to monitor
+    unlabeled data fails before its first step; the images are decoded on the first call.
+    """
+
+    def __init__(self, data_path: str | Path, image_size: int, k: int = 200, temperature: float = 0.1) -> None:
+        for split in ("train", "test"):
+            open_labeled(data_path, split, image_size)
+        self.data_path, self.image_size, self.k, self.temperature = str(data_path), image_size, k, temperature
+        self._splits: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_splits": None}  # spawned ranks decode their own copy, if they need one
+
+    def __call__(self, encoder: nn.Module, device: str | torch.device | None = None) -> float:
+        if self._splits is None:
+            self._splits = labeled_splits(self.data_path, self.image_size)
+        x_train, y_train, x_test, y_test = self._splits
+        train_h, test_h = embed_images(encoder, x_train, device=device), embed_images(encoder, x_test, device=device)
+        return knn_top1(train_h, y_train, test_h, y_test, self.k, self.temperature)

@@ -122,7 +122,9 @@ class TrainConfig(_Strict):
     deterministic: bool = False
     checkpoint_every_steps: int = Field(200, ge=1)
     log_every_steps: int = Field(10, ge=1)
-    knn_every_epochs: int = Field(0, ge=0, description="kNN monitor on a labeled split; 0 = off")
+    knn_every_epochs: int = Field(
+        0, ge=0, description="kNN top-1 of h every N epochs: labeled train split = memory, test split = queries; 0 = off"
+    )
     augment: AugmentConfig = Field(
         default_factory=AugmentConfig, validate_default=True,
         description="fields left unset take the method's defaults (METHOD_AUGMENT_DEFAULTS)",

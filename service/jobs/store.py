@@ -56,6 +56,7 @@ class JobProgress(BaseModel):
     lr: float | None = None
     images_per_s: float | None = None
     eta_s: float | None = None
+    knn_top1: float | None = None  # the last kNN monitor reading (config knn_every_epochs)
 
 
 class JobRecord(BaseModel):

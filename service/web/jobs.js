@@ -83,6 +83,7 @@ function renderJob(job) {
       ["Learning rate", fmt(p.lr, 3)],
       ["Throughput", p.images_per_s ? `${p.images_per_s.toFixed(1)} images/s` : "–"],
       ["Time left", active ? duration(p.eta_s) : "–"],
+      ["kNN top-1", p.knn_top1 == null ? "– (set knn_every_epochs on labeled data)" : `${(100 * p.knn_top1).toFixed(1)}%`],
       ["Dataset", job.dataset],
       ["Method", `${job.request.method || "simclr"}, ${job.request.backbone || "resnet18"}, ${job.request.image_size || "?"} px`],
       ["Created", when(job.created_at)],

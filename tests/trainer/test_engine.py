@@ -10,13 +10,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from service.contract.train_config import TrainConfig
 from trainer.checkpoint import checkpoint_path, load_checkpoint, load_encoder
 from trainer.cli import main as cli_main
+from trainer.data import DatasetError
 from trainer.engine import GlobalBatchSampler, train
+from trainer.evaluate import evaluate_encoder
 
 REPO = Path(__file__).resolve().parents[2]
 # 48 images / batch 8 = 6 steps an epoch; the standard stem keeps a 16 px ResNet-18 step cheap.
@@ -64,7 +68,8 @@ def test_stop_then_resume_and_run_dir_contract(tiny_npz: Path, tmp_path: Path) -
     assert load_checkpoint(checkpoint_path(tmp_path))["step"] == 3
     assert not (tmp_path / "result.json").exists()
     assert [p["step"] for p in progress] == [1, 2, 3]
-    assert set(progress[0]) == {"epoch", "step", "total_steps", "loss", "lr", "images_per_s", "eta_s"}
+    assert set(progress[0]) == {"epoch", "step", "total_steps", "loss", "lr", "images_per_s", "eta_s", "knn_top1"}
+    assert progress[0]["knn_top1"] is None  # the monitor is off by default
 
     done = train(cfg, tiny_npz, tmp_path, on_progress=progress.append)
     assert not done.stopped and done.step == 12 and done.epoch == 2
@@ -91,6 +96,35 @@ def test_stop_then_resume_and_run_dir_contract(tiny_npz: Path, tmp_path: Path) -
     assert loaded_cfg == cfg.resolved() and info["completed"] and info["step"] == 12
     for key, value in encoder.state_dict().items():
         assert torch.equal(value, state["method"][f"encoder.{key}"])
+
+
+def test_knn_monitor_scores_the_encoder_each_epoch_without_changing_the_run(tiny_npz: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(epochs=2, **{**TINY, "checkpoint_every_steps": 6})
+    progress: list[dict] = []
+    train(cfg.model_copy(update={"knn_every_epochs": 1}), tiny_npz, tmp_path / "monitored", on_progress=progress.append)
+    train(cfg, tiny_npz, tmp_path / "plain")
+
+    events = [r for r in _read_jsonl(tmp_path / "monitored" / "metrics.jsonl") if r.get("event") == "knn"]
+    assert [(e["epoch"], e["step"]) for e in events] == [(1, 6), (2, 12)]
+    # The last reading is the kNN of the saved encoder, scored afresh by the evaluation protocol.
+    encoder, _, _ = load_encoder(tmp_path / "monitored")
+    assert events[-1]["knn_top1"] == evaluate_encoder(encoder, tiny_npz, 16)["knn_top1"]
+    assert [p["knn_top1"] for p in progress if p["step"] in (5, 6, 12)] == [None, events[0]["knn_top1"],
+                                                                            events[1]["knn_top1"]]
+    # Scoring runs in eval mode and draws no random numbers: the run itself is unchanged.
+    monitored, plain = (load_checkpoint(checkpoint_path(tmp_path / d))["method"] for d in ("monitored", "plain"))
+    for key, value in plain.items():
+        assert torch.equal(value, monitored[key]), key
+
+
+def test_knn_monitor_on_unlabeled_data_fails_before_training(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(8):
+        Image.fromarray(np.full((16, 16, 3), 30 * i, np.uint8)).save(images / f"{i}.png")
+    with pytest.raises(DatasetError, match="no labels"):
+        train(TrainConfig(epochs=1, knn_every_epochs=1, **TINY), images, tmp_path / "run")
+    assert not checkpoint_path(tmp_path / "run").exists()
 
 
 def test_resume_rejects_a_different_config(tiny_npz: Path, tmp_path: Path) -> None:
