@@ -9,8 +9,8 @@ pretrain SimCLR on x_train (labels unused) with trainer.engine.train, then repor
     SimCLR          the encoder after training
 
 plus the loss of the first and the last logged window, all in one run. The settings come
-from the data (`recipe_for`: small grayscale images vs natural colour ones); any flag given
-overrides them. With `--against-lightly`, lightly's SimCLR (bench/lightly_simclr.py) is
+from the data (`recipe_for`, service/contract/recipes.py: small grayscale images vs natural
+colour ones); any flag given overrides them. With `--against-lightly`, lightly's SimCLR (bench/lightly_simclr.py) is
 pretrained at the same data, settings, epochs and batch, and scored the same way.
 
     .venv/bin/python bench/knn_quality.py                        # digits.npz, cifar10-5k.npz
@@ -25,7 +25,6 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from service.contract.train_config import AugmentConfig, TrainConfig
+from service.contract.recipes import Recipe, recipe_for_images
+from service.contract.train_config import TrainConfig
 from trainer.checkpoint import load_encoder
 from trainer.data import load_split
 from trainer.engine import train
@@ -52,70 +52,25 @@ SHARED = REPO.parent / "shared" / "data"
 DEFAULT_DATA = [SHARED / "digits.npz", SHARED / "cifar10-5k.npz"]
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """The per-dataset settings that the benchmark picks from the images' properties."""
-
-    image_size: int
-    crop_min_scale: float
-    hflip_prob: float
-    grayscale_prob: float
-    batch_size: int
-    epochs: int
-
-
 def recipe_for(path: Path) -> Recipe:
-    """Small grayscale images (side < 16: digits' 8x8 strokes) vs natural colour images.
-
-    Small grayscale: upsampled to TrainConfig's minimum of 16; crops keep at least 60% of the
-    area, since a 20% crop of an 8x8 digit is a stroke fragment that no longer tells its class;
-    no flip (digits are not mirror-symmetric) and no random grayscale (already grey); batch 64,
-    so that 1,437 images give 22 steps an epoch, 30 epochs. Otherwise the paper's CIFAR
-    setting at the native size (at least 16): crops from 20% of the area (the paper's 8% is
-    for 200+ epochs), flip 0.5, grayscale 0.2, batch 128, 2 epochs (a few CPU minutes).
-    """
+    """The recipe (service/contract/recipes.py) for the images of an `.npz`: small grayscale
+    images (side < 16: digits' 8x8 strokes) or natural colour ones."""
     with np.load(path) as npz:
         x = npz["x_train"]  # [N, H, W, C]
-    side = max(x.shape[1:3])
     grayscale = x.shape[3] == 1 or bool((x[..., 0] == x[..., 1]).all() and (x[..., 1] == x[..., 2]).all())
-    if grayscale and side < 16:
-        return Recipe(image_size=16, crop_min_scale=0.6, hflip_prob=0.0, grayscale_prob=0.0, batch_size=64, epochs=30)
-    return Recipe(image_size=max(16, side), crop_min_scale=0.2, hflip_prob=0.0 if grayscale else 0.5,
-                  grayscale_prob=0.0 if grayscale else 0.2, batch_size=128, epochs=2)
+    return recipe_for_images(max(x.shape[1:3]), grayscale)
 
 
 def quality_config(args: argparse.Namespace, recipe: Recipe) -> TrainConfig:
-    """A CPU-sized SimCLR run: `recipe`, overridden by any flag given. Colour strength 0.5 as
-    the paper uses on CIFAR (Appendix B.9); on grey images only brightness and contrast act."""
-    def pick(flag: str) -> object:
-        value = getattr(args, flag)
-        return getattr(recipe, flag) if value is None else value
+    """A CPU-sized SimCLR run: `recipe`, overridden by any flag given."""
+    def given(*flags: str) -> dict[str, object]:
+        return {flag: getattr(args, flag) for flag in flags if getattr(args, flag) is not None}
 
-    epochs = int(pick("epochs"))
-    return TrainConfig(
-        method="simclr",
-        backbone="resnet18",
-        small_stem=args.small_stem,
-        image_size=int(pick("image_size")),
-        epochs=epochs,
-        batch_size=int(pick("batch_size")),
-        optimizer=args.optimizer,
-        base_lr=args.base_lr,
-        weight_decay=args.weight_decay,
-        warmup_epochs=min(1.0, epochs / 10),
-        temperature=args.temperature,
-        num_workers=0,
-        seed=args.seed,
-        checkpoint_every_steps=10_000,
-        log_every_steps=5,
-        augment=AugmentConfig(
-            crop_min_scale=float(pick("crop_min_scale")),
-            hflip_prob=float(pick("hflip_prob")),
-            color_strength=args.color_strength,
-            grayscale_prob=float(pick("grayscale_prob")),
-            blur=False,
-        ),
-    ).resolved()
+    return recipe.config(
+        small_stem=args.small_stem, optimizer=args.optimizer, weight_decay=args.weight_decay,
+        temperature=args.temperature, seed=args.seed, **given("image_size", "epochs", "batch_size", "base_lr"),
+        augment={"color_strength": args.color_strength, **given("crop_min_scale", "hflip_prob", "grayscale_prob")},
+    ).resolved()  # fmt: skip
 
 
 def probe(encoder: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
@@ -195,7 +150,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help=recipe)
     parser.add_argument("--batch-size", type=int, default=None, help=recipe)
     parser.add_argument("--optimizer", default="lars", choices=["lars", "sgd", "adamw"])
-    parser.add_argument("--base-lr", type=float, default=1.0)
+    parser.add_argument("--base-lr", type=float, default=None, help=recipe)
     parser.add_argument("--weight-decay", type=float, default=1e-6)
     parser.add_argument("--temperature", type=float, default=0.2)
     parser.add_argument("--crop-min-scale", type=float, default=None, help=recipe)

@@ -85,7 +85,7 @@ def main() -> None:
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--small-stem", action="store_true", help="CIFAR stem (16x the compute at 32 px)")
     p.add_argument("--optimizer", default="lars")
-    p.add_argument("--base-lr", type=float, default=1.0)
+    p.add_argument("--base-lr", type=float, default=None, help=recipe + " (SimCLR's and MoCo's)")
     p.add_argument("--weight-decay", type=float, default=1e-6)
     p.add_argument("--temperature", type=float, default=0.2, help="SimCLR's and MoCo's")
     p.add_argument("--crop-min-scale", type=float, default=None, help=recipe)
@@ -102,7 +102,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     args = p.parse_args()
     recipe = recipe_for(Path(args.data))
-    for flag in ("image_size", "epochs", "batch_size", "crop_min_scale", "hflip_prob"):
+    for flag in ("image_size", "epochs", "batch_size", "base_lr", "crop_min_scale", "hflip_prob"):
         if getattr(args, flag) is None:
             setattr(args, flag, getattr(recipe, flag))
     torch.set_num_threads(args.threads)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.contract.train_config import AugmentConfig, TrainConfig
+from service.contract.recipes import SMALL_GRAYSCALE
 from trainer.checkpoint import load_encoder
 from trainer.data import load_split
 from trainer.engine import train
@@ -26,14 +26,9 @@ def test_short_simclr_run_beats_random_init(digits_path: Path, tmp_path: Path) -
     torch.set_num_threads(1)  # one thread runs faster than two on a shared 2-core machine
     x_train, y_train = load_split(digits_path, "train", SIZE)
     x_test, y_test = load_split(digits_path, "test", SIZE)
-    # bench/knn_quality.py's recipe for small grayscale images, at 10 epochs instead of 30:
-    # crops of >= 60% of a digit, no flip, no random grayscale, batch 64, LARS, T = 0.2.
-    cfg = TrainConfig(
-        backbone="resnet18", small_stem=False, image_size=SIZE, epochs=10, batch_size=64, optimizer="lars",
-        base_lr=1.0, warmup_epochs=1.0, temperature=0.2, num_workers=0, seed=0, log_every_steps=5,
-        checkpoint_every_steps=10_000,
-        augment=AugmentConfig(crop_min_scale=0.6, hflip_prob=0.0, color_strength=0.5, grayscale_prob=0.0, blur=False),
-    )
+    # The benchmark's recipe for small grayscale images, at 10 epochs instead of 30.
+    cfg = SMALL_GRAYSCALE.config(epochs=10, seed=0)
+    assert cfg.image_size == SIZE
     torch.manual_seed(0)
     random_init = Encoder("resnet18", small_stem=False)
     knn_random = knn_top1(embed_images(random_init, x_train), y_train, embed_images(random_init, x_test), y_test)
