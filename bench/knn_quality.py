@@ -37,15 +37,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from service.contract.recipes import Recipe, recipe_for_images
 from service.contract.train_config import TrainConfig
-from trainer.checkpoint import load_encoder
-from trainer.data import load_split
+from trainer.checkpoint import load_encoder, read_metrics
 from trainer.engine import train
-from trainer.evaluate import (
-    embed_images,
-    knn_top1,
-    linear_probe_top1,
-    raw_pixel_baseline,
-)
+from trainer.evaluate import embed_images, knn_top1, labeled_splits, linear_probe_top1, raw_pixel_baseline
 from trainer.models import Encoder
 
 SHARED = REPO.parent / "shared" / "data"
@@ -74,7 +68,7 @@ def quality_config(args: argparse.Namespace, recipe: Recipe) -> TrainConfig:
 
 
 def probe(encoder: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-          k: int) -> dict[str, float]:
+          k: int = 200) -> dict[str, float]:
     """kNN and linear-probe top-1 of the encoder's frozen, L2-normalised h on the test split."""
     train_h, test_h = embed_images(encoder, x_train), embed_images(encoder, x_test)  # [N, D], [M, D]
     return {
@@ -85,8 +79,7 @@ def probe(encoder: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_test: 
 
 def run_one(path: Path, args: argparse.Namespace, work: Path) -> dict[str, object]:
     cfg = quality_config(args, recipe_for(path))
-    x_train, y_train = load_split(path, "train", cfg.image_size)  # uint8 [N, S, S, 3]
-    x_test, y_test = load_split(path, "test", cfg.image_size)
+    x_train, y_train, x_test, y_test = labeled_splits(path, cfg.image_size)  # uint8 [N, S, S, 3], int64 [N]
     out: dict[str, object] = {"data": str(path), "n_train": len(x_train), "n_test": len(x_test), "config": cfg.model_dump(mode="json")}
 
     started = time.perf_counter()
@@ -99,7 +92,7 @@ def run_one(path: Path, args: argparse.Namespace, work: Path) -> dict[str, objec
 
     run_dir = work / path.stem
     result = train(cfg, path, run_dir, resume=False)
-    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
     out["train"] = {"steps": result.step, "wall_s": round(result.wall_s, 1), "images_per_s": round(result.images_per_s, 1),
                     "loss_first_window": losses[0], "loss_last_window": losses[-1]}
     encoder, _, _ = load_encoder(run_dir)

@@ -5,7 +5,7 @@ the same epochs, global batch, image size, backbone, optimiser, head width and c
 settings (by default the data's recipe from bench/knn_quality.py: SimCLR's CIFAR values,
 Appendix B.9, on colour images; larger crops and no flip on small grey digits); each method keeps what is its own (MoCo's
 queue and key encoder, BYOL's predictor, target network and solarisation on one view). Then
-the encoder f is scored by `trainer.evaluate.evaluate_encoder` (kNN top-1, k = 200, T = 0.1,
+the encoder f is scored by bench/knn_quality.py's `probe` (kNN top-1, k = 200, T = 0.1,
 and a linear probe) beside raw pixels and a randomly initialised encoder of the same
 architecture (same seed as the runs' initial weights). "loss start" is the mean over the
 first log window, "end" over the last.
@@ -35,12 +35,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from service.contract.train_config import TrainConfig  # noqa: E402
-from trainer.checkpoint import load_encoder  # noqa: E402
-from trainer.data import load_split  # noqa: E402
+from trainer.checkpoint import load_encoder, read_metrics  # noqa: E402
 from trainer.engine import train  # noqa: E402
-from trainer.evaluate import evaluate_encoder, raw_pixel_baseline  # noqa: E402
+from trainer.evaluate import labeled_splits, raw_pixel_baseline  # noqa: E402
 from trainer.models import Encoder  # noqa: E402
-from knn_quality import recipe_for  # noqa: E402
+from knn_quality import probe, recipe_for  # noqa: E402
 
 METHODS = ("simclr", "moco_v2", "byol")
 LABELS = {"simclr": "SimCLR", "moco_v2": "MoCo v2", "byol": "BYOL"}
@@ -48,8 +47,7 @@ LABELS = {"simclr": "SimCLR", "moco_v2": "MoCo v2", "byol": "BYOL"}
 
 def _metrics(run_dir: Path) -> tuple[list[float], list[tuple[int, float]]]:
     """(loss of every log window, [(epoch, kNN top-1)] of the monitor's readings)."""
-    with open(run_dir / "metrics.jsonl") as f:
-        records = [json.loads(line) for line in f]
+    records = read_metrics(run_dir)
     losses = [r["loss"] for r in records if "loss" in r]
     return losses, [(r["epoch"], r["knn_top1"]) for r in records if r.get("event") == "knn"]
 
@@ -107,12 +105,11 @@ def main() -> None:
             setattr(args, flag, getattr(recipe, flag))
     torch.set_num_threads(args.threads)
 
-    x_train, y_train = load_split(args.data, "train", args.image_size)
-    x_test, y_test = load_split(args.data, "test", args.image_size)
-    rows = [("raw pixels (centred)", None, None, raw_pixel_baseline(x_train, y_train, x_test, y_test), None, None)]
+    splits = labeled_splits(args.data, args.image_size)  # x_train, y_train, x_test, y_test, decoded once
+    rows = [("raw pixels (centred)", None, None, raw_pixel_baseline(*splits), None, None)]
     torch.manual_seed(args.seed)  # the engine's initial weights come from the same seed
     random_enc = Encoder(args.backbone, args.small_stem)
-    rows.append(("random-init " + args.backbone, None, None, evaluate_encoder(random_enc, args.data, args.image_size),
+    rows.append(("random-init " + args.backbone, None, None, probe(random_enc, *splits),
                  None, None))  # fmt: skip
     for name, *_, scores, _, _ in rows:
         print(f"{name}: {scores}", flush=True)
@@ -121,7 +118,7 @@ def main() -> None:
             result = train(method_config(method, args), args.data, tmp, resume=False)
             losses, knn_curve = _metrics(Path(tmp))
             encoder, _, _ = load_encoder(tmp)
-            scores = evaluate_encoder(encoder, args.data, args.image_size)
+            scores = probe(encoder, *splits)
         rows.append((LABELS[method], losses[0], losses[-1], scores, result.step, result.wall_s))
         print(f"{method}: {result.step} steps, {result.wall_s:.0f} s, loss {losses[0]:.3f} -> {losses[-1]:.3f}, {scores}",
               flush=True)  # fmt: skip

@@ -37,6 +37,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl, in order (docs/architecture.md lists their kinds)."""
+    with open(Path(run_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
 def load_encoder(run_dir: str | Path) -> tuple[Encoder, TrainConfig, dict[str, Any]]:
     """The encoder f of a run's last checkpoint (eval mode), its resolved config, and facts about it.
 

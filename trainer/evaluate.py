@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.data import DatasetError, labeled_arrays, open_labeled
+from trainer.data import DatasetError, ImageDataset, labeled_arrays, open_labeled
 from trainer.models import PIXEL_MEAN, PIXEL_STD
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -183,13 +183,16 @@ def raw_pixel_baseline(
     return result
 
 
-def labeled_splits(data_path: str | Path, image_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(x_train, y_train, x_test, y_test) of a labeled dataset, test labels indexed as train's.
+Splits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x_train, y_train, x_test, y_test
 
-    `data_path`: an `.npz` with x_train/x_test/y_train/y_test, or a folder with train/ and
-    test/ each holding one subfolder per class. Raises DatasetError when it has no labels.
-    """
-    train, test = open_labeled(data_path, "train", image_size), open_labeled(data_path, "test", image_size)
+
+def open_labeled_splits(data_path: str | Path, image_size: int) -> tuple[ImageDataset, ImageDataset]:
+    """The train and test splits of a labeled dataset, opened (DatasetError when unlabeled)."""
+    return open_labeled(data_path, "train", image_size), open_labeled(data_path, "test", image_size)
+
+
+def split_arrays(train: ImageDataset, test: ImageDataset, data_path: str | Path) -> Splits:
+    """(x_train, y_train, x_test, y_test) of the opened splits of `data_path`, test labels indexed as train's."""
     (x_train, y_train), (x_test, y_test) = labeled_arrays(train), labeled_arrays(test)
     if train.classes != test.classes:
         # Folders: a class missing from one split shifts indices; align test labels by name.
@@ -198,6 +201,15 @@ def labeled_splits(data_path: str | Path, image_size: int) -> tuple[np.ndarray, 
             raise DatasetError("class_mismatch", f"{data_path}: test classes {unknown[:5]} are absent from train")
         y_test = np.array([train.classes.index(c) for c in test.classes], dtype=np.int64)[y_test]
     return x_train, y_train, x_test, y_test
+
+
+def labeled_splits(data_path: str | Path, image_size: int) -> Splits:
+    """(x_train, y_train, x_test, y_test) of a labeled dataset, test labels indexed as train's.
+
+    `data_path`: an `.npz` with x_train/x_test/y_train/y_test, or a folder with train/ and
+    test/ each holding one subfolder per class. Raises DatasetError when it has no labels.
+    """
+    return split_arrays(*open_labeled_splits(data_path, image_size), data_path)
 
 
 def evaluate_encoder(
@@ -226,22 +238,25 @@ class KnnMonitor:
     """kNN top-1 of h while a run trains: the labeled train split is the memory bank, the test
     split the queries (the monitor of InstDisc, solo-learn and lightly).
 
-    Construction checks that both splits exist and carry labels, so a run asked to monitor
-    unlabeled data fails before its first step; the images are decoded on the first call.
+    Construction opens both splits (an `.npz` is read then; a folder's files are only listed)
+    and checks their labels, so a run asked to monitor unlabeled data fails before its first
+    step; the opened splits are decoded to arrays once, on the first call.
     """
 
     def __init__(self, data_path: str | Path, image_size: int, k: int = 200, temperature: float = 0.1) -> None:
-        for split in ("train", "test"):
-            open_labeled(data_path, split, image_size)
         self.data_path, self.image_size, self.k, self.temperature = str(data_path), image_size, k, temperature
-        self._splits: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._opened: tuple[ImageDataset, ImageDataset] | None = open_labeled_splits(data_path, image_size)
+        self._splits: Splits | None = None
 
     def __getstate__(self) -> dict[str, object]:
-        return {**self.__dict__, "_splits": None}  # spawned ranks decode their own copy, if they need one
+        # Spawned ranks reopen the data themselves, and only rank 0 does: nothing large travels.
+        return {**self.__dict__, "_opened": None, "_splits": None}
 
     def __call__(self, encoder: nn.Module, device: str | torch.device | None = None) -> float:
         if self._splits is None:
-            self._splits = labeled_splits(self.data_path, self.image_size)
+            opened = self._opened or open_labeled_splits(self.data_path, self.image_size)
+            self._splits = split_arrays(*opened, self.data_path)
+            self._opened = None
         x_train, y_train, x_test, y_test = self._splits
         train_h, test_h = embed_images(encoder, x_train, device=device), embed_images(encoder, x_test, device=device)
         return knn_top1(train_h, y_train, test_h, y_test, self.k, self.temperature)
