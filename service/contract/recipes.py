@@ -14,8 +14,14 @@ Two kinds, told apart by the images themselves (`recipe_for_images`):
 
 Both run LARS at the same peak rate, 0.5 (base_lr x batch / 256: 2.0 x 64 / 256 and
 1.0 x 128 / 256; the paper's square-root rule for small batches, 0.075 x sqrt(batch), gives
-0.6 and 0.85), T = 0.2, colour strength 0.5 (the paper's CIFAR value; on grey images only
-brightness and contrast act), no blur (the paper's CIFAR setting).
+0.6 and 0.85), colour strength 0.5 (the paper's CIFAR value; on grey images only brightness
+and contrast act), no blur (the paper's CIFAR setting).
+
+`config(method=...)` gives the same recipe to MoCo v2 and BYOL with SHORT_RUN_SETTINGS on top:
+the papers' momentum rates are set for hundreds of thousands of steps, and a key or target
+network averages the last ~1 / (1 - m) steps, so at MoCo's m = 0.999 it would still be the
+random initial network after the few hundred steps of a CPU run (docs/benchmarks.md, "SimCLR
+vs MoCo v2 vs BYOL"). Each method keeps its own head widths (BYOL's 4096).
 """
 
 from __future__ import annotations
@@ -24,6 +30,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.contract.train_config import TrainConfig
+
+
+# What a run of a few hundred steps needs beyond the methods' long-run defaults: T = 0.2 for
+# the contrastive losses (the paper's CIFAR value), a MoCo queue of 1,024 keys (a multiple of
+# both recipes' batch sizes) behind a key encoder at m = 0.9, BYOL's target at tau_base = 0.99
+# (solo-learn's CIFAR value) rather than the paper's 0.996.
+SHORT_RUN_SETTINGS: dict[str, dict[str, float | int]] = {
+    "simclr": {"temperature": 0.2},
+    "moco_v2": {"temperature": 0.2, "queue_size": 1024, "moco_momentum": 0.9},
+    "byol": {"byol_tau_base": 0.99},
+}
 
 
 @dataclass(frozen=True)
@@ -39,17 +56,18 @@ class Recipe:
     base_lr: float
 
     def config(self, **overrides: Any) -> TrainConfig:
-        """A single-process SimCLR TrainConfig of this recipe; `overrides` (TrainConfig fields,
-        `augment` a dict merged into the recipe's) win."""
+        """A single-process TrainConfig of this recipe for `overrides["method"]` (SimCLR if not
+        given); `overrides` (TrainConfig fields, `augment` a dict merged into the recipe's) win."""
         augment = {"crop_min_scale": self.crop_min_scale, "hflip_prob": self.hflip_prob,
                    "grayscale_prob": self.grayscale_prob, "color_strength": 0.5, "blur": False,
                    **overrides.pop("augment", {})}  # fmt: skip
         epochs = int(overrides.get("epochs", self.epochs))
+        method = overrides.get("method", "simclr")
         fields: dict[str, Any] = {
-            "method": "simclr", "backbone": "resnet18", "small_stem": False, "image_size": self.image_size,
+            "method": method, "backbone": "resnet18", "small_stem": False, "image_size": self.image_size,
             "epochs": epochs, "batch_size": self.batch_size, "optimizer": "lars", "base_lr": self.base_lr,
-            "weight_decay": 1e-6, "warmup_epochs": min(1.0, epochs / 10), "temperature": 0.2, "num_workers": 0,
-            "log_every_steps": 5, "checkpoint_every_steps": 10_000,
+            "weight_decay": 1e-6, "warmup_epochs": min(1.0, epochs / 10), "num_workers": 0,
+            "log_every_steps": 5, "checkpoint_every_steps": 10_000, **SHORT_RUN_SETTINGS[method],
         }  # fmt: skip
         return TrainConfig(**{**fields, **overrides, "augment": augment})
 
