@@ -158,6 +158,22 @@ def linear_probe_top1(
     return float((probe.predict(test_feats) == yt).double().mean())
 
 
+def variance_spectrum(features: ArrayLike) -> tuple[float, float]:
+    """(share of the variance on the first principal direction, effective rank) of [N, D] features.
+
+    Effective rank is exp of the entropy of the covariance's normalised eigenvalues (Roy &
+    Vetterli 2007): D for isotropic features, 1 when one direction holds all the variance. A
+    first direction that takes most of the variance is the dimensional collapse that a falling
+    loss does not show, and that a cosine kNN suffers from most.
+    """
+    x = _as_tensor(features, torch.float64)
+    x = x - x.mean(dim=0)  # [N, D]
+    eigenvalues = torch.linalg.svdvals(x) ** 2  # [min(N, D)], descending: (N - 1) x the covariance's
+    share = eigenvalues / eigenvalues.sum()
+    share = share[share > 0]
+    return float(share[0]), float(torch.exp(-(share * share.log()).sum()))
+
+
 def raw_pixel_features(images: np.ndarray) -> np.ndarray:
     """uint8 [N, S, S, 3] -> float32 [N, S*S*3] in [0, 1]: the no-learning baseline's features."""
     return images.reshape(len(images), -1).astype(np.float32) / 255.0

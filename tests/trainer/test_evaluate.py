@@ -20,6 +20,7 @@ from trainer.evaluate import (
     linear_probe_top1,
     raw_pixel_baseline,
     raw_pixel_features,
+    variance_spectrum,
 )
 from trainer.models import PIXEL_MEAN, PIXEL_STD, Encoder
 
@@ -162,3 +163,43 @@ def test_evaluate_encoder_on_a_folder_split(tmp_path: Path) -> None:
     with pytest.raises(DatasetError) as err:
         evaluate_encoder(_tiny_encoder(), tmp_path / "train" / "dark", 16)
     assert err.value.code == "unlabeled_dataset"
+
+
+def _spectrum_by_loops(x: np.ndarray) -> tuple[float, float]:
+    """float64 reference: the covariance summed pair by pair, its eigenvalues, the entropy by a loop."""
+    n, d = x.shape
+    mean = [sum(x[i, j] for i in range(n)) / n for j in range(d)]
+    cov = np.zeros((d, d))
+    for i in range(n):
+        for a in range(d):
+            for b in range(d):
+                cov[a, b] += (x[i, a] - mean[a]) * (x[i, b] - mean[b]) / (n - 1)
+    eigenvalues = sorted(np.linalg.eigvalsh(cov), reverse=True)
+    total = sum(eigenvalues)
+    entropy = -sum(e / total * math.log(e / total) for e in eigenvalues if e / total > 1e-15)
+    return eigenvalues[0] / total, math.exp(entropy)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_variance_spectrum_matches_a_loop_on_random_features(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(40, 6)) * np.array([3.0, 2.0, 1.0, 0.5, 0.2, 0.1]) + rng.normal(size=6)
+    first, rank = variance_spectrum(x.astype(np.float32))
+    ref_first, ref_rank = _spectrum_by_loops(x.astype(np.float32).astype(np.float64))
+    assert first == pytest.approx(ref_first, rel=1e-9)
+    assert rank == pytest.approx(ref_rank, rel=1e-9)
+    assert 1.0 < rank < 6.0
+
+
+def test_variance_spectrum_of_real_embeddings_and_of_the_two_extremes(digits_path: Path) -> None:
+    x, _ = load_split(digits_path, "test", 16)
+    torch.manual_seed(0)
+    h = np.asarray(embed_images(Encoder("resnet18"), x[:60]))  # [60, 512], rank <= 59 after centring
+    first, rank = variance_spectrum(h)
+    ref_first, ref_rank = _spectrum_by_loops(h[:, :24].astype(np.float64))  # the loop is O(N D^2)
+    assert variance_spectrum(h[:, :24]) == pytest.approx((ref_first, ref_rank), rel=1e-6)
+    assert 0.0 < first < 1.0 and 1.0 < rank < 59.0
+    line = np.outer(np.arange(10.0), [1.0, -2.0, 0.5])  # every point on one direction
+    assert variance_spectrum(line) == pytest.approx((1.0, 1.0))
+    iso = np.concatenate([np.eye(4), -np.eye(4)])  # equal variance on 4 orthogonal directions
+    assert variance_spectrum(iso) == pytest.approx((0.25, 4.0))
