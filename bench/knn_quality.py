@@ -39,7 +39,8 @@ from service.contract.recipes import Recipe, recipe_for_images
 from service.contract.train_config import TrainConfig
 from trainer.checkpoint import load_encoder, read_metrics
 from trainer.engine import train
-from trainer.evaluate import embed_images, knn_top1, labeled_splits, linear_probe_top1, raw_pixel_baseline
+from trainer.evaluate import (
+    embed_images, knn_top1, labeled_splits, linear_probe_top1, raw_pixel_baseline, variance_spectrum)
 from trainer.models import Encoder
 
 SHARED = REPO.parent / "shared" / "data"
@@ -69,11 +70,15 @@ def quality_config(args: argparse.Namespace, recipe: Recipe) -> TrainConfig:
 
 def probe(encoder: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
           k: int = 200) -> dict[str, float]:
-    """kNN and linear-probe top-1 of the encoder's frozen, L2-normalised h on the test split."""
+    """kNN and linear-probe top-1 of the encoder's frozen, L2-normalised h on the test split, and
+    the shape of h on the train split (`variance_spectrum`)."""
     train_h, test_h = embed_images(encoder, x_train), embed_images(encoder, x_test)  # [N, D], [M, D]
+    first_share, effective_rank = variance_spectrum(train_h)
     return {
         "knn_top1": knn_top1(train_h, y_train, test_h, y_test, k=k),
         "linear_top1": linear_probe_top1(train_h, y_train, test_h, y_test),
+        "first_direction_share": round(first_share, 4),
+        "effective_rank": round(effective_rank, 1),
     }
 
 

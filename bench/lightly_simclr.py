@@ -16,6 +16,7 @@ raises ImportError.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,9 +51,10 @@ def lightly_transform(cfg: TrainConfig) -> SimCLRTransform:
 
 
 class TwoViewDataset(Dataset):
-    """uint8 [N, S, S, 3] images -> (view_a, view_b), each float [3, S, S], through `transform`."""
+    """uint8 [N, S, S, 3] images -> (view_a, view_b), each float [3, S, S], through `transform`
+    (lightly's SimCLRTransform or BYOLTransform: a PIL image -> its two views)."""
 
-    def __init__(self, images: np.ndarray, transform: SimCLRTransform) -> None:
+    def __init__(self, images: np.ndarray, transform: Callable[[Image.Image], list[torch.Tensor]]) -> None:
         self.images, self.transform = images, transform
 
     def __len__(self) -> int:
@@ -101,16 +103,25 @@ class LightlySimCLR:
 
 
 def train_lightly(cfg: TrainConfig, images: np.ndarray, warmup_steps: int) -> tuple[Encoder, dict[str, float]]:
-    """Pretrain on uint8 [N, S, S, 3] for cfg.epochs on the CPU (drop_last, shuffled per epoch).
+    """Pretrain lightly's `cfg.method` (SimCLR, or BYOL from bench/lightly_byol.py) on uint8
+    [N, S, S, 3] for cfg.epochs on the CPU (drop_last, shuffled per epoch).
 
     Returns the encoder and {steps, wall_s, images_per_s, loss_first_window, loss_last_window}
     with 5-step loss windows, as the engine logs them.
     """
-    loader = DataLoader(TwoViewDataset(images, lightly_transform(cfg)), batch_size=cfg.batch_size, shuffle=True,
+    if cfg.method == "byol":
+        from lightly_byol import LightlyBYOL, lightly_byol_transform
+
+        transform, build = lightly_byol_transform(cfg), LightlyBYOL.build
+    elif cfg.method == "simclr":
+        transform, build = lightly_transform(cfg), LightlySimCLR.build
+    else:
+        raise ValueError(f"no lightly counterpart here for {cfg.method!r}")
+    loader = DataLoader(TwoViewDataset(images, transform), batch_size=cfg.batch_size, shuffle=True,
                         drop_last=True, num_workers=cfg.num_workers,
                         generator=torch.Generator().manual_seed(cfg.seed))
     total_steps = len(loader) * cfg.epochs
-    run = LightlySimCLR.build(cfg, total_steps, warmup_steps, torch.device("cpu"))
+    run = build(cfg, total_steps, warmup_steps, torch.device("cpu"))
     run.train()
     losses: list[float] = []
     started = time.perf_counter()
