@@ -56,15 +56,17 @@ def recipe_for(path: Path) -> Recipe:
     return recipe_for_images(max(x.shape[1:3]), grayscale)
 
 
+def given_flags(args: argparse.Namespace, *flags: str) -> dict[str, object]:
+    """{flag: value} of the `flags` given on the command line (the others are None: the recipe's)."""
+    return {flag: getattr(args, flag) for flag in flags if getattr(args, flag) is not None}
+
+
 def quality_config(args: argparse.Namespace, recipe: Recipe) -> TrainConfig:
     """A CPU-sized SimCLR run: `recipe`, overridden by any flag given."""
-    def given(*flags: str) -> dict[str, object]:
-        return {flag: getattr(args, flag) for flag in flags if getattr(args, flag) is not None}
-
     return recipe.config(
         small_stem=args.small_stem, optimizer=args.optimizer, weight_decay=args.weight_decay,
-        temperature=args.temperature, seed=args.seed, **given("image_size", "epochs", "batch_size", "base_lr"),
-        augment={"color_strength": args.color_strength, **given("crop_min_scale", "hflip_prob", "grayscale_prob")},
+        temperature=args.temperature, seed=args.seed, **given_flags(args, "image_size", "epochs", "batch_size", "base_lr"),
+        augment={"color_strength": args.color_strength, **given_flags(args, "crop_min_scale", "hflip_prob", "grayscale_prob")},
     ).resolved()  # fmt: skip
 
 
@@ -107,8 +109,7 @@ def run_one(path: Path, args: argparse.Namespace, work: Path) -> dict[str, objec
     if args.against_lightly:
         from lightly_simclr import train_lightly  # needs the bench extra
 
-        warmup_steps = round(cfg.warmup_epochs * (len(x_train) // cfg.batch_size))
-        lightly_encoder, out["lightly_train"] = train_lightly(cfg, x_train, warmup_steps)
+        lightly_encoder, out["lightly_train"] = train_lightly(cfg, x_train)
         out["lightly"] = probe(lightly_encoder, x_train, y_train, x_test, y_test, args.k)
     return out
 

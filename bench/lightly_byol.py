@@ -38,13 +38,12 @@ def lightly_byol_transform(cfg: TrainConfig) -> BYOLTransform:
                   cj_hue=0.2 * aug.color_strength)  # ours: (0.8s, 0.8s, 0.8s, 0.2s)  # fmt: skip
     shared = dict(input_size=cfg.image_size, min_scale=aug.crop_min_scale, random_gray_scale=aug.grayscale_prob,
                   sigmas=(aug.blur_sigma_min, aug.blur_sigma_max), hf_prob=aug.hflip_prob, **jitter)  # fmt: skip
-    view_b_blur = aug.blur_prob if aug.view_b_blur_prob is None else aug.view_b_blur_prob
-    view_b_solarize = aug.solarize_prob if aug.view_b_solarize_prob is None else aug.view_b_solarize_prob
+    view_b = aug.view_b()
     return BYOLTransform(
         view_1_transform=BYOLView1Transform(gaussian_blur=aug.blur_prob if aug.blur else 0.0,
                                             solarization_prob=aug.solarize_prob, **shared),
-        view_2_transform=BYOLView2Transform(gaussian_blur=view_b_blur if aug.blur else 0.0,
-                                            solarization_prob=view_b_solarize, **shared),
+        view_2_transform=BYOLView2Transform(gaussian_blur=view_b.blur_prob if aug.blur else 0.0,
+                                            solarization_prob=view_b.solarize_prob, **shared),
     )  # fmt: skip
 
 

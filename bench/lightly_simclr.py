@@ -102,9 +102,10 @@ class LightlySimCLR:
         return loss.detach()
 
 
-def train_lightly(cfg: TrainConfig, images: np.ndarray, warmup_steps: int) -> tuple[Encoder, dict[str, float]]:
+def train_lightly(cfg: TrainConfig, images: np.ndarray) -> tuple[Encoder, dict[str, float]]:
     """Pretrain lightly's `cfg.method` (SimCLR, or BYOL from bench/lightly_byol.py) on uint8
-    [N, S, S, 3] for cfg.epochs on the CPU (drop_last, shuffled per epoch).
+    [N, S, S, 3] for cfg.epochs on the CPU (drop_last, shuffled per epoch), warming up for
+    cfg.warmup_epochs as the engine does.
 
     Returns the encoder and {steps, wall_s, images_per_s, loss_first_window, loss_last_window}
     with 5-step loss windows, as the engine logs them.
@@ -121,7 +122,7 @@ def train_lightly(cfg: TrainConfig, images: np.ndarray, warmup_steps: int) -> tu
                         drop_last=True, num_workers=cfg.num_workers,
                         generator=torch.Generator().manual_seed(cfg.seed))
     total_steps = len(loader) * cfg.epochs
-    run = build(cfg, total_steps, warmup_steps, torch.device("cpu"))
+    run = build(cfg, total_steps, round(cfg.warmup_epochs * len(loader)), torch.device("cpu"))
     run.train()
     losses: list[float] = []
     started = time.perf_counter()

@@ -37,7 +37,7 @@ from trainer.checkpoint import load_encoder, read_metrics  # noqa: E402
 from trainer.engine import train  # noqa: E402
 from trainer.evaluate import labeled_splits, raw_pixel_baseline  # noqa: E402
 from trainer.models import Encoder  # noqa: E402
-from knn_quality import probe, recipe_for  # noqa: E402
+from knn_quality import given_flags, probe, recipe_for  # noqa: E402
 
 METHODS = ("simclr", "moco_v2", "byol")
 LABELS = {"simclr": "SimCLR", "moco_v2": "MoCo v2", "byol": "BYOL"}
@@ -53,9 +53,6 @@ def _metrics(run_dir: Path) -> tuple[list[float], list[tuple[int, float]]]:
 
 def method_config(method: str, recipe: Recipe, args: argparse.Namespace) -> TrainConfig:
     """The data's recipe for `method` (its SHORT_RUN_SETTINGS included), overridden by any flag given."""
-    def given(*flags: str) -> dict[str, object]:
-        return {flag: getattr(args, flag) for flag in flags if getattr(args, flag) is not None}
-
     own = {"simclr": ("temperature",), "moco_v2": ("temperature", "queue_size", "moco_momentum"),
            "byol": ("byol_tau_base",)}[method]  # fmt: skip
     heads = {} if args.head_dim is None else {"proj_hidden_dim": args.head_dim}
@@ -64,8 +61,8 @@ def method_config(method: str, recipe: Recipe, args: argparse.Namespace) -> Trai
     return recipe.config(
         method=method, backbone=args.backbone, small_stem=args.small_stem, optimizer=args.optimizer, seed=args.seed,
         max_steps=args.max_steps, knn_every_epochs=args.knn_every_epochs, **heads,
-        **given("image_size", "epochs", "batch_size", "base_lr", "weight_decay", *own),
-        augment=given("crop_min_scale", "hflip_prob", "color_strength"),
+        **given_flags(args, "image_size", "epochs", "batch_size", "base_lr", "weight_decay", *own),
+        augment=given_flags(args, "crop_min_scale", "hflip_prob", "color_strength"),
     )  # fmt: skip
 
 
@@ -126,9 +123,7 @@ def main() -> None:
         if args.against_lightly and method in LIGHTLY_METHODS:
             from lightly_simclr import train_lightly  # needs the bench extra
 
-            cfg = configs[method].resolved()
-            warmup_steps = round(cfg.warmup_epochs * (len(splits[0]) // cfg.batch_size))
-            encoder, stats = train_lightly(cfg, splits[0], warmup_steps)
+            encoder, stats = train_lightly(configs[method].resolved(), splits[0])
             scores = probe(encoder, *splits)
             # lightly's BYOL loss is -cos, ours 2 - 2 cos: shown on our scale, so the columns compare.
             scale = (lambda v: 2 + 2 * v) if method == "byol" else (lambda v: v)  # noqa: E731

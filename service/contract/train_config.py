@@ -77,6 +77,12 @@ class AugmentConfig(_Strict):
         "auto", description="where the batched augmentation runs; auto = the training device"
     )
 
+    def view_b(self) -> AugmentConfig:
+        """The second view's augmentation (BYOL's asymmetric pair): each `view_b_*` field that is
+        set replaces its view-a field (VIEW_B_FIELDS)."""
+        set_b = {b: getattr(self, b) for b in VIEW_B_FIELDS if getattr(self, b) is not None}
+        return self.model_copy(update={VIEW_B_FIELDS[b]: value for b, value in set_b.items()})
+
     @model_validator(mode="after")
     def _ranges(self) -> AugmentConfig:
         if self.crop_min_scale > self.crop_max_scale:

@@ -36,12 +36,7 @@ class BYOL(Method):
         self.target_projector = momentum_copy(self.projector)
 
     def views_augment(self) -> tuple[AugmentConfig, AugmentConfig]:
-        aug = self.cfg.augment
-        view_b = {
-            "blur_prob": aug.blur_prob if aug.view_b_blur_prob is None else aug.view_b_blur_prob,
-            "solarize_prob": aug.solarize_prob if aug.view_b_solarize_prob is None else aug.view_b_solarize_prob,
-        }
-        return aug, aug.model_copy(update=view_b)
+        return self.cfg.augment, self.cfg.augment.view_b()
 
     def training_step(self, x_a: torch.Tensor, x_b: torch.Tensor) -> torch.Tensor:
         x = torch.cat([x_a, x_b])  # [2N, 3, S, S]: one batch, BN statistics over both views
