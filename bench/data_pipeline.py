@@ -36,8 +36,14 @@ def decode_rate(folder: Path, image_size: int, limit: int, workers: int) -> dict
     started = time.perf_counter()
     n = sum(len(images) for images, _ in loader)
     decode_s = time.perf_counter() - started
-    return {"files": len(data), "open_s": round(opened, 2), "open_files_per_s": round(len(data) / opened),
-            "decoded": n, "decode_images_per_s": round(n / decode_s), "loader_workers": workers}
+    return {
+        "files": len(data),
+        "open_s": round(opened, 2),
+        "open_files_per_s": round(len(data) / opened),
+        "decoded": n,
+        "decode_images_per_s": round(n / decode_s),
+        "loader_workers": workers,
+    }
 
 
 def augment_rate(device: str, image_size: int, batch: int, blur: bool, repeats: int) -> float:

@@ -62,8 +62,13 @@ def publish_model(root: Path, backbone: str, size: int, images: np.ndarray) -> s
     encoder = Encoder(backbone, small_stem=size <= 64).eval()
     model_id = f"bench-{backbone}-{size}"
     card = ModelCard(
-        model_id=model_id, method="simclr", backbone=backbone, input_size=size, embedding_dim=encoder.feature_dim,
-        resize_policy=ResizePolicy(size).to_json(), created_at="2024-01-01T00:00:00Z",
+        model_id=model_id,
+        method="simclr",
+        backbone=backbone,
+        input_size=size,
+        embedding_dim=encoder.feature_dim,
+        resize_policy=ResizePolicy(size).to_json(),
+        created_at="2024-01-01T00:00:00Z",
     )
     onnx_path = root / "model.onnx"
     export_encoder(encoder, onnx_path, card=card, parity_images=images[:8])
@@ -91,8 +96,9 @@ def raw_ort(session: ort.InferenceSession, images: np.ndarray, batch: int, secon
     return done / elapsed
 
 
-async def http_throughput(url: str, bodies: list[tuple[bytes, str]], per_request: int, clients: int,
-                          seconds: float) -> tuple[float, int]:
+async def http_throughput(
+    url: str, bodies: list[tuple[bytes, str]], per_request: int, clients: int, seconds: float
+) -> tuple[float, int]:
     """Images per second over `clients` concurrent connections; every answer checked."""
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
@@ -123,12 +129,14 @@ def multipart_bodies(images: np.ndarray, per_request: int) -> list[tuple[bytes, 
     boundary = "benchboundary7f3a"
     for start in range(0, len(images) - per_request + 1, per_request):
         parts = []
-        for j, arr in enumerate(images[start:start + per_request]):
+        for j, arr in enumerate(images[start : start + per_request]):
             buf = io.BytesIO()
             Image.fromarray(arr).save(buf, format="PNG")
             parts.append(
                 f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{j}.png"\r\n'
-                f"Content-Type: image/png\r\n\r\n".encode() + buf.getvalue() + b"\r\n"
+                f"Content-Type: image/png\r\n\r\n".encode()
+                + buf.getvalue()
+                + b"\r\n"
             )
         bodies.append((b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"))
     return bodies
@@ -157,10 +165,12 @@ def main() -> int:
         raw = {int(b): raw_ort(session, images, int(b), args.seconds / 2) for b in args.batch_sizes.split(",")}
         best_b = max(raw, key=raw.__getitem__)
 
-        env = {"SIMCLR_EMBED_ORT_INTRA_OP_THREADS": str(args.threads),
-               "SIMCLR_EMBED_BATCH_MAX_SIZE": str(args.batch_max_size),
-               "SIMCLR_EMBED_BATCH_MAX_WAIT_MS": str(args.batch_max_wait_ms),
-               "SIMCLR_EMBED_MAX_IMAGES_PER_REQUEST": str(max(64, args.per_request))}
+        env = {
+            "SIMCLR_EMBED_ORT_INTRA_OP_THREADS": str(args.threads),
+            "SIMCLR_EMBED_BATCH_MAX_SIZE": str(args.batch_max_size),
+            "SIMCLR_EMBED_BATCH_MAX_WAIT_MS": str(args.batch_max_wait_ms),
+            "SIMCLR_EMBED_MAX_IMAGES_PER_REQUEST": str(max(64, args.per_request)),
+        }
         with live_server(root, **env) as server:  # answers once its lifespan has loaded the model
             bodies = multipart_bodies(images, args.per_request)
             rounds = []  # (raw ORT at best_b, /embed) images/s
@@ -173,16 +183,22 @@ def main() -> int:
             metrics = httpx.get(server.url + "/metrics").text
 
     sums = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("simclr_embed_batch_size_sum")]
-    counts = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("simclr_embed_batch_size_count")]
+    counts = [
+        float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("simclr_embed_batch_size_count")
+    ]
     mean_batch = sum(sums) / max(sum(counts), 1)
-    print(f"model {model_id} ({args.backbone}, {args.size}x{args.size}), {os.cpu_count()} CPUs, "
-          f"ORT {ort.__version__} {default_providers()[0]}, threads={args.threads or 'default'}")
+    print(
+        f"model {model_id} ({args.backbone}, {args.size}x{args.size}), {os.cpu_count()} CPUs, "
+        f"ORT {ort.__version__} {default_providers()[0]}, threads={args.threads or 'default'}"
+    )
     print("\nBatch-size scan of raw ONNX Runtime (half-length windows):\n")
     print("| batch | images/s |\n|---:|---:|")
     for b, v in raw.items():
         print(f"| {b} | {v:.0f} |")
-    print(f"\nAlternating rounds, {args.seconds:.0f} s each; /embed: {args.clients} clients x {args.per_request} "
-          f"images/request, mean server batch {mean_batch:.1f}:\n")
+    print(
+        f"\nAlternating rounds, {args.seconds:.0f} s each; /embed: {args.clients} clients x {args.per_request} "
+        f"images/request, mean server batch {mean_batch:.1f}:\n"
+    )
     print(f"| round | raw ORT batch {best_b} images/s | POST /embed images/s | /embed / raw |\n|---:|---:|---:|---:|")
     ratios = []
     for i, (reference, served) in enumerate(rounds, 1):

@@ -55,15 +55,35 @@ def main() -> int:
             with live_server(data_dir, **env) as server:
                 url, proc = server.url, server.proc
                 files = [("files", (f"{i}.png", p, "image/png")) for i, p in enumerate(noise_images(args.items, 3))]
-                httpx.post(url + "/items", files=files, data={"ids": [f"seed-{i}" for i in range(args.items)]},
-                           timeout=120).raise_for_status()
-                cli_env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.hardening.fuzz_formats",
-                           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-                cmd = [shutil.which("schemathesis", path=str(Path(sys.executable).parent)) or "schemathesis", "run",
-                       f"{url}/openapi.json", "--checks", "all", "--exclude-checks", ",".join(EXCLUDED),
-                       "--max-examples", str(args.max_examples), "--max-time", str(args.max_time),
-                       "--request-timeout", "30", "--max-response-time", "10", "--suppress-health-check", "all",
-                       "--no-color", *args.extra]
+                httpx.post(
+                    url + "/items", files=files, data={"ids": [f"seed-{i}" for i in range(args.items)]}, timeout=120
+                ).raise_for_status()
+                cli_env = {
+                    **os.environ,
+                    "SCHEMATHESIS_HOOKS": "tests.hardening.fuzz_formats",
+                    "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+                }
+                cmd = [
+                    shutil.which("schemathesis", path=str(Path(sys.executable).parent)) or "schemathesis",
+                    "run",
+                    f"{url}/openapi.json",
+                    "--checks",
+                    "all",
+                    "--exclude-checks",
+                    ",".join(EXCLUDED),
+                    "--max-examples",
+                    str(args.max_examples),
+                    "--max-time",
+                    str(args.max_time),
+                    "--request-timeout",
+                    "30",
+                    "--max-response-time",
+                    "10",
+                    "--suppress-health-check",
+                    "all",
+                    "--no-color",
+                    *args.extra,
+                ]
                 print("$", " ".join(cmd), flush=True)
                 code = subprocess.call(cmd, cwd=REPO, env=cli_env)
                 alive = proc.poll() is None and httpx.get(url + "/healthz", timeout=5).status_code == 200

@@ -40,7 +40,13 @@ from service.contract.train_config import TrainConfig
 from trainer.checkpoint import load_encoder, read_metrics
 from trainer.engine import train
 from trainer.evaluate import (
-    embed_images, knn_top1, labeled_splits, linear_probe_top1, raw_pixel_baseline, variance_spectrum)
+    embed_images,
+    knn_top1,
+    labeled_splits,
+    linear_probe_top1,
+    raw_pixel_baseline,
+    variance_spectrum,
+)
 from trainer.models import Encoder
 
 SHARED = REPO.parent / "shared" / "data"
@@ -70,8 +76,9 @@ def quality_config(args: argparse.Namespace, recipe: Recipe) -> TrainConfig:
     ).resolved()  # fmt: skip
 
 
-def probe(encoder: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-          k: int = 200) -> dict[str, float]:
+def probe(
+    encoder: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, k: int = 200
+) -> dict[str, float]:
     """kNN and linear-probe top-1 of the encoder's frozen, L2-normalised h on the test split, and
     the shape of h on the train split (`variance_spectrum`)."""
     train_h, test_h = embed_images(encoder, x_train), embed_images(encoder, x_test)  # [N, D], [M, D]
@@ -87,11 +94,20 @@ def probe(encoder: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_test: 
 def run_one(path: Path, args: argparse.Namespace, work: Path) -> dict[str, object]:
     cfg = quality_config(args, recipe_for(path))
     x_train, y_train, x_test, y_test = labeled_splits(path, cfg.image_size)  # uint8 [N, S, S, 3], int64 [N]
-    out: dict[str, object] = {"data": str(path), "n_train": len(x_train), "n_test": len(x_test), "config": cfg.model_dump(mode="json")}
+    out: dict[str, object] = {
+        "data": str(path),
+        "n_train": len(x_train),
+        "n_test": len(x_test),
+        "config": cfg.model_dump(mode="json"),
+    }
 
     started = time.perf_counter()
     out["raw_pixels"] = raw_pixel_baseline(x_train, y_train, x_test, y_test, k=args.k)
-    print(f"{path.name}: raw pixels {out['raw_pixels']} ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+    print(
+        f"{path.name}: raw pixels {out['raw_pixels']} ({time.perf_counter() - started:.0f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
     torch.manual_seed(args.seed)
     random_encoder = Encoder(cfg.backbone, bool(cfg.small_stem))
     out["random_init"] = probe(random_encoder, x_train, y_train, x_test, y_test, args.k)
@@ -100,8 +116,13 @@ def run_one(path: Path, args: argparse.Namespace, work: Path) -> dict[str, objec
     run_dir = work / path.stem
     result = train(cfg, path, run_dir, resume=False)
     losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
-    out["train"] = {"steps": result.step, "wall_s": round(result.wall_s, 1), "images_per_s": round(result.images_per_s, 1),
-                    "loss_first_window": losses[0], "loss_last_window": losses[-1]}
+    out["train"] = {
+        "steps": result.step,
+        "wall_s": round(result.wall_s, 1),
+        "images_per_s": round(result.images_per_s, 1),
+        "loss_first_window": losses[0],
+        "loss_last_window": losses[-1],
+    }
     encoder, _, _ = load_encoder(run_dir)
     out["simclr"] = probe(encoder, x_train, y_train, x_test, y_test, args.k)
     print(f"{path.name}: ours {out['train']} {out['simclr']}", file=sys.stderr, flush=True)
@@ -114,8 +135,12 @@ def run_one(path: Path, args: argparse.Namespace, work: Path) -> dict[str, objec
     return out
 
 
-FEATURES = (("raw_pixels", "raw pixels"), ("random_init", "random-init ResNet-18"), ("simclr", "SimCLR ResNet-18"),
-            ("lightly", "lightly SimCLR ResNet-18"))
+FEATURES = (
+    ("raw_pixels", "raw pixels"),
+    ("random_init", "random-init ResNet-18"),
+    ("simclr", "SimCLR ResNet-18"),
+    ("lightly", "lightly SimCLR ResNet-18"),
+)
 
 
 def table(results: list[dict[str, object]]) -> str:
@@ -127,15 +152,20 @@ def table(results: list[dict[str, object]]) -> str:
             if key in r:
                 m = r[key]
                 rows.append(f"| {name} | {label} | {100 * m['knn_top1']:.1f}% | {100 * m['linear_top1']:.1f}% |")
-    rows += ["", "| data | training | steps | train s | images/s | loss first -> last window |",
-             "|---|---|---:|---:|---:|---|"]
+    rows += [
+        "",
+        "| data | training | steps | train s | images/s | loss first -> last window |",
+        "|---|---|---:|---:|---:|---|",
+    ]
     for r in results:
         name = Path(str(r["data"])).name
         for key, label in (("train", "trainer.engine"), ("lightly_train", "lightly")):
             if key in r:
                 t = r[key]
-                rows.append(f"| {name} | {label} | {t['steps']} | {t['wall_s']:.0f} | {t['images_per_s']:.1f} | "
-                            f"{t['loss_first_window']:.3f} -> {t['loss_last_window']:.3f} |")
+                rows.append(
+                    f"| {name} | {label} | {t['steps']} | {t['wall_s']:.0f} | {t['images_per_s']:.1f} | "
+                    f"{t['loss_first_window']:.3f} -> {t['loss_last_window']:.3f} |"
+                )
     return "\n".join(rows)
 
 
@@ -144,8 +174,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, nargs="+", default=[p for p in DEFAULT_DATA if p.is_file()])
     recipe = "default: from the data (see recipe_for)"
     parser.add_argument("--image-size", type=int, default=None, help=recipe)
-    parser.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=False,
-                        help="3x3 stride-1 stem (16x the compute of the standard stem at 32 px)")
+    parser.add_argument(
+        "--small-stem",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="3x3 stride-1 stem (16x the compute of the standard stem at 32 px)",
+    )
     parser.add_argument("--epochs", type=int, default=None, help=recipe)
     parser.add_argument("--batch-size", type=int, default=None, help=recipe)
     parser.add_argument("--optimizer", default="lars", choices=["lars", "sgd", "adamw"])
@@ -159,8 +193,11 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--against-lightly", action="store_true",
-                        help="also pretrain lightly's SimCLR at the same settings (bench/lightly_simclr.py) and score it")
+    parser.add_argument(
+        "--against-lightly",
+        action="store_true",
+        help="also pretrain lightly's SimCLR at the same settings (bench/lightly_simclr.py) and score it",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

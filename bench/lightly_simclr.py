@@ -81,8 +81,9 @@ class LightlySimCLR:
         encoder = Encoder(cfg.backbone, bool(cfg.small_stem)).to(device)
         dim = encoder.feature_dim
         head = SimCLRProjectionHead(dim, cfg.proj_hidden_dim or dim, int(cfg.proj_out_dim)).to(device)
-        optimizer = LARS(param_groups(nn.ModuleList([encoder, head]), cfg.weight_decay), lr=cfg.learning_rate,
-                         momentum=cfg.momentum)
+        optimizer = LARS(
+            param_groups(nn.ModuleList([encoder, head]), cfg.weight_decay), lr=cfg.learning_rate, momentum=cfg.momentum
+        )
         scheduler = CosineWarmupScheduler(optimizer, warmup_epochs=warmup_steps, max_epochs=total_steps)
         return cls(encoder, head, NTXentLoss(temperature=float(cfg.temperature)), optimizer, scheduler)
 
@@ -118,9 +119,14 @@ def train_lightly(cfg: TrainConfig, images: np.ndarray) -> tuple[Encoder, dict[s
         transform, build = lightly_transform(cfg), LightlySimCLR.build
     else:
         raise ValueError(f"no lightly counterpart here for {cfg.method!r}")
-    loader = DataLoader(TwoViewDataset(images, transform), batch_size=cfg.batch_size, shuffle=True,
-                        drop_last=True, num_workers=cfg.num_workers,
-                        generator=torch.Generator().manual_seed(cfg.seed))
+    loader = DataLoader(
+        TwoViewDataset(images, transform),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=cfg.num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
     total_steps = len(loader) * cfg.epochs
     run = build(cfg, total_steps, round(cfg.warmup_epochs * len(loader)), torch.device("cpu"))
     run.train()
@@ -131,6 +137,9 @@ def train_lightly(cfg: TrainConfig, images: np.ndarray) -> tuple[Encoder, dict[s
             losses.append(float(run.step(view_a, view_b)))
     wall = time.perf_counter() - started
     return run.encoder, {
-        "steps": len(losses), "wall_s": round(wall, 1), "images_per_s": round(len(losses) * cfg.batch_size / wall, 1),
-        "loss_first_window": float(np.mean(losses[:5])), "loss_last_window": float(np.mean(losses[-5:])),
+        "steps": len(losses),
+        "wall_s": round(wall, 1),
+        "images_per_s": round(len(losses) * cfg.batch_size / wall, 1),
+        "loss_first_window": float(np.mean(losses[:5])),
+        "loss_last_window": float(np.mean(losses[-5:])),
     }

@@ -56,8 +56,13 @@ def build_data_dir(root: Path) -> Path:
     torch.set_num_threads(1)
     data = root / "data"
     card = ModelCard(
-        model_id=MODEL_ID, method="simclr", backbone="tiny-cnn", input_size=SIZE, embedding_dim=DIM,
-        resize_policy=ResizePolicy(SIZE).to_json(), created_at="2024-01-01T00:00:00Z",
+        model_id=MODEL_ID,
+        method="simclr",
+        backbone="tiny-cnn",
+        input_size=SIZE,
+        embedding_dim=DIM,
+        resize_policy=ResizePolicy(SIZE).to_json(),
+        created_at="2024-01-01T00:00:00Z",
     )
     onnx_path = root / "tiny.onnx"
     parity = np.random.default_rng(0).integers(0, 256, (8, SIZE, SIZE, 3), dtype=np.uint8)
@@ -99,8 +104,10 @@ async def run_load(url: str, pid: int, args: argparse.Namespace, queries: list[b
                     r = await http.post("/search", files={"file": ("q.png", image, "image/png")}, data={"k": "5"})
                 ok = r.status_code == 200 and (route == "embed" or len(r.json()["results"]) == 5)
             except httpx.HTTPError as exc:
-                errors.append(f"{route}: {type(exc).__name__} after {time.perf_counter() - t0:.3f} s "
-                              f"at t={time.monotonic() - start:.0f} s: {exc}")
+                errors.append(
+                    f"{route}: {type(exc).__name__} after {time.perf_counter() - t0:.3f} s "
+                    f"at t={time.monotonic() - start:.0f} s: {exc}"
+                )
                 continue
             latencies[route].append(time.perf_counter() - t0)
             if not ok:
@@ -114,8 +121,9 @@ async def run_load(url: str, pid: int, args: argparse.Namespace, queries: list[b
     # Idle connections expire on the client before uvicorn's 5 s keep-alive timeout closes them,
     # so a request is never written onto a connection the server is closing (the HTTP/1.1
     # keep-alive race, which shows up as ReadError on a loaded machine).
-    limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients,
-                          keepalive_expiry=args.keepalive_s)
+    limits = httpx.Limits(
+        max_connections=args.clients, max_keepalive_connections=args.clients, keepalive_expiry=args.keepalive_s
+    )
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
         sampler = asyncio.create_task(sample_rss())
         await asyncio.gather(*(client(n, http) for n in range(args.clients)))
@@ -128,11 +136,19 @@ async def run_load(url: str, pid: int, args: argparse.Namespace, queries: list[b
         return float(np.percentile(np.asarray(values) * 1000, q)) if values else float("nan")
 
     return {
-        "clients": args.clients, "seconds": round(elapsed, 1), "requests": done, "rps": round(done / elapsed, 1),
-        **{f"{route}_{name}_ms": round(pct(v, q), 1) for route, v in latencies.items()
-           for name, q in (("p50", 50), ("p99", 99))},
-        "errors": len(errors), "first_errors": errors[:5],
-        "rss_start_mb": round(rss[0][1], 1), "rss_end_mb": round(rss[-1][1], 1),
+        "clients": args.clients,
+        "seconds": round(elapsed, 1),
+        "requests": done,
+        "rps": round(done / elapsed, 1),
+        **{
+            f"{route}_{name}_ms": round(pct(v, q), 1)
+            for route, v in latencies.items()
+            for name, q in (("p50", 50), ("p99", 99))
+        },
+        "errors": len(errors),
+        "first_errors": errors[:5],
+        "rss_start_mb": round(rss[0][1], 1),
+        "rss_end_mb": round(rss[-1][1], 1),
         "rss_samples": [(round(t), round(m, 1)) for t, m in rss],
     }
 
@@ -158,9 +174,12 @@ def main() -> int:
             with httpx.Client(base_url=url, timeout=60) as http:
                 pics = noise_images(args.items, seed=1)
                 for start in range(0, args.items, 50):
-                    part = pics[start:start + 50]
-                    r = http.post("/items", files=[("files", (f"{i}.png", p, "image/png")) for i, p in enumerate(part)],
-                                  data={"ids": [f"item-{start + i}" for i in range(len(part))]})
+                    part = pics[start : start + 50]
+                    r = http.post(
+                        "/items",
+                        files=[("files", (f"{i}.png", p, "image/png")) for i, p in enumerate(part)],
+                        data={"ids": [f"item-{start + i}" for i in range(len(part))]},
+                    )
                     r.raise_for_status()
             queries = noise_images(64, seed=2)
             warm = argparse.Namespace(**{**vars(args), "seconds": args.warmup_s})

@@ -86,15 +86,22 @@ def main() -> None:
     p.add_argument("--queue-size", type=int, default=None, help="MoCo's K; " + from_recipe)
     p.add_argument("--moco-momentum", type=float, default=None, help="MoCo's m; " + from_recipe)
     p.add_argument("--byol-tau-base", type=float, default=None, help="BYOL's tau_base; " + from_recipe)
-    p.add_argument("--head-dim", type=int, default=None,
-                   help="hidden width of every projector and predictor (default: each method's own)")
+    p.add_argument(
+        "--head-dim",
+        type=int,
+        default=None,
+        help="hidden width of every projector and predictor (default: each method's own)",
+    )
     p.add_argument("--knn-every-epochs", type=int, default=0, help="also print each method's kNN top-1 every N epochs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--against-lightly", action="store_true",
-                   help="also pretrain lightly's SimCLR and BYOL at the same settings (bench/lightly_simclr.py, "
-                        "bench/lightly_byol.py; the bench extra) and score them")
+    p.add_argument(
+        "--against-lightly",
+        action="store_true",
+        help="also pretrain lightly's SimCLR and BYOL at the same settings (bench/lightly_simclr.py, "
+        "bench/lightly_byol.py; the bench extra) and score them",
+    )
     args = p.parse_args()
     recipe = recipe_for(Path(args.data))
     configs = {method: method_config(method, recipe, args) for method in args.methods}
@@ -119,7 +126,9 @@ def main() -> None:
         print(f"{method}: {result.step} steps, {result.wall_s:.0f} s, loss {losses[0]:.3f} -> {losses[-1]:.3f}, {scores}",
               flush=True)  # fmt: skip
         if knn_curve:
-            print(f"{method}: kNN top-1 by epoch " + ", ".join(f"{e}: {100 * v:.1f}%" for e, v in knn_curve), flush=True)
+            print(
+                f"{method}: kNN top-1 by epoch " + ", ".join(f"{e}: {100 * v:.1f}%" for e, v in knn_curve), flush=True
+            )
         if args.against_lightly and method in LIGHTLY_METHODS:
             from lightly_simclr import train_lightly  # needs the bench extra
 
@@ -135,8 +144,10 @@ def main() -> None:
     for method, cfg in configs.items():
         print(f"{method}: {cfg.resolved().model_dump_json(exclude_defaults=True)}")
     print()
-    print("| features | loss start | loss end | kNN top-1 | linear top-1 | first direction | effective rank | steps "
-          "| train s |")
+    print(
+        "| features | loss start | loss end | kNN top-1 | linear top-1 | first direction | effective rank | steps "
+        "| train s |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, start, end, s, steps, wall in rows:
         fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731

@@ -82,7 +82,7 @@ def run(n: int, d: int, nq: int, factories: list[str], nprobes: list[int], seed:
         index.add(ids, base)
         build = time.perf_counter() - t
         ivf = faiss.try_extract_index_ivf(index._index)
-        for nprobe in (nprobes if ivf is not None else [None]):
+        for nprobe in nprobes if ivf is not None else [None]:
             if ivf is not None:
                 ivf.nprobe = nprobe
             lat = timed_single(lambda q: index.search(q, K), queries)
@@ -107,13 +107,19 @@ def main() -> None:
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
     for n in args.sizes:
-        rows = run(n, args.dim, args.queries, args.factories.split(";"), [int(x) for x in args.nprobe.split(",")], args.seed)
-        print(f"\n### {n:,} vectors, d={args.dim}, {args.queries} queries, k={K}, {faiss.omp_get_max_threads()} threads\n")
+        rows = run(
+            n, args.dim, args.queries, args.factories.split(";"), [int(x) for x in args.nprobe.split(",")], args.seed
+        )
+        print(
+            f"\n### {n:,} vectors, d={args.dim}, {args.queries} queries, k={K}, {faiss.omp_get_max_threads()} threads\n"
+        )
         print("| index | build s | p50 ms/query | p99 ms/query | batch ms/query | recall@10 vs exact |")
         print("|---|---:|---:|---:|---:|---:|")
         for name, build, lat, batch, rec in rows:
-            print(f"| {name} | {build:.1f} | {np.percentile(lat, 50):.3f} | {np.percentile(lat, 99):.3f} | "
-                  f"{batch * 1000 / args.queries:.3f} | {rec:.3f} |")
+            print(
+                f"| {name} | {build:.1f} | {np.percentile(lat, 50):.3f} | {np.percentile(lat, 99):.3f} | "
+                f"{batch * 1000 / args.queries:.3f} | {rec:.3f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -72,7 +72,9 @@ def bench_ours(cfg: TrainConfig, data: str, warmup: int, steps: int, cuda: bool,
     }
 
 
-def bench_lightly(cfg: TrainConfig, data: str, warmup: int, steps: int, device: torch.device) -> dict[str, float] | None:
+def bench_lightly(
+    cfg: TrainConfig, data: str, warmup: int, steps: int, device: torch.device
+) -> dict[str, float] | None:
     """lightly's SimCLR (bench/lightly_simclr.py) at the same settings: its DataLoader of
     per-image PIL transforms alone, and a full step (load + augment, forward, backward, LARS)."""
     try:
@@ -82,9 +84,15 @@ def bench_lightly(cfg: TrainConfig, data: str, warmup: int, steps: int, device: 
 
     dataset = open_dataset(data, cfg.image_size)
     images = np.stack([dataset.image(i) for i in range(min(len(dataset), 4 * cfg.batch_size))])  # [n, S, S, 3]
-    loader = DataLoader(TwoViewDataset(images, lightly_transform(cfg)), batch_size=cfg.batch_size, shuffle=True,
-                        drop_last=True, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=cfg.num_workers > 0)
+    loader = DataLoader(
+        TwoViewDataset(images, lightly_transform(cfg)),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.num_workers > 0,
+    )
     run = LightlySimCLR.build(cfg, total_steps=10**6, warmup_steps=0, device=device)
     run.train()
     batches = _cycle(loader)
@@ -113,8 +121,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
-    parser.add_argument("--stems", default="small,standard",
-                        help="ResNet stems to time at 32 px: small (3x3 stride 1, the default at <= 64 px), standard")
+    parser.add_argument(
+        "--stems",
+        default="small,standard",
+        help="ResNet stems to time at 32 px: small (3x3 stride 1, the default at <= 64 px), standard",
+    )
     parser.add_argument("--skip-lightly", action="store_true")
     args = parser.parse_args()
     if args.threads:
@@ -123,19 +134,32 @@ def main() -> None:
     device = torch.device("cuda" if cuda else "cpu")
     settings = [("resnet18", 32, stem == "small") for stem in args.stems.split(",")]
     settings += [("resnet50", 224, False)] if cuda else []
-    print(f"# device: {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, batch {args.batch_size}, workers {args.num_workers}", flush=True)
+    print(
+        f"# device: {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}, batch {args.batch_size}, workers {args.num_workers}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         for backbone, size, small_stem in settings:
             cfg = TrainConfig(
-                backbone=backbone, small_stem=small_stem, image_size=size, batch_size=args.batch_size,
-                num_workers=args.num_workers, compile=False,
+                backbone=backbone,
+                small_stem=small_stem,
+                image_size=size,
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+                compile=False,
             ).resolved()
             data = _dataset_path(args.data, size, 4 * args.batch_size, tmp)
-            row = {"backbone": backbone, "small_stem": small_stem, "image_size": size, "batch_size": args.batch_size,
-                   "blur": cfg.augment.blur, "device": device.type,
-                   **bench_ours(cfg, data, args.warmup, args.steps, cuda, tmp)}
+            row = {
+                "backbone": backbone,
+                "small_stem": small_stem,
+                "image_size": size,
+                "batch_size": args.batch_size,
+                "blur": cfg.augment.blur,
+                "device": device.type,
+                **bench_ours(cfg, data, args.warmup, args.steps, cuda, tmp),
+            }
             if not args.skip_lightly:
                 theirs = bench_lightly(cfg, data, args.warmup, args.steps, device)
                 row.update(theirs or {"lightly": "not installed (pip install -e '.[bench]')"})

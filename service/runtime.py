@@ -84,21 +84,30 @@ class EncoderRuntime:
             raise ModelLoadError(f"model {card.model_id}: unreadable resize policy: {exc}") from exc
         self.size = self.policy.size
         self.dim = card.embedding_dim
-        for key, expected in (("model_id", card.model_id), ("input_size", str(card.input_size)),
-                              ("embedding_dim", str(card.embedding_dim))):
+        for key, expected in (
+            ("model_id", card.model_id),
+            ("input_size", str(card.input_size)),
+            ("embedding_dim", str(card.embedding_dim)),
+        ):
             if meta.get(key) != expected:
                 raise ModelLoadError(
                     f"model {card.model_id}: ONNX metadata {key}={meta.get(key)!r} disagrees with its card ({expected!r}); "
                     "re-export the model"
                 )
         inputs, outputs = session.get_inputs(), session.get_outputs()
-        if [i.name for i in inputs] != [INPUT_NAME] or outputs[0].name != OUTPUT_NAME or inputs[0].type != "tensor(uint8)":
+        if (
+            [i.name for i in inputs] != [INPUT_NAME]
+            or outputs[0].name != OUTPUT_NAME
+            or inputs[0].type != "tensor(uint8)"
+        ):
             raise ModelLoadError(
                 f"model {card.model_id}: expected input 'images' uint8 [N,S,S,3] and output 'embedding'; "
                 f"got {[(i.name, i.type) for i in inputs]} -> {[o.name for o in outputs]}"
             )
         if self.size != card.input_size:
-            raise ModelLoadError(f"model {card.model_id}: resize policy size {self.size} != input_size {card.input_size}")
+            raise ModelLoadError(
+                f"model {card.model_id}: resize policy size {self.size} != input_size {card.input_size}"
+            )
 
     @classmethod
     def load(cls, registry: ModelRegistry, model_id: str, settings: Settings) -> EncoderRuntime:
@@ -162,7 +171,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         futures = []
         for start in range(0, len(images), self.max_size):
-            job = _Job(images[start:start + self.max_size], loop.create_future())
+            job = _Job(images[start : start + self.max_size], loop.create_future())
             self._pending.append(job)
             self._pending_images += len(job.images)
             futures.append(job.future)
@@ -219,7 +228,7 @@ class MicroBatcher:
         for job in jobs:
             n = len(job.images)
             if not job.future.done():
-                job.future.set_result(out[offset:offset + n])
+                job.future.set_result(out[offset : offset + n])
             offset += n
 
     async def close(self) -> None:
@@ -313,7 +322,9 @@ class RuntimeManager:
             runtime = entry.runtime
             if isinstance(images, np.ndarray):
                 if images.dtype != np.uint8 or images.shape[1:] != (runtime.size, runtime.size, 3):
-                    raise ValueError(f"expected uint8 [N, {runtime.size}, {runtime.size}, 3], got {images.dtype} {images.shape}")
+                    raise ValueError(
+                        f"expected uint8 [N, {runtime.size}, {runtime.size}, 3], got {images.dtype} {images.shape}"
+                    )
                 batch = images
             else:
                 batch = await asyncio.to_thread(runtime.preprocess, images)  # [N, S, S, 3]
@@ -348,8 +359,14 @@ class RuntimeManager:
                 metrics=self.metrics,
             )
             entry = self._loaded[model_id] = _Loaded(runtime, batcher)
-            log.info("loaded model %s (%s, dim %d, input %d, providers %s)", model_id, runtime.card.backbone,
-                     runtime.dim, runtime.size, runtime.session.get_providers())
+            log.info(
+                "loaded model %s (%s, dim %d, input %d, providers %s)",
+                model_id,
+                runtime.card.backbone,
+                runtime.dim,
+                runtime.size,
+                runtime.session.get_providers(),
+            )
             return entry
 
     async def _unload(self, model_id: str) -> None:
@@ -431,6 +448,9 @@ class RuntimeManager:
         """Close replaced models nobody used for `retired_model_ttl_s`."""
         now = time.monotonic()
         for model_id, entry in list(self._loaded.items()):
-            if (model_id != self._active and entry.users == 0
-                    and now - entry.last_used >= self.settings.retired_model_ttl_s):
+            if (
+                model_id != self._active
+                and entry.users == 0
+                and now - entry.last_used >= self.settings.retired_model_ttl_s
+            ):
                 await self._unload(model_id)

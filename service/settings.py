@@ -56,13 +56,19 @@ class Settings(BaseSettings):
     ort_intra_op_threads: int = Field(0, ge=0, description="0 = ONNX Runtime's default (all cores)")
     ort_inter_op_threads: int = Field(1, ge=0)
     ort_providers: CommaList = Field(default_factory=list, description="default: CUDA when present, else CPU")
-    active_poll_s: float = Field(1.0, gt=0.0, description="how often the server checks models/active for a swap made elsewhere")
+    active_poll_s: float = Field(
+        1.0, gt=0.0, description="how often the server checks models/active for a swap made elsewhere"
+    )
     retired_model_ttl_s: float = Field(
-        60.0, ge=0.0, description="a replaced model stays loaded this long after its last use (search during re-embedding)"
+        60.0,
+        ge=0.0,
+        description="a replaced model stays loaded this long after its last use (search during re-embedding)",
     )
 
     # -- index ------------------------------------------------------------------------------
-    index_factory: str = Field("Flat", description="FAISS index_factory string, inner product; e.g. HNSW32, IVF1024,Flat")
+    index_factory: str = Field(
+        "Flat", description="FAISS index_factory string, inner product; e.g. HNSW32, IVF1024,Flat"
+    )
     index_search_params: str = Field(
         DEFAULT_INDEX_SEARCH_PARAMS,
         description="FAISS ParameterSpace string applied to ANN indexes at load and after training (recall vs speed)",

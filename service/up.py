@@ -42,7 +42,9 @@ DEMO_DATASET = "demo-digits.npz"
 # The small-grayscale recipe (service/contract/recipes.py, docs/benchmarks.md) at 10 epochs instead
 # of 30: 280 steps of batch 64 over the 1,797 digits, about two minutes on one CPU thread.
 DEMO_JOB = {
-    "dataset": DEMO_DATASET, "name": "demo: SimCLR on the bundled digits", "activate": True,
+    "dataset": DEMO_DATASET,
+    "name": "demo: SimCLR on the bundled digits",
+    "activate": True,
     **SMALL_GRAYSCALE.config(epochs=10, checkpoint_every_steps=50).model_dump(mode="json", exclude_defaults=True),
 }
 
@@ -71,8 +73,21 @@ def start_embedded_broker(data_dir: Path, port: int) -> tuple[subprocess.Popen[b
     broker_dir = (data_dir / "broker").resolve()
     broker_dir.mkdir(parents=True, exist_ok=True)
     cmd = [
-        str(get_binary_path()), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(broker_dir),
-        "--appendonly", "yes", "--save", "", "--daemonize", "no", "--logfile", str(broker_dir / "server.log"),
+        str(get_binary_path()),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(broker_dir),
+        "--appendonly",
+        "yes",
+        "--save",
+        "",
+        "--daemonize",
+        "no",
+        "--logfile",
+        str(broker_dir / "server.log"),
     ]
     proc = subprocess.Popen(cmd, start_new_session=True)
     url = f"redis://127.0.0.1:{port}/0"
@@ -120,8 +135,14 @@ def demo_dataset(settings: Settings) -> Path | None:
     labels = digits.target.astype(np.int64)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, x_train=images, y_train=labels, x_test=images[:0], y_test=labels[:0],
-             classes=np.array([str(i) for i in range(10)]))
+    np.savez(
+        tmp,
+        x_train=images,
+        y_train=labels,
+        x_test=images[:0],
+        y_test=labels[:0],
+        classes=np.array([str(i) for i in range(10)]),
+    )
     os.replace(tmp, path)
     return path
 
@@ -215,9 +236,19 @@ def main(argv: list[str] | None = None) -> int:
             log.info("embedded broker at %s (data in %s)", url, settings.data_dir / "broker")
         worker = subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=env, start_new_session=True)
         api = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
-             "--host", settings.host, "--port", str(settings.port)],
-            env=env, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "service.app:create_app",
+                "--host",
+                settings.host,
+                "--port",
+                str(settings.port),
+            ],
+            env=env,
+            start_new_session=True,
         )
         base = f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
         _wait_http(f"{base}/healthz", api)

@@ -291,7 +291,9 @@ def gpu_reservation_problems(where: str, service: dict[str, Any]) -> list[str]:
             and "gpu" in (device.get("capabilities") or [])
         ):
             return []
-    return [f"{where}: no deploy.resources.reservations.devices entry with driver nvidia, count all, capabilities [gpu]"]
+    return [
+        f"{where}: no deploy.resources.reservations.devices entry with driver nvidia, count all, capabilities [gpu]"
+    ]
 
 
 def worker_runtime_problems(where: str, service: dict[str, Any]) -> list[str]:
@@ -362,7 +364,7 @@ def main_compose_problems(raw: str, env: dict[str, str] | None = None) -> list[s
     # redis: append-only persistence on a named volume, health check
     command = redis.get("command") or []
     command = command.split() if isinstance(command, str) else command
-    if "--appendonly" not in command or command[command.index("--appendonly") + 1 : ][:1] != ["yes"]:
+    if "--appendonly" not in command or command[command.index("--appendonly") + 1 :][:1] != ["yes"]:
         problems.append("redis: append-only persistence is off (--appendonly yes)")
     if not any(m["target"] == "/data" and is_named_volume(m["source"]) for m in volume_mounts(redis)):
         problems.append("redis: /data is not on a named volume")
@@ -387,7 +389,9 @@ def main_compose_problems(raw: str, env: dict[str, str] | None = None) -> list[s
     raw_api_env = env_map((load_yaml(raw).get("services") or {}).get("api") or {})
     keys_source = str(raw_api_env.get("SIMCLR_EMBED_API_KEYS") or "")
     if not keys_source.startswith("${SIMCLR_EMBED_API_KEYS:?"):
-        problems.append("api: SIMCLR_EMBED_API_KEYS must come from the environment, required (${SIMCLR_EMBED_API_KEYS:?...})")
+        problems.append(
+            "api: SIMCLR_EMBED_API_KEYS must come from the environment, required (${SIMCLR_EMBED_API_KEYS:?...})"
+        )
 
     # api and worker share one named data volume, the datasets read-only, the broker
     for name, service in (("api", api), ("worker", worker)):
@@ -413,10 +417,15 @@ def main_compose_problems(raw: str, env: dict[str, str] | None = None) -> list[s
     problems += worker_runtime_problems("worker", worker)
     wcmd = worker.get("command") or []
     wcmd = wcmd.split() if isinstance(wcmd, str) else wcmd
-    if "worker" not in wcmd or "--queues" not in wcmd or set(wcmd[wcmd.index("--queues") + 1].split(",")) != {
-        "train",
-        "index",
-    }:
+    if (
+        "worker" not in wcmd
+        or "--queues" not in wcmd
+        or set(wcmd[wcmd.index("--queues") + 1].split(","))
+        != {
+            "train",
+            "index",
+        }
+    ):
         problems.append("worker: command is not `simclr-embed worker --queues train,index`")
     if not depends_on_healthy(worker, "redis"):
         problems.append("worker: does not wait for redis to be healthy")
@@ -454,7 +463,9 @@ def worker_node_problems(raw: str, env: dict[str, str] | None = None) -> list[st
         problems.append("worker: the remote broker URL must be required from the environment")
     shared = [m for m in volume_mounts(worker) if m["target"] in ("/data/models", "/data/jobs")]
     volumes = config.get("volumes") or {}
-    if len(shared) != 2 or any((volumes.get(m["source"]) or {}).get("driver_opts", {}).get("type") != "nfs" for m in shared):
+    if len(shared) != 2 or any(
+        (volumes.get(m["source"]) or {}).get("driver_opts", {}).get("type") != "nfs" for m in shared
+    ):
         problems.append("worker: models/ and jobs/ must be on shared (NFS) volumes")
     queues = worker.get("command", [])[-1] if worker.get("command") else ""
     if "index" in str(queues).split(","):
@@ -612,7 +623,9 @@ def pip_commands(instruction: Instruction) -> list[str]:
 
 def pip_installs(stage: Stage) -> list[tuple[int, Instruction]]:
     return [
-        (i, ins) for i, ins in enumerate(stage.instructions) if ins.cmd == "RUN" and re.search(r"\bpip3? install\b", ins.args)
+        (i, ins)
+        for i, ins in enumerate(stage.instructions)
+        if ins.cmd == "RUN" and re.search(r"\bpip3? install\b", ins.args)
     ]
 
 
@@ -640,7 +653,9 @@ def dockerfile_problems(text: str) -> list[str]:
     worker_root = chain(stages, "worker")[0].base
     if not re.fullmatch(r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", api_root):
         problems.append(f"api: base {api_root!r} is not a pinned python:3.11.X-slim-bookworm")
-    if not re.fullmatch(r"nvidia/cuda:\d+\.\d+\.\d+-(cudnn\d*-)?runtime-ubuntu\d+\.\d+(@sha256:[0-9a-f]{64})?", worker_root):
+    if not re.fullmatch(
+        r"nvidia/cuda:\d+\.\d+\.\d+-(cudnn\d*-)?runtime-ubuntu\d+\.\d+(@sha256:[0-9a-f]{64})?", worker_root
+    ):
         problems.append(f"worker: base {worker_root!r} is not a pinned nvidia/cuda runtime image")
     worker_runs = " ".join(i.args for s in chain(stages, "worker") for i in s.instructions if i.cmd == "RUN")
     if "python3.11" not in worker_runs:
@@ -675,11 +690,15 @@ def dockerfile_problems(text: str) -> list[str]:
     api_pips = [cmd for st in closure(stages, "api") for _, ins in pip_installs(st) for cmd in pip_commands(ins)]
     for command in api_pips:
         extras = extras_of(command)
-        if extras & {"training", "serving-gpu"} or re.search(r"(?<![\w-])(torch|torchvision|onnxruntime-gpu)(?![\w-])", command):
+        if extras & {"training", "serving-gpu"} or re.search(
+            r"(?<![\w-])(torch|torchvision|onnxruntime-gpu)(?![\w-])", command
+        ):
             problems.append(f"api: `{command}` brings torch or GPU packages; the API image must stay slim")
     if not any("serving" in extras_of(c) for c in api_pips):
         problems.append("api: does not install the `serving` extra")
-    worker_extras = {e for st in closure(stages, "worker") for _, ins in pip_installs(st) for e in extras_installed(ins)}
+    worker_extras = {
+        e for st in closure(stages, "worker") for _, ins in pip_installs(st) for e in extras_installed(ins)
+    }
     if "training" not in worker_extras:
         problems.append("worker: does not install the `training` extra")
     if len(worker_extras & {"serving", "serving-gpu"}) != 1:
@@ -786,8 +805,12 @@ MUST_NOT_SEND = [".git/HEAD", ".venv/bin/python", ".env", ".env.production", "da
 
 
 def dockerignore_problems(text: str) -> list[str]:
-    problems = [f".dockerignore excludes {p}, which the images need" for p in MUST_SEND if dockerignore_excludes(text, p)]
-    problems += [f".dockerignore lets {p} into the build context" for p in MUST_NOT_SEND if not dockerignore_excludes(text, p)]
+    problems = [
+        f".dockerignore excludes {p}, which the images need" for p in MUST_SEND if dockerignore_excludes(text, p)
+    ]
+    problems += [
+        f".dockerignore lets {p} into the build context" for p in MUST_NOT_SEND if not dockerignore_excludes(text, p)
+    ]
     return problems
 
 

@@ -48,8 +48,11 @@ def _add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], 
         default = "derived" if field.default is None else field.default
         help_ = f"{field.description + '; ' if field.description else ''}default: {default}"
         parser.add_argument(
-            f"--{prefix}{name.replace('_', '-')}", dest=f"{_PREFIX}{prefix}{name}", default=argparse.SUPPRESS,
-            help=help_, **_option_kwargs(field.annotation, name.upper()),
+            f"--{prefix}{name.replace('_', '-')}",
+            dest=f"{_PREFIX}{prefix}{name}",
+            default=argparse.SUPPRESS,
+            help=help_,
+            **_option_kwargs(field.annotation, name.upper()),
         )
 
 
@@ -73,7 +76,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     values: dict[str, Any] = _read_config_file(args.config) if args.config else {}
     for dest, value in vars(args).items():
         if dest.startswith(_PREFIX):
-            *parents, leaf = dest[len(_PREFIX):].split(".")
+            *parents, leaf = dest[len(_PREFIX) :].split(".")
             node = values
             for part in parents:
                 node = node.setdefault(part, {})
@@ -91,7 +94,9 @@ def _parser(command: str) -> argparse.ArgumentParser:
         _add_model_options(parser, TrainConfig)
     else:
         parser.add_argument("--run", required=True, type=Path, help="run directory with checkpoints/last.pt")
-        parser.add_argument("--data", required=True, help="labeled .npz (x_/y_train, x_/y_test) or folder with train/ and test/")
+        parser.add_argument(
+            "--data", required=True, help="labeled .npz (x_/y_train, x_/y_test) or folder with train/ and test/"
+        )
         parser.add_argument("--batch-size", type=int, default=256)
         parser.add_argument("--device", default=None, help="torch device; default: cuda if available")
         parser.add_argument("--k", type=int, default=200, help="neighbours of the kNN classifier")
@@ -120,7 +125,9 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
     from trainer.evaluate import evaluate_encoder
 
     encoder, cfg, info = load_encoder(args.run)
-    metrics = evaluate_encoder(encoder, args.data, cfg.image_size, batch_size=args.batch_size, device=args.device, k=args.k)
+    metrics = evaluate_encoder(
+        encoder, args.data, cfg.image_size, batch_size=args.batch_size, device=args.device, k=args.k
+    )
     return {"run": str(args.run), "step": info["step"], **metrics}
 
 

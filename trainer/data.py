@@ -215,7 +215,9 @@ def open_dataset(path: str | Path, image_size: int, split: str = "train") -> Ima
         return _open_folder(root, split, policy)
     if root.is_file():
         if root.suffix.lower() != ".npz":
-            raise DatasetError("unsupported_dataset", f"{root} is a file but not an .npz; give a folder of images or an .npz")
+            raise DatasetError(
+                "unsupported_dataset", f"{root} is a file but not an .npz; give a folder of images or an .npz"
+            )
         return _open_npz(root, split, policy)
     raise DatasetError("dataset_not_found", f"{root} does not exist")
 
@@ -310,7 +312,9 @@ def _open_folder(root: Path, split: str, policy: ResizePolicy) -> FolderDataset:
     if skipped:
         examples = "; ".join(f"{s.path}: {s.code}" for s in skipped[:_WARN_EXAMPLES])
         more = f" and {len(skipped) - _WARN_EXAMPLES} more" if len(skipped) > _WARN_EXAMPLES else ""
-        warnings.warn(f"{base}: skipped {len(skipped)} unreadable file(s): {examples}{more}", SkippedImagesWarning, stacklevel=3)
+        warnings.warn(
+            f"{base}: skipped {len(skipped)} unreadable file(s): {examples}{more}", SkippedImagesWarning, stacklevel=3
+        )
     if not files:
         raise DatasetError(
             "no_readable_images",
@@ -360,7 +364,9 @@ def _pick_arrays(path: Path, arrays: dict[str, np.ndarray], split: str) -> tuple
     if split != "train":
         raise DatasetError("unknown_split", f"{path} holds one array; it has no {split} split")
     images = arrays[candidates[0]]
-    ints = {k: a for k, a in arrays.items() if a.ndim == 1 and np.issubdtype(a.dtype, np.integer) and len(a) == len(images)}
+    ints = {
+        k: a for k, a in arrays.items() if a.ndim == 1 and np.issubdtype(a.dtype, np.integer) and len(a) == len(images)
+    }
     named = [k for k in ("y", "labels", "targets", "y_train") if k in ints]
     label_key = named[0] if named else (next(iter(ints)) if len(ints) == 1 else None)
     return "train", images, None if label_key is None else ints[label_key]
@@ -381,7 +387,8 @@ def _open_npz(path: Path, split: str, policy: ResizePolicy) -> ArrayDataset:
     if labels is not None:
         if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
             raise DatasetError(
-                "invalid_dataset", f"{path}: labels must be integers of shape [{len(images)}], got {labels.dtype} {labels.shape}"
+                "invalid_dataset",
+                f"{path}: labels must be integers of shape [{len(images)}], got {labels.dtype} {labels.shape}",
             )
         labels = labels.astype(np.int64)
     classes = [str(c) for c in arrays["classes"].tolist()] if "classes" in arrays else []

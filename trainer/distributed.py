@@ -41,7 +41,9 @@ def torchrun_launch() -> Launch | None:
         return None
     world = int(env["WORLD_SIZE"])
     return Launch(
-        rank=int(env["RANK"]), world=world, local_rank=int(env["LOCAL_RANK"]),
+        rank=int(env["RANK"]),
+        world=world,
+        local_rank=int(env["LOCAL_RANK"]),
         local_world=int(env.get("LOCAL_WORLD_SIZE", world)),
         restart=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
     )

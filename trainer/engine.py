@@ -48,8 +48,17 @@ StopCallback = Callable[[], bool]
 # Fields that may differ between a checkpoint's config and the config resuming it: they
 # change how the run is executed or how long it lasts, not what it learns step by step.
 RESUMABLE_CHANGES = frozenset(
-    {"epochs", "max_steps", "num_workers", "devices", "cpu_processes", "checkpoint_every_steps", "log_every_steps",
-     "compile", "knn_every_epochs"}
+    {
+        "epochs",
+        "max_steps",
+        "num_workers",
+        "devices",
+        "cpu_processes",
+        "checkpoint_every_steps",
+        "log_every_steps",
+        "compile",
+        "knn_every_epochs",
+    }
 )
 
 
@@ -180,8 +189,10 @@ def _launched_world(launch: distributed.Launch) -> tuple[int, bool]:
     if not torch.cuda.is_available():
         return launch.world, False
     if launch.local_rank >= torch.cuda.device_count():
-        raise ValueError(f"LOCAL_RANK {launch.local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
-                         "start at most one process per GPU (torchrun --nproc-per-node gpu)")
+        raise ValueError(
+            f"LOCAL_RANK {launch.local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
+            "start at most one process per GPU (torchrun --nproc-per-node gpu)"
+        )
     return launch.world, True
 
 
@@ -191,8 +202,10 @@ def _prepare_run_dir(cfg: TrainConfig, data: str | Path, dataset: ImageDataset, 
     if resume and ckpt.is_file():
         changed = _config_changes(load_checkpoint(ckpt)["config"], cfg)
         if changed:
-            raise ValueError(f"{run_dir} holds a run with a different config ({', '.join(changed)}); "
-                             "resume with the same config or use another run directory")
+            raise ValueError(
+                f"{run_dir} holds a run with a different config ({', '.join(changed)}); "
+                "resume with the same config or use another run directory"
+            )
     elif ckpt.exists():
         ckpt.unlink()
     if not resume:
@@ -261,7 +274,9 @@ class _Trainer:
         self.is_main = rank == 0
         self.on_progress, self.should_stop = on_progress, should_stop
         self.knn, self.knn_top1 = knn, None  # the monitor runs on rank 0 only
-        self.device = torch.device("cuda", torch.cuda.current_device() if world > 1 else 0) if cuda else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device() if world > 1 else 0) if cuda else torch.device("cpu")
+        )
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = cuda and not cfg.deterministic
@@ -323,8 +338,10 @@ class _Trainer:
             steps: list[Any] = [None] * self.world
             dist.all_gather_object(steps, self.step)
             if len(set(steps)) > 1:  # every rank raises: none is left waiting in a collective
-                raise ValueError(f"the ranks found checkpoints at different steps {steps} in {self.run_dir}; "
-                                 "the run directory must be one folder shared by every node")
+                raise ValueError(
+                    f"the ranks found checkpoints at different steps {steps} in {self.run_dir}; "
+                    "the run directory must be one folder shared by every node"
+                )
 
     def _load(self, state: dict[str, Any]) -> None:
         self.method.load_state_dict(state["method"])
@@ -344,19 +361,22 @@ class _Trainer:
             dist.all_gather_object(rngs, rng)
         if not self.is_main:
             return
-        save_checkpoint(self._ckpt, {
-            "method": self.method.state_dict(),
-            "encoder": self.method.encoder.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": rngs,
-            "epoch": self.step // self.steps_per_epoch,
-            "batch": self.step % self.steps_per_epoch,
-            "step": self.step,
-            "world_size": self.world,
-            "config": self.cfg.model_dump(mode="json"),
-        })
+        save_checkpoint(
+            self._ckpt,
+            {
+                "method": self.method.state_dict(),
+                "encoder": self.method.encoder.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": rngs,
+                "epoch": self.step // self.steps_per_epoch,
+                "batch": self.step % self.steps_per_epoch,
+                "step": self.step,
+                "world_size": self.world,
+                "config": self.cfg.model_dump(mode="json"),
+            },
+        )
 
     # --- logging -------------------------------------------------------------------------
 
@@ -393,8 +413,15 @@ class _Trainer:
         cfg, spe = self.cfg, self.steps_per_epoch
         writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step) if self.is_main else None
         # On a terminal the bar redraws in place; into a log (a worker's) one line every 10 s is enough.
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main, unit="step",
-                   dynamic_ncols=True, file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 10.0)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            disable=not self.is_main,
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+            mininterval=0.1 if sys.stderr.isatty() else 10.0,
+        )
         self.method.train()
         start_step, started = self.step, time.perf_counter()
         window_loss, window_steps, window_start = torch.zeros((), device=self.device), 0, started
@@ -418,9 +445,13 @@ class _Trainer:
                         now = time.perf_counter()
                         rate = window_steps * cfg.batch_size / (now - window_start)
                         record = {
-                            "epoch": self.step // spe, "step": self.step, "total_steps": self.total_steps,
-                            "loss": last_loss, "lr": self.lr,
-                            "images_per_s": rate, "eta_s": (self.total_steps - self.step) * cfg.batch_size / rate,
+                            "epoch": self.step // spe,
+                            "step": self.step,
+                            "total_steps": self.total_steps,
+                            "loss": last_loss,
+                            "lr": self.lr,
+                            "images_per_s": rate,
+                            "eta_s": (self.total_steps - self.step) * cfg.batch_size / rate,
                             "knn_top1": self.knn_top1,
                         }
                         self._report(record, writer, bar)
@@ -436,9 +467,14 @@ class _Trainer:
                 writer.close()
         wall = time.perf_counter() - started
         result = TrainResult(
-            run_dir=str(self.run_dir), step=self.step, total_steps=self.total_steps, epoch=self.step // spe,
-            loss=last_loss, images_per_s=(self.step - start_step) * cfg.batch_size / max(wall, 1e-9),
-            wall_s=wall, stopped=stopped,
+            run_dir=str(self.run_dir),
+            step=self.step,
+            total_steps=self.total_steps,
+            epoch=self.step // spe,
+            loss=last_loss,
+            images_per_s=(self.step - start_step) * cfg.batch_size / max(wall, 1e-9),
+            wall_s=wall,
+            stopped=stopped,
         )
         if self.is_main and not stopped:
             atomic_write_json(self.run_dir / "result.json", asdict(result))
@@ -448,8 +484,15 @@ class _Trainer:
         """kNN top-1 of h at an epoch's end (rank 0; h in eval mode, train mode restored)."""
         assert self.knn is not None
         self.knn_top1 = self.knn(self.method.encoder, self.device)
-        self._log({"event": "knn", "epoch": self.step // self.steps_per_epoch, "step": self.step,
-                   "knn_top1": self.knn_top1, "time": time.time()})
+        self._log(
+            {
+                "event": "knn",
+                "epoch": self.step // self.steps_per_epoch,
+                "step": self.step,
+                "knn_top1": self.knn_top1,
+                "time": time.time(),
+            }
+        )
         writer.add_scalar("eval/knn_top1", self.knn_top1, self.step)
 
     def _report(self, record: dict[str, Any], writer: Any, bar: Any) -> None:
@@ -459,7 +502,8 @@ class _Trainer:
         for key in ("loss", "lr", "images_per_s"):
             writer.add_scalar(f"train/{key}", record[key], record["step"])
         knn = {} if self.knn_top1 is None else {"knn": f"{self.knn_top1:.3f}"}
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}", img_s=f"{record['images_per_s']:.0f}",
-                        **knn)
+        bar.set_postfix(
+            loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}", img_s=f"{record['images_per_s']:.0f}", **knn
+        )
         if self.on_progress is not None:
             self.on_progress(record)

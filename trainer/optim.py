@@ -108,7 +108,9 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step LambdaLR of :func:`warmup_cosine` (its state dict holds only numbers)."""
     schedule = functools.partial(warmup_cosine, total_steps=total_steps, warmup_steps=min(warmup_steps, total_steps))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

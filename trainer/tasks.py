@@ -177,8 +177,12 @@ def _run(settings: Settings, store: JobStore, job_id: str, token: str, heartbeat
         if not _published(registry, model_id):
             control = JobControl(str(settings.broker_url), job_id, token)
             result = train(
-                cfg, record.dataset, settings.jobs_dir / job_id, resume=True,
-                on_progress=control.progress, should_stop=control.should_stop,
+                cfg,
+                record.dataset,
+                settings.jobs_dir / job_id,
+                resume=True,
+                on_progress=control.progress,
+                should_stop=control.should_stop,
             )
             if result.stopped:
                 return _stopped(store, job_id, heartbeat)

@@ -112,8 +112,12 @@ def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     # Per sector (0..5) the (r, g, b) picked from (v, t, p, q): the standard HSV hexcone.
     table = torch.stack(
         (
-            torch.stack((v, t, p), 1), torch.stack((q, v, p), 1), torch.stack((p, v, t), 1),
-            torch.stack((p, q, v), 1), torch.stack((t, p, v), 1), torch.stack((v, p, q), 1),
+            torch.stack((v, t, p), 1),
+            torch.stack((q, v, p), 1),
+            torch.stack((p, v, t), 1),
+            torch.stack((p, q, v), 1),
+            torch.stack((t, p, v), 1),
+            torch.stack((v, p, q), 1),
         ),
         dim=1,
     )  # [m, 6, 3, H, W]
@@ -204,9 +208,18 @@ class SimCLRAugment(nn.Module):
         sigma = uniform(a.blur_sigma_min, a.blur_sigma_max, n)
         solarize = bernoulli(a.solarize_prob)
         return AugmentParams(
-            crop=torch.stack((x0, y0, w, h), dim=1), flip=flip, jitter=jitter, brightness=brightness,
-            contrast=contrast, saturation=saturation, hue=hue, jitter_order=order, grayscale=grayscale,
-            blur=blur, blur_sigma=sigma, solarize=solarize,
+            crop=torch.stack((x0, y0, w, h), dim=1),
+            flip=flip,
+            jitter=jitter,
+            brightness=brightness,
+            contrast=contrast,
+            saturation=saturation,
+            hue=hue,
+            jitter_order=order,
+            grayscale=grayscale,
+            blur=blur,
+            blur_sigma=sigma,
+            solarize=solarize,
         )
 
     @torch.no_grad()

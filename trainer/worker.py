@@ -61,8 +61,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def celery_argv(queues: str, concurrency: int, loglevel: str, hostname: str) -> list[str]:
     """The `celery worker` arguments for this arrangement (see the module docstring)."""
-    argv = ["worker", "--queues", queues, "--loglevel", loglevel, "--hostname", hostname, "--without-gossip",
-            "--without-mingle"]
+    argv = [
+        "worker",
+        "--queues",
+        queues,
+        "--loglevel",
+        loglevel,
+        "--hostname",
+        hostname,
+        "--without-gossip",
+        "--without-mingle",
+    ]
     if concurrency == 1:
         return [*argv, "--pool", "solo"]
     return [*argv, "--pool", "prefork", "--concurrency", str(concurrency), "--max-tasks-per-child", "1"]

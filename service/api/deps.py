@@ -73,7 +73,9 @@ def _check_key(request: Request, settings: Settings) -> None:
     challenge = {"WWW-Authenticate": "Bearer"}
     if presented is None:
         raise ApiError(
-            401, "missing_api_key", "this route needs an API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`",
+            401,
+            "missing_api_key",
+            "this route needs an API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`",
             headers=challenge,
         )
     given = presented.encode()
@@ -137,7 +139,8 @@ async def read_images(
         fields = {}
     else:
         raise ApiError(
-            415, "unsupported_media_type",
+            415,
+            "unsupported_media_type",
             f"send images as multipart/form-data (`{file_field}` parts) or as application/json "
             f'{{"{json_field}": [base64, ...]}}; got content type {content_type or "none"!r}',
         )
@@ -147,7 +150,8 @@ async def read_images(
         )
     if len(raw) > settings.max_images_per_request:
         raise ApiError(
-            413, "too_many_images",
+            413,
+            "too_many_images",
             f"{len(raw)} images in one request; the limit is {settings.max_images_per_request} "
             "(SIMCLR_EMBED_MAX_IMAGES_PER_REQUEST): split them over several requests",
         )

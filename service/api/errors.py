@@ -42,9 +42,14 @@ class ErrorResponse(BaseModel):
 
 
 _MEANING = {
-    400: "bad request (e.g. a path outside the allowed roots)", 401: "missing or invalid API key",
-    404: "not found", 409: "conflict", 413: "upload too large", 415: "not a supported image",
-    422: "invalid fields or values", 503: "not ready: no active model, or the job queue unreachable",
+    400: "bad request (e.g. a path outside the allowed roots)",
+    401: "missing or invalid API key",
+    404: "not found",
+    409: "conflict",
+    413: "upload too large",
+    415: "not a supported image",
+    422: "invalid fields or values",
+    503: "not ready: no active model, or the job queue unreachable",
 }
 
 
@@ -58,9 +63,17 @@ def error_body(code: str, message: str, **extra: object) -> dict[str, object]:
 
 
 _HTTP_CODES = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_request",
-    429: "too_many_requests", 503: "unavailable",
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "too_many_requests",
+    503: "unavailable",
 }
 
 
@@ -78,7 +91,9 @@ def install_error_handlers(app: FastAPI) -> None:
             for e in exc.errors()
         ]
         summary = "; ".join(f"{f['field'] or 'body'}: {f['message']}" for f in fields[:5])
-        return JSONResponse(error_body("invalid_request", f"invalid request: {summary}", fields=fields), status_code=422)
+        return JSONResponse(
+            error_body("invalid_request", f"invalid request: {summary}", fields=fields), status_code=422
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -100,5 +115,6 @@ def install_error_handlers(app: FastAPI) -> None:
         # The safety net: a bug becomes a JSON 500 (logged with its traceback), never a dropped connection.
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse(
-            error_body("internal_error", "the server failed to handle this request; it has been logged"), status_code=500
+            error_body("internal_error", "the server failed to handle this request; it has been logged"),
+            status_code=500,
         )

@@ -35,10 +35,17 @@ class BodyLimitMiddleware:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             body = json.dumps(error_body("payload_too_large", _too_large(self.max_bytes))).encode()
-            await send({"type": "http.response.start", "status": 413, "headers": [
-                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 413,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"connection", b"close"),
+                    ],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
             return
         received = 0
@@ -50,7 +57,9 @@ class BodyLimitMiddleware:
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     # Raised inside the route's body read; the ApiError handler answers 413.
-                    raise ApiError(413, "payload_too_large", _too_large(self.max_bytes), headers={"Connection": "close"})
+                    raise ApiError(
+                        413, "payload_too_large", _too_large(self.max_bytes), headers={"Connection": "close"}
+                    )
             return message
 
         await self.app(scope, limited_receive, send)

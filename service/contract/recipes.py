@@ -72,13 +72,21 @@ class Recipe:
         return TrainConfig(**{**fields, **overrides, "augment": augment})
 
 
-SMALL_GRAYSCALE = Recipe(image_size=16, crop_min_scale=0.6, hflip_prob=0.0, grayscale_prob=0.0, batch_size=64,
-                         epochs=30, base_lr=2.0)
+SMALL_GRAYSCALE = Recipe(
+    image_size=16, crop_min_scale=0.6, hflip_prob=0.0, grayscale_prob=0.0, batch_size=64, epochs=30, base_lr=2.0
+)
 
 
 def recipe_for_images(side: int, grayscale: bool) -> Recipe:
     """The recipe for images of largest side `side` pixels, grey or colour."""
     if grayscale and side < 16:
         return SMALL_GRAYSCALE
-    return Recipe(image_size=max(16, side), crop_min_scale=0.2, hflip_prob=0.0 if grayscale else 0.5,
-                  grayscale_prob=0.0 if grayscale else 0.2, batch_size=128, epochs=2, base_lr=1.0)
+    return Recipe(
+        image_size=max(16, side),
+        crop_min_scale=0.2,
+        hflip_prob=0.0 if grayscale else 0.5,
+        grayscale_prob=0.0 if grayscale else 0.2,
+        batch_size=128,
+        epochs=2,
+        base_lr=1.0,
+    )

@@ -95,7 +95,9 @@ class ModelCard(BaseModel):
     def onnx_metadata(self) -> dict[str, str]:
         """The card as ONNX metadata_props (strings only; dicts as JSON)."""
         data = self.model_dump()
-        return {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in data.items() if k in METADATA_KEYS}
+        return {
+            k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in data.items() if k in METADATA_KEYS
+        }
 
     @classmethod
     def from_onnx_metadata(cls, props: dict[str, str], **extra: Any) -> ModelCard:
@@ -148,7 +150,10 @@ class ModelRegistry:
                 os.fchmod(fh.fileno(), FILE_MODE)
                 os.fsync(fh.fileno())
             card = card.model_copy(
-                update={"sha256": sha256_file(stage / "model.onnx"), "size_bytes": (stage / "model.onnx").stat().st_size}
+                update={
+                    "sha256": sha256_file(stage / "model.onnx"),
+                    "size_bytes": (stage / "model.onnx").stat().st_size,
+                }
             )
             atomic.write_atomic(stage / "card.json", card.model_dump_json(indent=2), mode=FILE_MODE)
             os.chmod(stage, DIR_MODE)
@@ -157,7 +162,9 @@ class ModelRegistry:
                 os.rename(stage, final)  # atomic on one filesystem; fails if `final` appeared
             except OSError as exc:
                 if final.exists():
-                    raise RegistryError(f"model {model_id} was published concurrently; model ids are never reused") from exc
+                    raise RegistryError(
+                        f"model {model_id} was published concurrently; model ids are never reused"
+                    ) from exc
                 raise
             atomic.fsync_dir(self.root)
         except BaseException:

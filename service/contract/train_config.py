@@ -36,8 +36,13 @@ METHOD_DEFAULTS: dict[str, dict[str, float | int]] = {
 METHOD_AUGMENT_DEFAULTS: dict[str, dict[str, float]] = {
     "simclr": {},
     "moco_v2": {"crop_min_scale": 0.2, "color_strength": 0.5},
-    "byol": {"color_strength": 0.5, "blur_prob": 1.0, "view_b_blur_prob": 0.1, "solarize_prob": 0.0,
-             "view_b_solarize_prob": 0.2},
+    "byol": {
+        "color_strength": 0.5,
+        "blur_prob": 1.0,
+        "view_b_blur_prob": 0.1,
+        "solarize_prob": 0.0,
+        "view_b_solarize_prob": 0.2,
+    },
 }
 # A second view's probability is a default only while its first view's is one too: an
 # explicit `blur_prob` alone applies to both views.
@@ -129,10 +134,13 @@ class TrainConfig(_Strict):
     checkpoint_every_steps: int = Field(200, ge=1)
     log_every_steps: int = Field(10, ge=1)
     knn_every_epochs: int = Field(
-        0, ge=0, description="kNN top-1 of h every N epochs: labeled train split = memory, test split = queries; 0 = off"
+        0,
+        ge=0,
+        description="kNN top-1 of h every N epochs: labeled train split = memory, test split = queries; 0 = off",
     )
     augment: AugmentConfig = Field(
-        default_factory=AugmentConfig, validate_default=True,
+        default_factory=AugmentConfig,
+        validate_default=True,
         description="fields left unset take the method's defaults (METHOD_AUGMENT_DEFAULTS)",
     )
 
@@ -163,9 +171,7 @@ class TrainConfig(_Strict):
 
     def resolved(self) -> TrainConfig:
         """The config with every method- and size-dependent default made explicit."""
-        fill: dict[str, object] = {
-            k: v for k, v in METHOD_DEFAULTS[self.method].items() if getattr(self, k) is None
-        }
+        fill: dict[str, object] = {k: v for k, v in METHOD_DEFAULTS[self.method].items() if getattr(self, k) is None}
         if self.small_stem is None:
             fill["small_stem"] = self.image_size <= 64
         if self.augment.blur is None:

@@ -77,7 +77,12 @@ def _apply_params(index: faiss.Index, params: str) -> None:
 
 class VectorIndex:
     def __init__(
-        self, dim: int, factory: str = "Flat", *, min_train: int = 10_000, search_params: str = DEFAULT_INDEX_SEARCH_PARAMS
+        self,
+        dim: int,
+        factory: str = "Flat",
+        *,
+        min_train: int = 10_000,
+        search_params: str = DEFAULT_INDEX_SEARCH_PARAMS,
     ) -> None:
         self.dim = dim
         self.factory = factory
@@ -149,7 +154,10 @@ class VectorIndex:
             scores, ids = self._index.search(queries, want)  # [Q, want]
             dead = self._tombstones.copy()
         if dead or (ids < 0).any():
-            keep = [[j for j in range(want) if ids[q, j] >= 0 and int(ids[q, j]) not in dead][:k] for q in range(len(queries))]
+            keep = [
+                [j for j in range(want) if ids[q, j] >= 0 and int(ids[q, j]) not in dead][:k]
+                for q in range(len(queries))
+            ]
             width = min((len(row) for row in keep), default=0)
             scores = np.stack([scores[q, row[:width]] for q, row in enumerate(keep)])
             ids = np.stack([ids[q, row[:width]] for q, row in enumerate(keep)])
@@ -163,9 +171,15 @@ class VectorIndex:
         with self.lock.read():  # serialising only reads the index
             blob = faiss.serialize_index(self._index).tobytes()
             header = {
-                "model_id": model_id, "dim": self.dim, "factory": self.factory, "final": self._final,
-                "ntotal": self.ntotal, "changes": changes, "tombstones": sorted(self._tombstones),
-                "sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob),
+                "model_id": model_id,
+                "dim": self.dim,
+                "factory": self.factory,
+                "final": self._final,
+                "ntotal": self.ntotal,
+                "changes": changes,
+                "tombstones": sorted(self._tombstones),
+                "sha256": hashlib.sha256(blob).hexdigest(),
+                "size": len(blob),
             }
         head = json.dumps(header).encode()
         write_atomic(path, MAGIC + struct.pack("<Q", len(head)) + head + blob)
@@ -197,5 +211,12 @@ class VectorIndex:
         self._index, self._final = index, bool(header["final"])
         self._tombstones = set(header["tombstones"])
         _apply_params(self._index, search_params)
-        meta = SnapshotHeader(header["model_id"], header["dim"], header["factory"], header["ntotal"], header["changes"], header["tombstones"])
+        meta = SnapshotHeader(
+            header["model_id"],
+            header["dim"],
+            header["factory"],
+            header["ntotal"],
+            header["changes"],
+            header["tombstones"],
+        )
         return self, meta

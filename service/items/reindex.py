@@ -69,7 +69,10 @@ def load_or_build_index(settings: Settings, store: ItemStore, model_id: str, dim
         reason = str(exc)
     pks, vecs, changes = store.vectors(model_id)
     index = VectorIndex(
-        dim, settings.index_factory, min_train=settings.index_min_train_vectors, search_params=settings.index_search_params
+        dim,
+        settings.index_factory,
+        min_train=settings.index_min_train_vectors,
+        search_params=settings.index_search_params,
     )
     index.add(pks, vecs)
     log.info("index of %s rebuilt from the store (%d vectors): %s", model_id, len(pks), reason)

@@ -19,7 +19,8 @@ def validate_item_id(item_id: str) -> str:
     """1-256 printable characters, no '/' (ids are path segments of /items/{id})."""
     if not 1 <= len(item_id) <= MAX_ID_CHARS or not item_id.isprintable() or "/" in item_id:
         raise ApiError(
-            422, "invalid_item_id",
+            422,
+            "invalid_item_id",
             f"item ids must be 1-{MAX_ID_CHARS} printable characters without '/'; got {item_id[:40]!r}",
         )
     return item_id
@@ -36,7 +37,7 @@ def parse_metadata(text: str | None) -> dict[str, Any] | None:
     except ValueError as exc:
         raise ApiError(422, "invalid_metadata", f"metadata is not valid JSON: {exc}") from exc
     if not isinstance(value, dict):
-        raise ApiError(422, "invalid_metadata", "metadata must be a JSON object, e.g. {\"label\": \"cat\"}")
+        raise ApiError(422, "invalid_metadata", 'metadata must be a JSON object, e.g. {"label": "cat"}')
     return value
 
 
@@ -53,8 +54,12 @@ class ItemOut(BaseModel):
         from urllib.parse import quote
 
         return cls(
-            id=item.id, metadata=item.metadata, created=datetime.fromtimestamp(item.created, UTC),
-            content_type=item.content_type, models=item.models, image_url=f"/items/{quote(item.id, safe='')}/image",
+            id=item.id,
+            metadata=item.metadata,
+            created=datetime.fromtimestamp(item.created, UTC),
+            content_type=item.content_type,
+            models=item.models,
+            image_url=f"/items/{quote(item.id, safe='')}/image",
         )
 
 

@@ -34,8 +34,13 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 CONTENT_TYPES = {
-    "JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
-    "BMP": "image/bmp", "GIF": "image/gif", "TIFF": "image/tiff",
+    "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",
+    "PNG": "image/png",
+    "WEBP": "image/webp",
+    "BMP": "image/bmp",
+    "GIF": "image/gif",
+    "TIFF": "image/tiff",
 }
 REFRESH_EVERY_S = 1.0
 
@@ -140,7 +145,9 @@ class ItemService:
             self.pending = model_id
             if self.reembed_in_process and self._job is None:
                 stop = threading.Event()
-                thread = threading.Thread(target=self._reembed, args=(model_id, stop), name=f"reembed-{model_id}", daemon=True)
+                thread = threading.Thread(
+                    target=self._reembed, args=(model_id, stop), name=f"reembed-{model_id}", daemon=True
+                )
                 self._job = (model_id, thread, stop)
                 thread.start()
 
@@ -259,7 +266,9 @@ class ItemService:
         try:
             return self.blobs.get(item.sha256), item.content_type
         except OSError as exc:
-            raise ApiError(404, "original_missing", f"the original of {item_id!r} is missing from the blob store") from exc
+            raise ApiError(
+                404, "original_missing", f"the original of {item_id!r} is missing from the blob store"
+            ) from exc
 
     def delete(self, item_id: str) -> None:
         with self._mutex:
@@ -284,7 +293,9 @@ class ItemService:
             self._targets()
             return self.served, self._indexes[self.served]  # type: ignore[return-value]
 
-    def search_vector(self, vector: Sequence[float] | np.ndarray, k: int, model_id: str | None = None) -> tuple[str, list[Hit]]:
+    def search_vector(
+        self, vector: Sequence[float] | np.ndarray, k: int, model_id: str | None = None
+    ) -> tuple[str, list[Hit]]:
         """Top-k items by inner product with the unit-normalised `vector`."""
         served, index = self._served_index()
         if model_id is not None and model_id != served:
@@ -292,7 +303,9 @@ class ItemService:
             raise ApiError(409, "model_changed", f"the served index is now {served}; retry the search")
         query = np.asarray(vector, dtype=np.float64).reshape(1, -1)
         if query.shape[1] != index.dim:
-            raise ApiError(422, "wrong_dimension", f"the vector has {query.shape[1]} dimensions; model {served} uses {index.dim}")
+            raise ApiError(
+                422, "wrong_dimension", f"the vector has {query.shape[1]} dimensions; model {served} uses {index.dim}"
+            )
         norm = np.linalg.norm(query)
         if not np.isfinite(norm) or norm == 0:
             raise ApiError(422, "invalid_vector", "the vector must be finite and non-zero")
@@ -328,8 +341,11 @@ class ItemService:
         """For /readyz and /metrics."""
         index = self._indexes.get(self.served or "")
         return {
-            "served_model": self.served, "pending_model": self.pending, "items": self.store.count(),
-            "index_size": index.ntotal if index else 0, "index_kind": index.kind if index else None,
+            "served_model": self.served,
+            "pending_model": self.pending,
+            "items": self.store.count(),
+            "index_size": index.ntotal if index else 0,
+            "index_kind": index.kind if index else None,
         }
 
 

@@ -244,7 +244,10 @@ class ItemStore:
             row = self._db.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
             if row is None:
                 return None
-            models = [r[0] for r in self._db.execute("SELECT model_id FROM vectors WHERE item = ? ORDER BY model_id", (row["pk"],))]
+            models = [
+                r[0]
+                for r in self._db.execute("SELECT model_id FROM vectors WHERE item = ? ORDER BY model_id", (row["pk"],))
+            ]
         return _item(row, models)
 
     def by_pks(self, pks: Sequence[int]) -> dict[int, Item]:
@@ -288,7 +291,9 @@ class ItemStore:
             self._db.execute("BEGIN")  # one read snapshot for rows and counter
             try:
                 state = self._db.execute("SELECT dim, changes FROM models WHERE model_id = ?", (model_id,)).fetchone()
-                rows = self._db.execute("SELECT item, vec FROM vectors WHERE model_id = ? ORDER BY item", (model_id,)).fetchall()
+                rows = self._db.execute(
+                    "SELECT item, vec FROM vectors WHERE model_id = ? ORDER BY item", (model_id,)
+                ).fetchall()
             finally:
                 self._db.execute("COMMIT")
         dim = state["dim"] if state else 0
@@ -307,5 +312,7 @@ class ItemStore:
     def completed_models(self) -> list[str]:
         """Models flagged complete, most recently completed first."""
         with self._lock:
-            rows = self._db.execute("SELECT model_id FROM models WHERE complete = 1 ORDER BY completed_at DESC").fetchall()
+            rows = self._db.execute(
+                "SELECT model_id FROM models WHERE complete = 1 ORDER BY completed_at DESC"
+            ).fetchall()
         return [r[0] for r in rows]

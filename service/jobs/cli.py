@@ -26,8 +26,13 @@ def _parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="queue a pretraining job", parents=[common])
     submit.add_argument("dataset", help="folder or .npz under a dataset root of the server")
     submit.add_argument("--config", help="JSON file with TrainConfig fields")
-    submit.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="a TrainConfig field (value parsed as JSON when it can be), repeatable")
+    submit.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a TrainConfig field (value parsed as JSON when it can be), repeatable",
+    )
     submit.add_argument("--name")
     submit.add_argument("--no-activate", action="store_true", help="publish without activating")
     listing = sub.add_parser("list", help="jobs, newest first", parents=[common])

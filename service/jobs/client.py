@@ -43,8 +43,9 @@ class JobClient:
         self._probe: redis.Redis | None = None
         if broker_url:
             # /readyz wants a quick answer: one try, one second, no backoff.
-            self._probe = redis.Redis.from_url(broker_url, socket_timeout=1, socket_connect_timeout=1,
-                                               retry=Retry(NoBackoff(), 0))
+            self._probe = redis.Redis.from_url(
+                broker_url, socket_timeout=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)
+            )
             self._celery = create_celery(broker_url, settings)
             self._store = JobStore.from_url(broker_url, settings)
 

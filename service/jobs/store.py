@@ -154,8 +154,14 @@ class JobStore:
     def create(self, job_id: str, *, request: dict[str, Any], dataset: str, name: str | None) -> JobRecord:
         now = utcnow()
         fields = {
-            "id": job_id, "state": JobState.queued.value, "request": json.dumps(request), "dataset": dataset,
-            "name": name or "", "created_at": now, "cancel_requested": "0", "attempts": "0",
+            "id": job_id,
+            "state": JobState.queued.value,
+            "request": json.dumps(request),
+            "dataset": dataset,
+            "name": name or "",
+            "created_at": now,
+            "cancel_requested": "0",
+            "attempts": "0",
         }
         with self.redis.pipeline() as pipe:
             pipe.hset(self._key(job_id), mapping=fields)

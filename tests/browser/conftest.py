@@ -32,7 +32,9 @@ from jobstack import Stack  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 # The README's screenshots are refreshed only on request (UPDATE_SCREENSHOTS=1); a plain test run
 # writes them under the ignored tests/artifacts/ so that it leaves the working tree clean.
-SCREENSHOTS = REPO / ("docs/screenshots" if os.environ.get("UPDATE_SCREENSHOTS") == "1" else "tests/artifacts/screenshots")
+SCREENSHOTS = REPO / (
+    "docs/screenshots" if os.environ.get("UPDATE_SCREENSHOTS") == "1" else "tests/artifacts/screenshots"
+)
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 WINDOW = (1200, 800)
 MODEL_A, MODEL_B = "enc-a", "enc-b"
@@ -65,9 +67,15 @@ def models_template(tmp_path_factory: pytest.TempPathFactory, digit_images: np.n
     for seed, model_id in enumerate((MODEL_A, MODEL_B)):
         torch.manual_seed(seed)
         card = ModelCard(
-            model_id=model_id, method="simclr", backbone="resnet18", input_size=SIZE, embedding_dim=512,
-            resize_policy=ResizePolicy(SIZE).to_json(), created_at=f"2024-05-0{seed + 1}T12:00:00Z",
-            dataset_fingerprint=f"{seed:02d}" * 32, metrics={"knn_top1": 0.5 + seed / 10},
+            model_id=model_id,
+            method="simclr",
+            backbone="resnet18",
+            input_size=SIZE,
+            embedding_dim=512,
+            resize_policy=ResizePolicy(SIZE).to_json(),
+            created_at=f"2024-05-0{seed + 1}T12:00:00Z",
+            dataset_fingerprint=f"{seed:02d}" * 32,
+            metrics={"knn_top1": 0.5 + seed / 10},
         )
         onnx_path = root / f"{model_id}.onnx"
         export_encoder(Encoder("resnet18", small_stem=True).eval(), onnx_path, card=card, parity_images=digit_images)
@@ -91,7 +99,11 @@ def _running(stack_class: type[Stack], root: Path, models: Path, digits_path: Pa
     shutil.copyfile(digits_path, data / "datasets" / "digits.npz")
     stack = stack_class(root)
     try:
-        wait_until(lambda: stack.http.get("/readyz").status_code == 200, STARTUP_S, "the API to be ready (model, index, broker)")
+        wait_until(
+            lambda: stack.http.get("/readyz").status_code == 200,
+            STARTUP_S,
+            "the API to be ready (model, index, broker)",
+        )
         yield stack
     finally:
         stack.close()
@@ -134,14 +146,23 @@ def browser() -> Iterator[object]:
 
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--disable-extensions", f"--window-size={WINDOW[0]},{WINDOW[1]}", "--force-device-scale-factor=1"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--disable-extensions",
+        f"--window-size={WINDOW[0]},{WINDOW[1]}",
+        "--force-device-scale-factor=1",
+    ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
     # The viewport itself is WINDOW (the window size would include the browser's frame).
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                           {"width": WINDOW[0], "height": WINDOW[1], "deviceScaleFactor": 1, "mobile": False})
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": WINDOW[0], "height": WINDOW[1], "deviceScaleFactor": 1, "mobile": False},
+    )
     try:
         yield driver
     finally:

@@ -15,11 +15,26 @@ from pages import patient_wait
 pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.slow]
 
 STEPS = 12
-FORM = {"job-dataset": "digits.npz", "job-name": "web-tiny", "job-image-size": "16", "job-epochs": "1",
-        "job-batch-size": "16", "job-base-lr": "0.3", "job-temperature": "0.5"}
+FORM = {
+    "job-dataset": "digits.npz",
+    "job-name": "web-tiny",
+    "job-image-size": "16",
+    "job-epochs": "1",
+    "job-batch-size": "16",
+    "job-base-lr": "0.3",
+    "job-temperature": "0.5",
+}
 # What the form has no field for: the tiny-run settings of the job tests (tests/integration/jobstack.py).
-EXTRA = {"max_steps": STEPS, "small_stem": True, "warmup_epochs": 0.0, "num_workers": 0, "log_every_steps": 1,
-         "checkpoint_every_steps": 100, "precision": "fp32", "channels_last": False}
+EXTRA = {
+    "max_steps": STEPS,
+    "small_stem": True,
+    "warmup_epochs": 0.0,
+    "num_workers": 0,
+    "log_every_steps": 1,
+    "checkpoint_every_steps": 100,
+    "precision": "fp32",
+    "channels_last": False,
+}
 
 READ_VIEW = """const view = document.getElementById("job-view"), bar = view.querySelector("progress");
 return [view.dataset.state || null, bar ? bar.dataset.step : null];"""
@@ -44,7 +59,13 @@ def test_submit_job_and_watch_it_succeed(web_stack, browser, screenshot) -> None
     job_id = browser.current_url.split("#/jobs/")[-1]
     request = web_stack.job(job_id)["request"]
     assert {k: request[k] for k in ("image_size", "epochs", "batch_size", "max_steps", "activate", "temperature")} == {
-        "image_size": 16, "epochs": 1, "batch_size": 16, "max_steps": STEPS, "activate": False, "temperature": 0.5}
+        "image_size": 16,
+        "epochs": 1,
+        "batch_size": 16,
+        "max_steps": STEPS,
+        "activate": False,
+        "temperature": 0.5,
+    }
 
     # Read the page (not the API) about twice a second until the job is over.
     seen: list[tuple[str, int]] = []
@@ -69,7 +90,9 @@ def test_submit_job_and_watch_it_succeed(web_stack, browser, screenshot) -> None
     history = web_stack.job(job_id)["loss_history"]
     path = view.find_element(By.CSS_SELECTOR, "svg.chart path.line").get_attribute("d")
     assert path.count("L") == len(history) - 1 and len(history) >= STEPS - 1
-    assert f"at step {history[-1][0]}" in view.find_element(By.CSS_SELECTOR, "svg.chart desc").get_attribute("textContent")
+    assert f"at step {history[-1][0]}" in view.find_element(By.CSS_SELECTOR, "svg.chart desc").get_attribute(
+        "textContent"
+    )
     model_id = f"job-{job_id}"
     assert view.find_element(By.LINK_TEXT, model_id)
     screenshot("jobs")
@@ -79,5 +102,7 @@ def test_submit_job_and_watch_it_succeed(web_stack, browser, screenshot) -> None
     assert models["active"] == active_before  # "activate" was unticked
 
     browser.find_element(By.LINK_TEXT, "← All jobs").click()
-    row = patient_wait(browser, 20).until(lambda d: d.find_element(By.CSS_SELECTOR, f'#jobs-body tr[data-id="{job_id}"]'))
+    row = patient_wait(browser, 20).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, f'#jobs-body tr[data-id="{job_id}"]')
+    )
     assert row.get_attribute("data-state") == "succeeded" and "web-tiny" in row.text

@@ -35,8 +35,14 @@ def test_cards_and_activate_the_other_model(web_stack, browser, model_ids, scree
     for model_id in model_ids:
         text = card(browser, model_id).text
         m = registry[model_id]
-        for shown in (m["method"], m["backbone"], f"{m['input_size']} px", f"{m['embedding_dim']} dims",
-                      m["dataset_fingerprint"][:12], f"knn_top1: {m['metrics']['knn_top1']}"):
+        for shown in (
+            m["method"],
+            m["backbone"],
+            f"{m['input_size']} px",
+            f"{m['embedding_dim']} dims",
+            m["dataset_fingerprint"][:12],
+            f"knn_top1: {m['metrics']['knn_top1']}",
+        ):
             assert shown in text, (model_id, shown, text)
     assert card(browser, served).get_attribute("data-active") == "true"
     assert card(browser, other).get_attribute("data-active") == "false"

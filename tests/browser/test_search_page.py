@@ -54,10 +54,12 @@ def test_index_then_search_by_image_and_by_item(web_stack, browser, digit_files:
     assert float(top.get_attribute("data-score")) == pytest.approx(1.0, abs=1e-4)
     assert "label" in top.text and f"\n{QUERY}" in top.text  # metadata shown
     # Thumbnails are the kept originals (16x16 PNGs), loaded.
-    wait.until(lambda d: all(
-        d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img) == 16
-        for img in d.find_elements(By.CSS_SELECTOR, "#results li img")
-    ))
+    wait.until(
+        lambda d: all(
+            d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img) == 16
+            for img in d.find_elements(By.CSS_SELECTOR, "#results li img")
+        )
+    )
     screenshot("search")
 
     # Search by an indexed item: its "Find similar" button.

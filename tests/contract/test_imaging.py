@@ -150,7 +150,9 @@ def _png_header(width: int, height: int) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 @pytest.mark.parametrize(
@@ -166,7 +168,17 @@ def _png_header(width: int, height: int) -> bytes:
         (lambda photo, enc: _png_header(10_000, 9_500), "image_too_large"),  # PIL's bomb warning
         (lambda photo, enc: _png_header(9_000, 8_000), "image_too_large"),  # over our 64 MP limit
     ],
-    ids=["empty", "text", "ppm", "truncated-png", "truncated-jpeg", "header-only", "bomb-huge", "bomb-warn", "over-limit"],
+    ids=[
+        "empty",
+        "text",
+        "ppm",
+        "truncated-png",
+        "truncated-jpeg",
+        "header-only",
+        "bomb-huge",
+        "bomb-warn",
+        "over-limit",
+    ],
 )
 def test_bad_images_get_the_right_code(photo, encode, make, code):
     data = make(photo, encode)

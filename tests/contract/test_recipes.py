@@ -11,14 +11,23 @@ from service.up import DEMO_JOB
 
 @pytest.mark.parametrize(
     ("side", "grayscale", "size", "hflip", "grey_prob", "batch"),
-    [(8, True, 16, 0.0, 0.0, 64), (32, False, 32, 0.5, 0.2, 128), (8, False, 16, 0.5, 0.2, 128),
-     (28, True, 28, 0.0, 0.0, 128)],
+    [
+        (8, True, 16, 0.0, 0.0, 64),
+        (32, False, 32, 0.5, 0.2, 128),
+        (8, False, 16, 0.5, 0.2, 128),
+        (28, True, 28, 0.0, 0.0, 128),
+    ],
 )
-def test_the_recipe_follows_the_images(side: int, grayscale: bool, size: int, hflip: float, grey_prob: float,
-                                       batch: int) -> None:
+def test_the_recipe_follows_the_images(
+    side: int, grayscale: bool, size: int, hflip: float, grey_prob: float, batch: int
+) -> None:
     recipe = recipe_for_images(side, grayscale)
-    assert (recipe.image_size, recipe.hflip_prob, recipe.grayscale_prob, recipe.batch_size) == (size, hflip, grey_prob,
-                                                                                               batch)
+    assert (recipe.image_size, recipe.hflip_prob, recipe.grayscale_prob, recipe.batch_size) == (
+        size,
+        hflip,
+        grey_prob,
+        batch,
+    )
     # Both kinds train at the same peak rate: base_lr x batch / 256 = 0.5.
     assert recipe.base_lr * recipe.batch_size / 256 == pytest.approx(0.5)
 

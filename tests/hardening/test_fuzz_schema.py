@@ -70,11 +70,14 @@ def test_huge_offset_is_a_422_not_a_5xx(fuzz_client: asgi.ASGIClient, path: str,
     assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "query.offset", r.text
 
 
-@pytest.mark.parametrize(("dataset", "status", "code"), [
-    ("a\x00b", 400, "invalid_dataset_path"),
-    ("~no-such-user/x", 404, "dataset_not_found"),  # no `~` expansion: a relative name under the first root
-    ("~/../../..", 400, "dataset_outside_roots"),
-])
+@pytest.mark.parametrize(
+    ("dataset", "status", "code"),
+    [
+        ("a\x00b", 400, "invalid_dataset_path"),
+        ("~no-such-user/x", 404, "dataset_not_found"),  # no `~` expansion: a relative name under the first root
+        ("~/../../..", 400, "dataset_outside_roots"),
+    ],
+)
 def test_unresolvable_dataset_path_is_a_4xx(fuzz_client: asgi.ASGIClient, dataset: str, status: int, code: str) -> None:
     r = fuzz_client.post("/train-jobs", json={"dataset": dataset})
     assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text

@@ -73,19 +73,19 @@ def jpeg_bomb() -> bytes:
     """A real JPEG whose SOF0 says 65000 x 65000."""
     data = bytearray(_save(_rgb(16), "JPEG"))
     sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = struct.pack(">HH", 65000, 65000)
+    data[sof + 5 : sof + 9] = struct.pack(">HH", 65000, 65000)
     return bytes(data)
 
 
 def tiff_bomb() -> bytes:
     data = bytearray(_save(Image.new("L", (8, 8)), "TIFF"))
     ifd = struct.unpack("<I", data[4:8])[0]
-    for n in range(struct.unpack("<H", data[ifd:ifd + 2])[0]):
+    for n in range(struct.unpack("<H", data[ifd : ifd + 2])[0]):
         entry = ifd + 2 + 12 * n
-        tag, kind = struct.unpack("<HH", data[entry:entry + 4])
+        tag, kind = struct.unpack("<HH", data[entry : entry + 4])
         if tag in (256, 257):  # ImageWidth, ImageLength
             fmt = "<H" if kind == 3 else "<I"
-            data[entry + 8:entry + 8 + struct.calcsize(fmt)] = struct.pack(fmt, 60000)
+            data[entry + 8 : entry + 8 + struct.calcsize(fmt)] = struct.pack(fmt, 60000)
     return bytes(data)
 
 
@@ -163,7 +163,10 @@ CORPUS: dict[str, tuple[Callable[[], bytes], str | set[tuple[int, str]]]] = {
     "jpeg magic, random body": (lambda: b"\xff\xd8\xff" + bytes(noise(32, 32).tobytes()), BROKEN),
     "random bytes": (lambda: noise(64, 64).tobytes(), BROKEN),
     "png with bad crc": (png_bad_crc, BROKEN | {(200, OK)}),
-    "svg (not accepted)": (lambda: b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>', {(415, "unsupported_format")}),
+    "svg (not accepted)": (
+        lambda: b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>',
+        {(415, "unsupported_format")},
+    ),
     "ico (not accepted)": (lambda: _save(_rgb(16), "ICO"), {(415, "unsupported_format")}),
     # decompression bombs
     "png 100000x100000": (png_bomb, BOMB),

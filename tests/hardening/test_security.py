@@ -93,17 +93,30 @@ def test_with_keys_for_reads_every_route_but_probes_and_page_needs_a_key(hardene
         assert unguarded == [], f"routes answering without a key: {unguarded}"
 
 
-@pytest.mark.parametrize("presented", [
-    API_KEY + "x", API_KEY[:-1], API_KEY.upper(), "", " ", "x" * 10_000, "ключ", API_KEY + "\t",
-])
+@pytest.mark.parametrize(
+    "presented",
+    [
+        API_KEY + "x",
+        API_KEY[:-1],
+        API_KEY.upper(),
+        "",
+        " ",
+        "x" * 10_000,
+        "ключ",
+        API_KEY + "\t",
+    ],
+)
 def test_near_miss_keys_are_refused_and_never_crash(keyed: TestClient, presented: str) -> None:
     r = keyed.post("/models/tiny-b/activate", headers={"X-API-Key": presented.encode("utf-8")})
     assert r.status_code == 401, r.text
 
 
 def test_either_configured_key_and_either_header_work(keyed: TestClient) -> None:
-    for headers in ({"X-API-Key": API_KEY}, {"Authorization": "Bearer second-key-abcdefghijklmnop"},
-                    {"Authorization": f"bearer  {API_KEY} "}):
+    for headers in (
+        {"X-API-Key": API_KEY},
+        {"Authorization": "Bearer second-key-abcdefghijklmnop"},
+        {"Authorization": f"bearer  {API_KEY} "},
+    ):
         assert keyed.post("/models/tiny-a/activate", headers=headers).status_code == 200, headers
 
 
@@ -115,8 +128,9 @@ def test_streamed_body_over_the_limit_is_refused_before_it_is_all_sent(data_dir:
     with live_server(data_dir, SIMCLR_EMBED_MAX_UPLOAD_BYTES=str(limit)) as server:
         port = int(server.url.rsplit(":", 1)[1])
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        sock.sendall(b"POST /embed HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n")
+        sock.sendall(
+            b"POST /embed HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
         sent, answer = 0, b""
         try:
             while sent < total:
@@ -144,8 +158,13 @@ def test_every_torch_load_passes_weights_only_true() -> None:
     calls = []
     for path in sorted((REPO / "trainer").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "load"
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "torch"
+            ):
                 flag = next((k.value for k in node.keywords if k.arg == "weights_only"), None)
                 calls.append((f"{path.name}:{node.lineno}", isinstance(flag, ast.Constant) and flag.value is True))
     assert calls, "no torch.load found: the scan is broken"
@@ -189,8 +208,10 @@ def test_service_never_deserialises_client_data_unsafely() -> None:
                 name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
                 if name in {"eval", "exec"} or (name == "load" and "yaml" in ast.unparse(node.func)):
                     found.append(f"{where} calls {ast.unparse(node.func)}")
-                if any(k.arg == "allow_pickle" and not (isinstance(k.value, ast.Constant) and k.value.value is False)
-                       for k in node.keywords):
+                if any(
+                    k.arg == "allow_pickle" and not (isinstance(k.value, ast.Constant) and k.value.value is False)
+                    for k in node.keywords
+                ):
                     found.append(f"{where} allows pickle")
     assert found == []
 
@@ -205,8 +226,11 @@ def test_the_broker_accepts_json_only() -> None:
 
 
 def test_cors_is_closed_by_default_on_every_route(keyed: TestClient) -> None:
-    preflight = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "x-api-key"}
+    preflight = {
+        "Origin": "https://evil.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "x-api-key",
+    }
     for method, path in _routes(keyed.app):
         r = keyed.options(_url(path), headers=preflight)
         assert "access-control-allow-origin" not in r.headers, (method, path)
@@ -224,9 +248,13 @@ def test_secrets_come_from_the_environment_and_are_never_shown(
     assert [k.get_secret_value() for k in settings.api_keys] == [API_KEY, "other-key-0987654321"]
     assert API_KEY not in repr(settings) and API_KEY not in str(settings.model_dump())
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
-        shown = [client.get("/openapi.json").text, client.get("/readyz").text, client.get("/metrics").text,
-                 client.post("/models/x/activate", headers={"X-API-Key": API_KEY + "!"}).text,
-                 client.post("/embed", files=[("files", ("a.png", png(noise(8, 8)), "image/png"))]).text]
+        shown = [
+            client.get("/openapi.json").text,
+            client.get("/readyz").text,
+            client.get("/metrics").text,
+            client.post("/models/x/activate", headers={"X-API-Key": API_KEY + "!"}).text,
+            client.post("/embed", files=[("files", ("a.png", png(noise(8, 8)), "image/png"))]).text,
+        ]
         assert not any(API_KEY in text for text in shown)
     compose = (REPO / "docker-compose.yml").read_text()
     assert "SIMCLR_EMBED_API_KEYS: ${SIMCLR_EMBED_API_KEYS:?" in compose  # compose refuses to start without keys

@@ -22,22 +22,34 @@ LOCK_TTL_S = 3.0  # a killed worker's job is re-sent about this long after its l
 
 # The tiny run every test uses: seconds on one CPU thread, checkpoints every 2 steps.
 TINY_JOB: dict[str, Any] = {
-    "method": "simclr", "backbone": "resnet18", "small_stem": True, "image_size": 16, "batch_size": 16,
-    "epochs": 1, "max_steps": 6, "warmup_epochs": 0.0, "num_workers": 0, "checkpoint_every_steps": 2,
-    "log_every_steps": 1, "precision": "fp32", "channels_last": False,
+    "method": "simclr",
+    "backbone": "resnet18",
+    "small_stem": True,
+    "image_size": 16,
+    "batch_size": 16,
+    "epochs": 1,
+    "max_steps": 6,
+    "warmup_epochs": 0.0,
+    "num_workers": 0,
+    "checkpoint_every_steps": 2,
+    "log_every_steps": 1,
+    "precision": "fp32",
+    "channels_last": False,
 }
 
 
 def base_env(data_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIMCLR_EMBED_")}
-    env.update({
-        "SIMCLR_EMBED_DATA_DIR": str(data_dir),
-        "SIMCLR_EMBED_DATASET_ROOTS": str(data_dir / "datasets"),
-        "SIMCLR_EMBED_JOB_LOCK_TTL_S": str(LOCK_TTL_S),
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "SIMCLR_EMBED_DATA_DIR": str(data_dir),
+            "SIMCLR_EMBED_DATASET_ROOTS": str(data_dir / "datasets"),
+            "SIMCLR_EMBED_JOB_LOCK_TTL_S": str(LOCK_TTL_S),
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
@@ -82,8 +94,18 @@ class Stack(Api):
         self.workers: list[subprocess.Popen[bytes]] = []
         port = free_port()
         self.api = self._spawn(
-            "api", [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--host", "127.0.0.1",
-                    "--port", str(port)],
+            "api",
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "service.app:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
         )
         super().__init__(f"http://127.0.0.1:{port}", tmp / "data")
         try:

@@ -33,7 +33,9 @@ def job_lifecycle_to_served_model(api: Api, digits: np.ndarray) -> None:
 
     running = wait_until(
         lambda: (job := api.job(job_id))["state"] == "running" and (job["progress"] or {}).get("step", 0) > 0 and job,
-        120, "progress with a step while the job runs", every_s=0.1,
+        120,
+        "progress with a step while the job runs",
+        every_s=0.1,
     )
     progress = running["progress"]
     assert 0 < progress["step"] <= progress["total_steps"] == 5
@@ -120,8 +122,21 @@ def test_jobs_cli_submits_shows_lists_and_cancels(stack: Stack, capsys: pytest.C
         status = cli.main(["--api", stack.base_url, *argv])
         return status, json.loads(capsys.readouterr().out)
 
-    status, created = run("submit", "digits.npz", "--set", "max_steps=400", "--set", "image_size=16",
-                          "--set", "batch_size=16", "--set", "num_workers=0", "--no-activate", "--name", "from-cli")
+    status, created = run(
+        "submit",
+        "digits.npz",
+        "--set",
+        "max_steps=400",
+        "--set",
+        "image_size=16",
+        "--set",
+        "batch_size=16",
+        "--set",
+        "num_workers=0",
+        "--no-activate",
+        "--name",
+        "from-cli",
+    )
     assert status == 0 and created["state"] == "queued"
     status, shown = run("show", created["id"])
     assert status == 0 and shown["name"] == "from-cli" and shown["request"]["max_steps"] == 400

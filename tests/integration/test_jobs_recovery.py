@@ -39,7 +39,7 @@ def test_killed_worker_job_resumes_from_checkpoint_and_publishes_once(stack: Sta
     events = [json.loads(line) for line in (stack.run_dir(job_id) / "metrics.jsonl").read_text().splitlines()]
     resumes = [e for e in events if e.get("event") == "resume"]
     assert len(resumes) == 1 and resumes[0]["step"] >= 2, resumes
-    after_resume = events[events.index(resumes[0]) + 1:]
+    after_resume = events[events.index(resumes[0]) + 1 :]
     steps = [e["step"] for e in after_resume if "loss" in e]
     assert steps[0] == resumes[0]["step"] + 1 and steps[-1] == 7  # went on from the checkpoint, not from 0
 

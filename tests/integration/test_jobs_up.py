@@ -26,12 +26,17 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def start_up(data_dir: Path, **env: str) -> tuple[Api, subprocess.Popen[bytes], int]:
     """`simclr-embed up` over `data_dir` on free ports; returns once its API answers."""
     port, broker_port = free_port(), free_port()
-    env = {**base_env(data_dir), "SIMCLR_EMBED_PORT": str(port), "SIMCLR_EMBED_EMBEDDED_BROKER_PORT": str(broker_port),
-           **env}
+    env = {
+        **base_env(data_dir),
+        "SIMCLR_EMBED_PORT": str(port),
+        "SIMCLR_EMBED_EMBEDDED_BROKER_PORT": str(broker_port),
+        **env,
+    }
     log_path = data_dir.parent / "up.log"
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "up"], cwd=REPO, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "up"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     api = Api(f"http://127.0.0.1:{port}", data_dir)
 
     def answering() -> bool:
@@ -56,7 +61,9 @@ def stop_up(api: Api, proc: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture(scope="module")
-def up(tmp_path_factory: pytest.TempPathFactory, digits_path: Path) -> Iterator[tuple[Api, subprocess.Popen[bytes], int]]:
+def up(
+    tmp_path_factory: pytest.TempPathFactory, digits_path: Path
+) -> Iterator[tuple[Api, subprocess.Popen[bytes], int]]:
     data_dir = tmp_path_factory.mktemp("up") / "data"
     (data_dir / "datasets").mkdir(parents=True)
     shutil.copyfile(digits_path, data_dir / "datasets" / "digits.npz")
@@ -91,6 +98,7 @@ def test_first_start_trains_the_demo_and_search_works(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     api, proc, _ = start_up(data_dir)  # the demo is on by default
     try:
+
         def indexed() -> dict | None:
             page = api.http.get("/items", params={"limit": 1000}).json()
             return page if page["total"] == 300 else None

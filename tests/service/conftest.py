@@ -45,9 +45,13 @@ class TinyEncoder(nn.Module):
         super().__init__()
         torch.manual_seed(seed)
         self.net = nn.Sequential(
-            nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, DIM, 3, stride=2, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(3, 16, 3, stride=2, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, DIM, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.feature_dim = DIM
 
@@ -57,8 +61,13 @@ class TinyEncoder(nn.Module):
 
 def _card(model_id: str) -> ModelCard:
     return ModelCard(
-        model_id=model_id, method="simclr", backbone="tiny-cnn", input_size=SIZE, embedding_dim=DIM,
-        resize_policy=ResizePolicy(SIZE).to_json(), created_at=f"2024-01-01T00:00:0{model_id[-1] == 'b':d}Z",
+        model_id=model_id,
+        method="simclr",
+        backbone="tiny-cnn",
+        input_size=SIZE,
+        embedding_dim=DIM,
+        resize_policy=ResizePolicy(SIZE).to_json(),
+        created_at=f"2024-01-01T00:00:0{model_id[-1] == 'b':d}Z",
     )
 
 
@@ -131,13 +140,32 @@ def live_server(data_dir: Path, **env: str) -> Iterator[LiveServer]:
     port = free_port()
     log = data_dir / f"server-{port}.log"
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SIMCLR_EMBED_")}
-    environ.update({"SIMCLR_EMBED_DATA_DIR": str(data_dir), "SIMCLR_EMBED_ORT_INTRA_OP_THREADS": "1",
-                    "SIMCLR_EMBED_ACTIVE_POLL_S": "0.2", **env})
+    environ.update(
+        {
+            "SIMCLR_EMBED_DATA_DIR": str(data_dir),
+            "SIMCLR_EMBED_ORT_INTRA_OP_THREADS": "1",
+            "SIMCLR_EMBED_ACTIVE_POLL_S": "0.2",
+            **env,
+        }
+    )
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-             "--log-level", "warning"],
-            cwd=REPO, env=environ, stdout=out, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=REPO,
+            env=environ,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     server = LiveServer(f"http://127.0.0.1:{port}", proc, log)
 
@@ -169,8 +197,9 @@ def direct_ort(data_dir: Path, model_id: str, images: list[Image.Image] | np.nda
     batch = images if isinstance(images, np.ndarray) else ResizePolicy(SIZE).batch(images)  # [N, S, S, 3]
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(data_dir / "models" / model_id / "model.onnx"), options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(data_dir / "models" / model_id / "model.onnx"), options, providers=["CPUExecutionProvider"]
+    )
     return session.run(["embedding"], {"images": batch})[0]
 
 

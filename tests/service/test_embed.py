@@ -51,7 +51,9 @@ def test_larger_images_go_through_the_model_resize_policy(
     big = np.asarray(Image.fromarray(cifar_images[3]).resize((96, 64), Image.Resampling.NEAREST))  # 64x96
     response = client.post("/embed", files=multipart([png(big)]))
     assert response.status_code == 200
-    np.testing.assert_allclose(parse_vectors(response), direct_ort(data_dir, MODEL_A, [Image.fromarray(big)]), atol=1e-6)
+    np.testing.assert_allclose(
+        parse_vectors(response), direct_ort(data_dir, MODEL_A, [Image.fromarray(big)]), atol=1e-6
+    )
 
 
 def _batch_stats(metrics_text: str) -> tuple[float, float]:
@@ -65,6 +67,7 @@ def test_32_concurrent_clients_are_batched(data_dir: Path, cifar_images: np.ndar
     """Real uvicorn; 32 clients each send 4 one-image requests; every answer is that image's."""
     expected = direct_ort(data_dir, MODEL_A, cifar_images[:32])
     with live_server(data_dir, SIMCLR_EMBED_BATCH_MAX_WAIT_MS="5") as server:
+
         def client(i: int) -> list[np.ndarray]:
             with httpx.Client(base_url=server.url, timeout=30) as http:
                 out = []
@@ -96,6 +99,7 @@ def test_hot_swap_while_embedding_loses_no_request(data_dir: Path, cifar_images:
     started_after_swap: list[str] = []  # model ids of requests sent after activation returned
     swapped, back = threading.Event(), threading.Event()
     with live_server(data_dir, SIMCLR_EMBED_RETIRED_MODEL_TTL_S="0") as server:
+
         def client(i: int) -> int:
             done = 0
             with httpx.Client(base_url=server.url, timeout=30) as http:

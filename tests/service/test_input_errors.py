@@ -31,8 +31,10 @@ def strict(data_dir: Path) -> Iterator[TestClient]:
 
 def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     """A valid PNG header announcing width x height greyscale pixels, with a tiny payload."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
@@ -65,26 +67,48 @@ def test_bad_images(strict: TestClient, cifar_images: np.ndarray, name: str) -> 
 
 
 BAD_REQUESTS: dict[str, tuple[dict[str, object], int, str]] = {
-    "malformed json": ({"content": b'{"images": [', "headers": {"Content-Type": "application/json"}}, 422, "malformed_json"),
+    "malformed json": (
+        {"content": b'{"images": [', "headers": {"Content-Type": "application/json"}},
+        422,
+        "malformed_json",
+    ),
     "json not an object": ({"json": ["abc"]}, 422, "invalid_request"),
     "images not a list": ({"json": {"images": "abc"}}, 422, "invalid_request"),
     "image not a string": ({"json": {"images": [3]}}, 422, "invalid_request"),
     "bad base64": ({"json": {"images": ["***"]}}, 422, "invalid_base64"),
     "no images": ({"json": {"images": []}}, 422, "no_images"),
-    "wrong content type": ({"content": b"abc", "headers": {"Content-Type": "text/plain"}}, 415, "unsupported_media_type"),
+    "wrong content type": (
+        {"content": b"abc", "headers": {"Content-Type": "text/plain"}},
+        415,
+        "unsupported_media_type",
+    ),
     "no content type": ({"content": b"abc"}, 415, "unsupported_media_type"),
     # a part never closed by its boundary is dropped by the parser: nothing usable arrived
     "unterminated multipart": (
-        {"content": b"--xx\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a\"\r\n\r\nabc",
-         "headers": {"Content-Type": "multipart/form-data; boundary=xx"}}, 422, "no_images"),
+        {
+            "content": b'--xx\r\nContent-Disposition: form-data; name="files"; filename="a"\r\n\r\nabc',
+            "headers": {"Content-Type": "multipart/form-data; boundary=xx"},
+        },
+        422,
+        "no_images",
+    ),
     "multipart without boundary": (
-        {"content": b"abc", "headers": {"Content-Type": "multipart/form-data"}}, 422, "malformed_multipart"),
+        {"content": b"abc", "headers": {"Content-Type": "multipart/form-data"}},
+        422,
+        "malformed_multipart",
+    ),
     "field instead of file": ({"data": {"files": "abc"}, "files": {"other": ("a", b"x")}}, 422, "invalid_request"),
     "too many images": ({"files": multipart([png(noise(8, 8, i)) for i in range(9)])}, 413, "too_many_images"),
-    "declared length over the limit": ({"content": b"x" * (LIMIT + 1),
-                                        "headers": {"Content-Type": "application/json"}}, 413, "payload_too_large"),
-    "streamed body over the limit": ({"content": iter([b"x" * 65536] * 5),
-                                      "headers": {"Content-Type": "application/json"}}, 413, "payload_too_large"),
+    "declared length over the limit": (
+        {"content": b"x" * (LIMIT + 1), "headers": {"Content-Type": "application/json"}},
+        413,
+        "payload_too_large",
+    ),
+    "streamed body over the limit": (
+        {"content": iter([b"x" * 65536] * 5), "headers": {"Content-Type": "application/json"}},
+        413,
+        "payload_too_large",
+    ),
 }
 
 
@@ -146,12 +170,15 @@ def test_unusual_but_valid_images_are_embedded_correctly(
 @pytest.mark.integration
 def test_real_server_survives_bad_input(data_dir: Path, cifar_images: np.ndarray) -> None:
     """Over real HTTP: a chunked body over the limit and a bomb get 4xx, the process stays up."""
-    with live_server(data_dir, SIMCLR_EMBED_MAX_UPLOAD_BYTES=str(LIMIT)) as server, httpx.Client(
-        base_url=server.url, timeout=30
-    ) as http:
+    with (
+        live_server(data_dir, SIMCLR_EMBED_MAX_UPLOAD_BYTES=str(LIMIT)) as server,
+        httpx.Client(base_url=server.url, timeout=30) as http,
+    ):
+
         def chunks() -> Iterator[bytes]:
             for _ in range(64):
                 yield b"x" * 65536
+
         big = http.post("/embed", content=chunks(), headers={"Content-Type": "application/json"})
         assert big.status_code == 413 and big.json()["error"]["code"] == "payload_too_large"
         bomb = http.post("/embed", files=multipart([png_bomb()]))

@@ -81,8 +81,19 @@ def test_orphans_are_running_jobs_without_a_lock(store: JobStore) -> None:
 def test_progress_and_capped_loss_history(store: JobStore) -> None:
     job = new(store)
     for step in range(1, 8):
-        store.record_progress(job, {"epoch": 0, "step": step, "total_steps": 7, "loss": 1.0 / step, "lr": 0.1,
-                                    "images_per_s": 10.0, "eta_s": 7.0 - step, "extra": "ignored"})
+        store.record_progress(
+            job,
+            {
+                "epoch": 0,
+                "step": step,
+                "total_steps": 7,
+                "loss": 1.0 / step,
+                "lr": 0.1,
+                "images_per_s": 10.0,
+                "eta_s": 7.0 - step,
+                "extra": "ignored",
+            },
+        )
     record = store.get(job)
     assert record.progress.step == 7 and record.progress.eta_s == 0.0
     assert record.loss_history == [(s, 1.0 / s) for s in range(3, 8)]  # the newest 5

@@ -46,7 +46,9 @@ def make_client(settings: Settings) -> TestClient:
 @pytest.fixture
 def api(layout: Path, private_redis: RedisServer) -> Iterator[TestClient]:
     private_redis.client().flushdb()
-    settings = Settings(data_dir=layout / "data", dataset_roots=[str(layout / "datasets")], broker_url=private_redis.url)
+    settings = Settings(
+        data_dir=layout / "data", dataset_roots=[str(layout / "datasets")], broker_url=private_redis.url
+    )
     yield make_client(settings)
 
 
@@ -90,10 +92,14 @@ def test_invalid_values_answer_422_with_field_errors(api: TestClient) -> None:
 
     missing = api.post("/train-jobs", json={"epochs": 1})
     assert missing.status_code == 422 and [f["field"] for f in error(missing)["fields"]] == ["dataset"]
-    assert api.post("/train-jobs", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
+    assert (
+        api.post("/train-jobs", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
+    )
 
 
-@pytest.mark.parametrize("dataset", ["../outside.npz", "folder/../../outside", "escape", "escape.npz", "escape/../../outside.npz"])
+@pytest.mark.parametrize(
+    "dataset", ["../outside.npz", "folder/../../outside", "escape", "escape.npz", "escape/../../outside.npz"]
+)
 def test_dataset_escaping_the_roots_answers_400(api: TestClient, layout: Path, dataset: str) -> None:
     answer = api.post("/train-jobs", json={**JOB, "dataset": dataset})
     assert answer.status_code == 400
@@ -137,8 +143,12 @@ def test_cancel_queued_job_and_unknown_ids(api: TestClient) -> None:
 
 
 def test_write_key_guards_submit_and_cancel(layout: Path, private_redis: RedisServer) -> None:
-    settings = Settings(data_dir=layout / "data", dataset_roots=[str(layout / "datasets")],
-                        broker_url=private_redis.url, api_keys=["s3cret"])
+    settings = Settings(
+        data_dir=layout / "data",
+        dataset_roots=[str(layout / "datasets")],
+        broker_url=private_redis.url,
+        api_keys=["s3cret"],
+    )
     client = make_client(settings)
     assert client.post("/train-jobs", json=JOB).status_code == 401
     assert client.delete("/train-jobs/x").status_code == 401

@@ -27,7 +27,8 @@ sys.exit(1 if leaked else 0)
 
 
 def test_import_create_app_and_start_without_torch(data_dir: Path) -> None:
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(data_dir)], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(data_dir)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "LEAKED []" in proc.stdout

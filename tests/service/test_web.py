@@ -33,9 +33,14 @@ def test_index_page(web_client: TestClient) -> None:
     assert again.status_code == 304 and again.content == b""
 
 
-@pytest.mark.parametrize(("name", "content_type"), [
-    ("app.js", "text/javascript; charset=utf-8"), ("style.css", "text/css; charset=utf-8"), ("icon.svg", "image/svg+xml"),
-])
+@pytest.mark.parametrize(
+    ("name", "content_type"),
+    [
+        ("app.js", "text/javascript; charset=utf-8"),
+        ("style.css", "text/css; charset=utf-8"),
+        ("icon.svg", "image/svg+xml"),
+    ],
+)
 def test_static_files(web_client: TestClient, name: str, content_type: str) -> None:
     answer = web_client.get(f"/static/{name}")
     assert answer.status_code == 200
@@ -55,8 +60,17 @@ def test_every_module_the_page_imports_is_served(web_client: TestClient) -> None
             assert imported in web_assets(), f"{name} imports ./{imported}, which is not shipped"
 
 
-@pytest.mark.parametrize("path", ["/static/../settings.py", "/static/%2e%2e/app.py", "/static/nope.js", "/static/",
-                                  "/static/index.html", "/static/..%2f..%2fpyproject.toml"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/../settings.py",
+        "/static/%2e%2e/app.py",
+        "/static/nope.js",
+        "/static/",
+        "/static/index.html",
+        "/static/..%2f..%2fpyproject.toml",
+    ],
+)
 def test_nothing_else_is_served(web_client: TestClient, path: str) -> None:
     answer = web_client.get(path)
     assert answer.status_code == 404

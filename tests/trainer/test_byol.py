@@ -102,7 +102,9 @@ def test_byol_step_no_gradient_into_target_and_ema_with_cosine_tau() -> None:
 
 @pytest.mark.parametrize(("image_size", "blur"), [(32, False), (96, True)])
 def test_byol_asymmetric_views(image_size: int, blur: bool) -> None:
-    method = BYOL(TrainConfig(method="byol", image_size=image_size, batch_size=8, proj_hidden_dim=16, pred_hidden_dim=16))
+    method = BYOL(
+        TrainConfig(method="byol", image_size=image_size, batch_size=8, proj_hidden_dim=16, pred_hidden_dim=16)
+    )
     view_a, view_b = method.views_augment()
     assert (view_a.blur, view_a.blur_prob, view_a.solarize_prob) == (blur, 1.0, 0.0)
     assert (view_b.blur, view_b.blur_prob, view_b.solarize_prob) == (blur, 0.1, 0.2)

@@ -62,7 +62,9 @@ def _pixels(data, name: str) -> np.ndarray:
 
 
 def test_folder_decodes_every_kind_and_skips_unreadable(image_tree: Path) -> None:
-    with pytest.warns(SkippedImagesWarning, match=r"skipped 2 .*corrupt\.jpg.*empty\.png|skipped 2 .*empty\.png.*corrupt\.jpg"):
+    with pytest.warns(
+        SkippedImagesWarning, match=r"skipped 2 .*corrupt\.jpg.*empty\.png|skipped 2 .*empty\.png.*corrupt\.jpg"
+    ):
         data = open_dataset(image_tree, S)
     assert len(data) == data.num_images == 10
     assert data.skipped == 2
@@ -251,9 +253,18 @@ def test_npz_fingerprint(tmp_path: Path) -> None:
     y2 = y.copy()
     y2[0] = 5
     np.savez(tmp_path / "c.npz", x_train=x, x_test=x, y_train=y2, y_test=y)
-    prints = {a.fingerprint, open_dataset(tmp_path / "b.npz", S).fingerprint, open_dataset(tmp_path / "c.npz", S).fingerprint}
+    prints = {
+        a.fingerprint,
+        open_dataset(tmp_path / "b.npz", S).fingerprint,
+        open_dataset(tmp_path / "c.npz", S).fingerprint,
+    }
     assert len(prints) == 3
-    assert a.describe() == {"fingerprint": a.fingerprint, "num_images": 6, "skipped": 0, "classes": [str(i) for i in range(6)]}
+    assert a.describe() == {
+        "fingerprint": a.fingerprint,
+        "num_images": 6,
+        "skipped": 0,
+        "classes": [str(i) for i in range(6)],
+    }
 
 
 def test_real_digits(digits_path: Path) -> None:

@@ -51,12 +51,18 @@ def _rank(rank: int, world: int, init_method: str, out: str) -> None:
         z.retain_grad()
         loss = nt_xent_loss(*z.chunk(2), T)
         loss.backward()
-        torch.save({
-            "loss": distributed.all_reduce_mean(loss),
-            "weight_grad": model.weight.grad, "bias_grad": model.bias.grad,
-            "z_grad": z.grad, "gathered": distributed.gather_with_grad(x_a[rows]),
-            "set_up": set_up, "refused": refused,
-        }, Path(out) / f"rank{rank}.pt")
+        torch.save(
+            {
+                "loss": distributed.all_reduce_mean(loss),
+                "weight_grad": model.weight.grad,
+                "bias_grad": model.bias.grad,
+                "z_grad": z.grad,
+                "gathered": distributed.gather_with_grad(x_a[rows]),
+                "set_up": set_up,
+                "refused": refused,
+            },
+            Path(out) / f"rank{rank}.pt",
+        )
     finally:
         distributed.destroy_process_group()
 

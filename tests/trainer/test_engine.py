@@ -24,10 +24,33 @@ from trainer.evaluate import evaluate_encoder
 
 REPO = Path(__file__).resolve().parents[2]
 # 48 images / batch 8 = 6 steps an epoch; the standard stem keeps a 16 px ResNet-18 step cheap.
-TINY = dict(image_size=16, small_stem=False, batch_size=8, num_workers=0, warmup_epochs=1.0, seed=3,
-            log_every_steps=1, checkpoint_every_steps=4)
-CLI_ARGS = ["--image-size", "16", "--no-small-stem", "--batch-size", "8", "--num-workers", "0",
-            "--warmup-epochs", "1", "--seed", "3", "--log-every-steps", "1", "--checkpoint-every-steps", "4"]
+TINY = dict(
+    image_size=16,
+    small_stem=False,
+    batch_size=8,
+    num_workers=0,
+    warmup_epochs=1.0,
+    seed=3,
+    log_every_steps=1,
+    checkpoint_every_steps=4,
+)
+CLI_ARGS = [
+    "--image-size",
+    "16",
+    "--no-small-stem",
+    "--batch-size",
+    "8",
+    "--num-workers",
+    "0",
+    "--warmup-epochs",
+    "1",
+    "--seed",
+    "3",
+    "--log-every-steps",
+    "1",
+    "--checkpoint-every-steps",
+    "4",
+]
 
 
 class StopAfter:
@@ -109,8 +132,11 @@ def test_knn_monitor_scores_the_encoder_each_epoch_without_changing_the_run(tiny
     # The last reading is the kNN of the saved encoder, scored afresh by the evaluation protocol.
     encoder, _, _ = load_encoder(tmp_path / "monitored")
     assert events[-1]["knn_top1"] == evaluate_encoder(encoder, tiny_npz, 16)["knn_top1"]
-    assert [p["knn_top1"] for p in progress if p["step"] in (5, 6, 12)] == [None, events[0]["knn_top1"],
-                                                                            events[1]["knn_top1"]]
+    assert [p["knn_top1"] for p in progress if p["step"] in (5, 6, 12)] == [
+        None,
+        events[0]["knn_top1"],
+        events[1]["knn_top1"],
+    ]
     # Scoring runs in eval mode and draws no random numbers: the run itself is unchanged.
     monitored, plain = (load_checkpoint(checkpoint_path(tmp_path / d))["method"] for d in ("monitored", "plain"))
     for key, value in plain.items():
@@ -139,11 +165,25 @@ def test_cli_config_file_and_overwrite_guard(tiny_npz: Path, tmp_path: Path, cap
     config = tmp_path / "cfg.yaml"
     config.write_text("epochs: 1\nmax_steps: 1\ntemperature: 0.25\naugment:\n  crop_min_scale: 0.3\n")
     out = tmp_path / "run"
-    argv = ["train", "--data", str(tiny_npz), "--out", str(out), "--config", str(config), *CLI_ARGS,
-            "--augment.hflip-prob", "0.0"]
+    argv = [
+        "train",
+        "--data",
+        str(tiny_npz),
+        "--out",
+        str(out),
+        "--config",
+        str(config),
+        *CLI_ARGS,
+        "--augment.hflip-prob",
+        "0.0",
+    ]
     assert cli_main(argv) == 0
     saved = json.loads((out / "config.json").read_text())["config"]
-    assert (saved["temperature"], saved["augment"]["crop_min_scale"], saved["augment"]["hflip_prob"]) == (0.25, 0.3, 0.0)
+    assert (saved["temperature"], saved["augment"]["crop_min_scale"], saved["augment"]["hflip_prob"]) == (
+        0.25,
+        0.3,
+        0.0,
+    )
     assert json.loads(capsys.readouterr().out)["step"] == 1
     assert cli_main(argv) == 2  # a run is there: no silent overwrite without --resume
     assert "--resume" in capsys.readouterr().err
@@ -151,22 +191,42 @@ def test_cli_config_file_and_overwrite_guard(tiny_npz: Path, tmp_path: Path, cap
 
 
 def _cli(out: Path, data: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "trainer.cli", "train", "--data", str(data), "--out", str(out), *CLI_ARGS,
-            "--epochs", "2", "--augment.blur", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "trainer.cli",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        *CLI_ARGS,
+        "--epochs",
+        "2",
+        "--augment.blur",
+        *extra,
+    ]
 
 
 @pytest.mark.integration
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_npz: Path, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    run = lambda out, *extra: subprocess.run(_cli(out, tiny_npz, *extra), env=env, cwd=REPO,  # noqa: E731
-                                             capture_output=True, text=True, timeout=600)
+    run = lambda out, *extra: subprocess.run(
+        _cli(out, tiny_npz, *extra),
+        env=env,
+        cwd=REPO,  # noqa: E731
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     full = run(tmp_path / "full")
     assert full.returncode == 0, full.stderr[-2000:]
 
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(killed_dir, tiny_npz), env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli(killed_dir, tiny_npz), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     ckpt = checkpoint_path(killed_dir)
     deadline = time.monotonic() + 300
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -184,7 +244,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_npz: Path, tmp_path
     assert got["step"] == expected["step"] == 12
     assert expected["method"].keys() == got["method"].keys()
     for key, value in expected["method"].items():
-        torch.testing.assert_close(got["method"][key], value, rtol=1e-6, atol=1e-6, msg=f"{key} (killed at {killed_at})")
+        torch.testing.assert_close(
+            got["method"][key], value, rtol=1e-6, atol=1e-6, msg=f"{key} (killed at {killed_at})"
+        )
 
 
 @pytest.mark.integration

@@ -25,7 +25,9 @@ from trainer.evaluate import (
 from trainer.models import PIXEL_MEAN, PIXEL_STD, Encoder
 
 
-def _knn_reference(train: np.ndarray, train_y: np.ndarray, test: np.ndarray, test_y: np.ndarray, k: int, t: float) -> float:
+def _knn_reference(
+    train: np.ndarray, train_y: np.ndarray, test: np.ndarray, test_y: np.ndarray, k: int, t: float
+) -> float:
     """Plain float64 loop: per test image, sort cosine similarities, sum exp(sim/T) per class."""
     train = train.astype(np.float64) / np.linalg.norm(train.astype(np.float64), axis=1, keepdims=True)
     test = test.astype(np.float64) / np.linalg.norm(test.astype(np.float64), axis=1, keepdims=True)
@@ -41,7 +43,9 @@ def _knn_reference(train: np.ndarray, train_y: np.ndarray, test: np.ndarray, tes
     return correct / len(test)
 
 
-@pytest.mark.parametrize(("n", "d", "classes", "k", "t"), [(120, 16, 4, 10, 0.1), (60, 5, 3, 200, 0.5), (200, 32, 10, 1, 0.07)])
+@pytest.mark.parametrize(
+    ("n", "d", "classes", "k", "t"), [(120, 16, 4, 10, 0.1), (60, 5, 3, 200, 0.5), (200, 32, 10, 1, 0.07)]
+)
 def test_knn_matches_float64_loop_on_random_data(n: int, d: int, classes: int, k: int, t: float) -> None:
     rng = np.random.default_rng(n)
     centres = rng.normal(size=(classes, d))

@@ -97,7 +97,9 @@ def exported(request, tmp_path_factory, cifar_images, cifar5k_path):
     cfg = TrainConfig(backbone=backbone, image_size=size, small_stem=small_stem, batch_size=64, epochs=1)
     root = tmp_path_factory.mktemp(request.param)
     run_dir = make_run_dir(root / "run", encoder, cfg, str(cifar5k_path))
-    (run_dir / "result.json").write_text(json.dumps({"step": 10, "loss": 5.5, "stopped": False, "metrics": {"knn_top1": 0.4125}}))
+    (run_dir / "result.json").write_text(
+        json.dumps({"step": 10, "loss": 5.5, "stopped": False, "metrics": {"knn_top1": 0.4125}})
+    )
     registry = ModelRegistry(root / "models")
     card = export_run(run_dir, registry, activate=True)
     return run_dir, registry, card, encoder, size

@@ -276,7 +276,10 @@ def test_moco_ddp_step_shuffles_bn_gathers_keys_and_matches_one_process(tmp_path
     for r, (x_a, x_b) in enumerate(views):
         q_a, q_b = method._query(torch.cat([x_a, x_b])).chunk(2)  # [N, P] each
         t = method.cfg.temperature
-        losses.append((info_nce_loss(q_a, key_b[rows(r)], queue_before, t) + info_nce_loss(q_b, key_a[rows(r)], queue_before, t)) / 2)
+        losses.append(
+            (info_nce_loss(q_a, key_b[rows(r)], queue_before, t) + info_nce_loss(q_b, key_a[rows(r)], queue_before, t))
+            / 2
+        )
     for r in range(WORLD):
         assert got[r]["loss"].item() == pytest.approx(losses[r].item(), rel=1e-5)
     # DDP averages the ranks' gradients: the step equals one on the mean of the two losses.

@@ -25,7 +25,9 @@ def reference_nt_xent(z_a: np.ndarray, z_b: np.ndarray, temperature: float) -> f
     return total / two_n
 
 
-@pytest.mark.parametrize(("n", "d", "temperature"), [(1, 3, 0.5), (2, 3, 0.1), (5, 16, 0.5), (8, 7, 1.0), (16, 32, 0.07)])
+@pytest.mark.parametrize(
+    ("n", "d", "temperature"), [(1, 3, 0.5), (2, 3, 0.1), (5, 16, 0.5), (8, 7, 1.0), (16, 32, 0.07)]
+)
 def test_matches_float64_loop_on_random_inputs(n: int, d: int, temperature: float) -> None:
     g = torch.Generator().manual_seed(n * 100 + d)
     z_a, z_b = torch.randn(n, d, generator=g) * 3, torch.randn(n, d, generator=g)
@@ -56,7 +58,9 @@ def test_stable_at_tiny_temperature_and_scale_invariant() -> None:
     z_a, z_b = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
     loss = nt_xent_loss(z_a, z_b, 1e-3)
     assert torch.isfinite(loss)
-    assert nt_xent_loss(z_a * 1e3, z_b * 1e-3, 0.3).item() == pytest.approx(nt_xent_loss(z_a, z_b, 0.3).item(), rel=1e-5)
+    assert nt_xent_loss(z_a * 1e3, z_b * 1e-3, 0.3).item() == pytest.approx(
+        nt_xent_loss(z_a, z_b, 0.3).item(), rel=1e-5
+    )
 
 
 def test_gradcheck_float64() -> None:

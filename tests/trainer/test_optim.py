@@ -34,8 +34,10 @@ def test_lars_matches_hand_computed_steps() -> None:
     g = torch.Generator().manual_seed(0)
     layer = nn.Linear(4, 3).double()
     w0, b0 = layer.weight.detach().clone(), layer.bias.detach().clone()
-    grads = [(torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64))
-             for _ in range(3)]
+    grads = [
+        (torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64))
+        for _ in range(3)
+    ]
     lrs = [0.5, 2.0, 1.0]  # the rate changes between steps, as under a schedule
     momentum, wd, eta = 0.9, 0.1, 0.001
     opt = LARS(param_groups(layer, wd), lr=lrs[0], momentum=momentum, eta=eta)
@@ -44,9 +46,13 @@ def test_lars_matches_hand_computed_steps() -> None:
             group["lr"] = lr
         layer.weight.grad, layer.bias.grad = gw.clone(), gb.clone()
         opt.step()
-    expected_w = reference_lars(w0.flatten().tolist(), [gw.flatten().tolist() for gw, _ in grads], lrs, momentum, wd, eta, False)
+    expected_w = reference_lars(
+        w0.flatten().tolist(), [gw.flatten().tolist() for gw, _ in grads], lrs, momentum, wd, eta, False
+    )
     expected_b = reference_lars(b0.tolist(), [gb.tolist() for _, gb in grads], lrs, momentum, wd, eta, True)
-    torch.testing.assert_close(layer.weight.flatten(), torch.tensor(expected_w, dtype=torch.float64), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(
+        layer.weight.flatten(), torch.tensor(expected_w, dtype=torch.float64), rtol=1e-12, atol=1e-14
+    )
     torch.testing.assert_close(layer.bias, torch.tensor(expected_b, dtype=torch.float64), rtol=1e-12, atol=1e-14)
     # The adapted weight moved much less than lr * g: the trust ratio is in effect.
     assert (layer.weight - w0).abs().max() < 0.05 * (layer.bias - b0).abs().max()
@@ -66,8 +72,12 @@ def test_build_optimizer_excludes_biases_and_bn(name: str) -> None:
     method = build_method(cfg)
     opt = build_optimizer(method, cfg)
     weights, excluded = opt.param_groups
-    bn_and_bias = {id(p) for m in method.modules() for p in m.parameters(recurse=False)
-                   if isinstance(m, nn.modules.batchnorm._BatchNorm) or p.ndim == 1}
+    bn_and_bias = {
+        id(p)
+        for m in method.modules()
+        for p in m.parameters(recurse=False)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) or p.ndim == 1
+    }
     assert {id(p) for p in excluded["params"]} == bn_and_bias
     assert excluded["lars_exclude"] and excluded["weight_decay"] == 0.0
     assert not weights["lars_exclude"] and weights["weight_decay"] == 1e-4

@@ -25,8 +25,14 @@ from trainer.cli import main as cli_main
 from trainer.engine import train
 
 STEPS = 4
-TORCHRUN_ENV = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+TORCHRUN_ENV = {
+    "RANK": "0",
+    "WORLD_SIZE": "1",
+    "LOCAL_RANK": "0",
+    "LOCAL_WORLD_SIZE": "1",
+    "MASTER_ADDR": "127.0.0.1",
+    "MASTER_PORT": "29500",
+}
 
 
 def _losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -34,8 +40,14 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
 
 
 def test_torchrun_launch_reads_the_launcher_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in {**TORCHRUN_ENV, "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
-                       "TORCHELASTIC_RESTART_COUNT": "2"}.items():
+    for key, value in {
+        **TORCHRUN_ENV,
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "4",
+        "TORCHELASTIC_RESTART_COUNT": "2",
+    }.items():
         monkeypatch.setenv(key, value)
     assert distributed.torchrun_launch() == distributed.Launch(rank=5, world=8, local_rank=1, local_world=4, restart=2)
     monkeypatch.delenv("MASTER_PORT")
@@ -73,12 +85,19 @@ def test_torchrun_two_processes_match_the_engines_own_two_processes(tiny_npz: Pa
     launched = tmp_path / "torchrun"
     venv_bin = str(Path(sys.executable).parent)
     env = {k: v for k, v in os.environ.items() if k not in distributed.LAUNCHER_ENV}
-    env.update({
-        "PATH": f"{venv_bin}:{env.get('PATH', '/usr/bin:/bin')}", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-        "SIMCLR_EMBED_RDZV_HOST": "127.0.0.1", "SIMCLR_EMBED_RDZV_PORT": str(distributed.free_port()),
-        "SIMCLR_EMBED_RDZV_ID": uuid.uuid4().hex, "SIMCLR_EMBED_NNODES": "1", "SIMCLR_EMBED_NPROC_PER_NODE": "2",
-        "SIMCLR_EMBED_MAX_RESTARTS": "0",
-    })
+    env.update(
+        {
+            "PATH": f"{venv_bin}:{env.get('PATH', '/usr/bin:/bin')}",
+            "PYTHONPATH": str(REPO),
+            "OMP_NUM_THREADS": "1",
+            "SIMCLR_EMBED_RDZV_HOST": "127.0.0.1",
+            "SIMCLR_EMBED_RDZV_PORT": str(distributed.free_port()),
+            "SIMCLR_EMBED_RDZV_ID": uuid.uuid4().hex,
+            "SIMCLR_EMBED_NNODES": "1",
+            "SIMCLR_EMBED_NPROC_PER_NODE": "2",
+            "SIMCLR_EMBED_MAX_RESTARTS": "0",
+        }
+    )
     run = subprocess.run(
         [shutil.which("bash") or "/bin/bash", str(REPO / "deploy" / "torchrun-multinode.sh"),
          "--data", str(tiny_npz), "--out", str(launched), *CLI_ARGS, "--epochs", "1", "--max-steps", str(STEPS),
@@ -92,8 +111,10 @@ def test_torchrun_two_processes_match_the_engines_own_two_processes(tiny_npz: Pa
     assert [step for step, _ in _losses(launched)] == list(range(1, STEPS + 1))
     assert _losses(launched) == _losses(spawned)
     assert json.loads((launched / "result.json").read_text())["step"] == STEPS
-    assert json.loads((launched / "config.json").read_text())["config"] == json.loads(
-        (spawned / "config.json").read_text())["config"]
+    assert (
+        json.loads((launched / "config.json").read_text())["config"]
+        == json.loads((spawned / "config.json").read_text())["config"]
+    )
     expected, got = load_checkpoint(checkpoint_path(spawned)), load_checkpoint(checkpoint_path(launched))
     assert got["world_size"] == 2 and len(got["rng"]) == 2 and got["step"] == STEPS
     assert expected["method"].keys() == got["method"].keys()

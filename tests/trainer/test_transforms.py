@@ -43,8 +43,14 @@ def _within_5_sigma(count: int, n: int, p: float) -> bool:
 
 def test_parameter_statistics_match_the_config() -> None:
     aug_cfg = AugmentConfig(
-        crop_min_scale=0.08, hflip_prob=0.5, color_strength=0.5, color_jitter_prob=0.8,
-        grayscale_prob=0.2, blur=True, blur_prob=0.5, solarize_prob=0.3,
+        crop_min_scale=0.08,
+        hflip_prob=0.5,
+        color_strength=0.5,
+        color_jitter_prob=0.8,
+        grayscale_prob=0.2,
+        blur=True,
+        blur_prob=0.5,
+        solarize_prob=0.3,
     )
     n = 20_000
     p = SimCLRAugment(aug_cfg, 32).sample_params(n, generator=torch.Generator().manual_seed(0))

@@ -27,7 +27,9 @@ def info_nce_logits(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor,
     return torch.cat([l_pos, l_neg], dim=1) / temperature  # [N, 1 + K]
 
 
-def info_nce_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+def info_nce_loss(
+    query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, temperature: float = 0.2
+) -> torch.Tensor:
     """Mean cross-entropy of :func:`info_nce_logits` with the positive at index 0; a scalar."""
     logits = info_nce_logits(query, key, queue, temperature)
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)

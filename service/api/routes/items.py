@@ -41,7 +41,10 @@ def _metadata_list(raw: Any, count: int) -> list[dict[str, Any] | None]:
 
 
 @router.post(
-    "/items", status_code=201, response_model=ItemsAdded, dependencies=[Depends(require_write_key)],
+    "/items",
+    status_code=201,
+    response_model=ItemsAdded,
+    dependencies=[Depends(require_write_key)],
     responses=error_responses(401, 409, 413, 415, 422, 503),
 )
 async def add_items(
@@ -74,13 +77,18 @@ def list_items(
     page, total = items.page(offset, limit)
     nxt = offset + len(page)
     return ItemPage(
-        items=[ItemOut.of(i) for i in page], total=total, offset=offset, limit=limit,
+        items=[ItemOut.of(i) for i in page],
+        total=total,
+        offset=offset,
+        limit=limit,
         next_offset=nxt if nxt < total else None,
     )
 
 
 @router.get(
-    "/items/{item_id}", response_model=ItemOut, dependencies=[Depends(require_read_key)],
+    "/items/{item_id}",
+    response_model=ItemOut,
+    dependencies=[Depends(require_read_key)],
     responses=error_responses(401, 404),
 )
 def get_item(item_id: str, items: ItemsDep) -> ItemOut:

@@ -84,7 +84,10 @@ Jobs = Annotated[JobClient, Depends(get_jobs)]
 
 
 @router.post(
-    "", status_code=status.HTTP_202_ACCEPTED, response_model=JobCreated, dependencies=[Depends(require_write_key)],
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobCreated,
+    dependencies=[Depends(require_write_key)],
     responses=error_responses(400, 401, 404, 422, 503),
 )
 def submit_job(body: TrainJobRequest, request: Request, response: Response, jobs: Jobs) -> dict[str, Any]:
@@ -114,7 +117,9 @@ def list_jobs(jobs: Jobs, offset: Offset = 0, limit: Annotated[int, Query(ge=1, 
 
 
 @router.get(
-    "/{job_id}", response_model=JobRecord, dependencies=[Depends(require_read_key)],
+    "/{job_id}",
+    response_model=JobRecord,
+    dependencies=[Depends(require_read_key)],
     responses=error_responses(401, 404, 503),
 )
 def get_job(job_id: str, jobs: Jobs) -> JobRecord:
@@ -123,8 +128,11 @@ def get_job(job_id: str, jobs: Jobs) -> JobRecord:
 
 
 @router.delete(
-    "/{job_id}", status_code=status.HTTP_202_ACCEPTED, response_model=JobRecord,
-    dependencies=[Depends(require_write_key)], responses=error_responses(401, 404, 503),
+    "/{job_id}",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobRecord,
+    dependencies=[Depends(require_write_key)],
+    responses=error_responses(401, 404, 503),
 )
 def cancel_job(job_id: str, jobs: Jobs) -> JobRecord:
     """Cancel: a queued job at once; a running one stops at its next step and keeps its checkpoint."""

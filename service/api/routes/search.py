@@ -48,7 +48,10 @@ def _k_field(values: list[str] | None) -> int:
 
 
 @router.post(
-    "/search", response_model=SearchResponse, openapi_extra=_OPENAPI, dependencies=[Depends(require_read_key)],
+    "/search",
+    response_model=SearchResponse,
+    openapi_extra=_OPENAPI,
+    dependencies=[Depends(require_read_key)],
     responses=error_responses(401, 404, 413, 415, 422, 503),
 )
 async def search(request: Request, items: ItemsDep, settings: SettingsDep) -> SearchResponse:
@@ -60,13 +63,16 @@ async def search(request: Request, items: ItemsDep, settings: SettingsDep) -> Se
         if unexpected := sorted(set(upload.fields) - {"k"}):
             # e.g. an `item_id` beside the image: which query was meant is ambiguous, so say so.
             raise ApiError(
-                422, "unexpected_fields",
+                422,
+                "unexpected_fields",
                 f"search by image takes a `file` part and an optional `k` field; unexpected: {', '.join(unexpected)}",
             )
         model_id, hits = await items.search_image(upload.images[0].image, _k_field(upload.fields.get("k")))
     else:
         if content_type != "application/json":
-            raise ApiError(415, "unsupported_media_type", "send JSON {\"vector\"|\"item_id\", \"k\"} or multipart with a `file` part")
+            raise ApiError(
+                415, "unsupported_media_type", 'send JSON {"vector"|"item_id", "k"} or multipart with a `file` part'
+            )
         try:
             body = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError) as exc:
@@ -79,4 +85,6 @@ async def search(request: Request, items: ItemsDep, settings: SettingsDep) -> Se
             model_id, hits = await run_in_threadpool(items.search_item, query.item_id, query.k)
         else:
             model_id, hits = await run_in_threadpool(items.search_vector, query.vector, query.k)
-    return SearchResponse(model_id=model_id, results=[SearchHit(id=h.id, score=h.score, metadata=h.metadata) for h in hits])
+    return SearchResponse(
+        model_id=model_id, results=[SearchHit(id=h.id, score=h.score, metadata=h.metadata) for h in hits]
+    )

@@ -73,7 +73,9 @@ def _answer(request: Request, asset: Asset, extra: dict[str, str] | None = None)
 @router.api_route("/", methods=["GET", "HEAD"])
 def index(request: Request) -> Response:
     """The single page: Search, Jobs and Models as hash-routed tabs."""
-    return _answer(request, web_assets()["index.html"], {"Content-Security-Policy": _CSP, "Referrer-Policy": "no-referrer"})
+    return _answer(
+        request, web_assets()["index.html"], {"Content-Security-Policy": _CSP, "Referrer-Policy": "no-referrer"}
+    )
 
 
 @router.api_route("/static/{name:path}", methods=["GET", "HEAD"])

@@ -101,7 +101,10 @@ def test_duplicates_replace_and_errors(client: TestClient) -> None:
     two_k = client.post("/search", files=[("file", ("q.png", a, "image/png")), ("k", (None, "1")), ("k", (None, "2"))])
     assert code(two_k) == (422, "invalid_request")
     assert code(client.post("/search", json={"k": 3}))[0] == 422
-    assert code(client.post("/search", content=b"{nope", headers={"content-type": "application/json"})) == (422, "malformed_json")
+    assert code(client.post("/search", content=b"{nope", headers={"content-type": "application/json"})) == (
+        422,
+        "malformed_json",
+    )
     assert code(client.post("/search", files={"file": ("q.png", a, "image/png")}, data={"k": "x"}))[0] == 422
     assert client.get("/items", params={"limit": 0}).status_code == 422
     assert client.get("/items/x").status_code == 200  # still answering
@@ -135,5 +138,6 @@ def test_activation_reembeds_and_swaps_when_complete(client: TestClient) -> None
     assert {i["id"]: i["models"] for i in listed if i["id"] in ids} == {i: [MODEL_A, MODEL_B] for i in ids}
     for i, image in enumerate(images):
         assert search_image(client, image, 1).json() == {
-            "model_id": MODEL_B, "results": [{"id": ids[i], "score": pytest.approx(1.0, abs=1e-5), "metadata": None}]
+            "model_id": MODEL_B,
+            "results": [{"id": ids[i], "score": pytest.approx(1.0, abs=1e-5), "metadata": None}],
         }
