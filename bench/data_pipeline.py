@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.contract.train_config import AugmentConfig  # noqa: E402
-from trainer.data import open_dataset  # noqa: E402
-from trainer.transforms import SimCLRAugment  # noqa: E402
+from service.contract.train_config import AugmentConfig
+from trainer.data import open_dataset
+from trainer.transforms import SimCLRAugment
 
 
 def decode_rate(folder: Path, image_size: int, limit: int, workers: int) -> dict[str, float]:

@@ -35,10 +35,10 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the tests' server fixture and the helpers it imports
 
-from service.contract.imaging import ResizePolicy  # noqa: E402
-from service.contract.registry import ModelCard, ModelRegistry  # noqa: E402
-from service.runtime import default_providers  # noqa: E402
-from tests.service.conftest import live_server  # noqa: E402
+from service.contract.imaging import ResizePolicy
+from service.contract.registry import ModelCard, ModelRegistry
+from service.runtime import default_providers
+from tests.service.conftest import live_server
 
 
 def load_images(count: int, size: int) -> np.ndarray:

@@ -21,11 +21,10 @@ import tempfile
 from pathlib import Path
 
 import httpx
-
 from load_test import REPO, build_data_dir, live_server, noise_images  # bench/ is sys.path[0]
 
 sys.path.insert(0, str(REPO / "tests"))
-from _procs import RedisServer  # noqa: E402
+from _procs import RedisServer
 
 # Checks the schema cannot satisfy, with the reason (docs/reliability.md, "Excluded everywhere"):
 # positive_data_acceptance: the schema cannot say "bytes that decode as an image", so a

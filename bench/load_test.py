@@ -29,7 +29,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the tests' fixtures module and the helpers it imports
 
-from tests.service.conftest import DIM, SIZE, TinyEncoder, live_server  # noqa: E402  (the tests' tiny encoder)
+from tests.service.conftest import DIM, SIZE, TinyEncoder, live_server
 
 MODEL_ID = "load-tiny"
 

@@ -31,13 +31,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from service.contract.recipes import Recipe  # noqa: E402
-from service.contract.train_config import TrainConfig  # noqa: E402
-from trainer.checkpoint import load_encoder, read_metrics  # noqa: E402
-from trainer.engine import train  # noqa: E402
-from trainer.evaluate import labeled_splits, raw_pixel_baseline  # noqa: E402
-from trainer.models import Encoder  # noqa: E402
-from knn_quality import given_flags, probe, recipe_for  # noqa: E402
+from knn_quality import given_flags, probe, recipe_for
+
+from service.contract.recipes import Recipe
+from service.contract.train_config import TrainConfig
+from trainer.checkpoint import load_encoder, read_metrics
+from trainer.engine import train
+from trainer.evaluate import labeled_splits, raw_pixel_baseline
+from trainer.models import Encoder
 
 METHODS = ("simclr", "moco_v2", "byol")
 LABELS = {"simclr": "SimCLR", "moco_v2": "MoCo v2", "byol": "BYOL"}
@@ -135,7 +136,7 @@ def main() -> None:
             encoder, stats = train_lightly(configs[method].resolved(), splits[0])
             scores = probe(encoder, *splits)
             # lightly's BYOL loss is -cos, ours 2 - 2 cos: shown on our scale, so the columns compare.
-            scale = (lambda v: 2 + 2 * v) if method == "byol" else (lambda v: v)  # noqa: E731
+            scale = (lambda v: 2 + 2 * v) if method == "byol" else (lambda v: v)
             rows.append((f"lightly {LABELS[method]}", scale(stats["loss_first_window"]), scale(stats["loss_last_window"]),
                          scores, stats["steps"], stats["wall_s"]))  # fmt: skip
             print(f"lightly {method}: {stats}, {scores}", flush=True)
@@ -150,7 +151,7 @@ def main() -> None:
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, start, end, s, steps, wall in rows:
-        fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+        fmt = lambda v, spec: "-" if v is None else format(v, spec)
         shape = f"{fmt(s.get('first_direction_share'), '.0%')} | {fmt(s.get('effective_rank'), '.0f')}"
         print(f"| {name} | {fmt(start, '.3f')} | {fmt(end, '.3f')} | {100 * s['knn_top1']:.1f}% | "
               f"{100 * s['linear_top1']:.1f}% | {shape} | {fmt(steps, 'd')} | {fmt(wall, '.0f')} |")  # fmt: skip

@@ -28,10 +28,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.contract.imaging import ResizePolicy  # noqa: E402
-from service.contract.registry import ModelCard  # noqa: E402
-from trainer.export import EmbeddingGraph, export_encoder  # noqa: E402
-from trainer.models import Encoder  # noqa: E402
+from service.contract.imaging import ResizePolicy
+from service.contract.registry import ModelCard
+from trainer.export import EmbeddingGraph, export_encoder
+from trainer.models import Encoder
 
 MODELS = {  # name -> (backbone, small_stem, input size)
     "r18s32": ("resnet18", True, 32),

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -235,10 +236,8 @@ class MicroBatcher:
         """Stop the batching task once nothing is pending; release the thread."""
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         for job in self._pending:
             if not job.future.done():
                 job.future.set_exception(NoActiveModelError("the model was unloaded"))

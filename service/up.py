@@ -32,8 +32,8 @@ import numpy as np
 import redis
 from PIL import Image
 
-from service.contract.registry import ModelRegistry
 from service.contract.recipes import SMALL_GRAYSCALE
+from service.contract.registry import ModelRegistry
 from service.settings import Settings
 
 log = logging.getLogger("simclr_embed.up")

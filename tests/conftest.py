@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from _procs import RedisServer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -29,10 +29,10 @@ from redis.exceptions import RedisError
 
 from service.contract.registry import ModelNotFoundError, ModelRegistry
 from service.contract.train_config import TrainConfig, TrainJobRequest
+from service.items.reindex import reembed_all
 from service.jobs.celery_app import INDEX_TASK, TRAIN_TASK, app
 from service.jobs.store import TERMINAL, JobState, JobStore, model_id_for
 from service.settings import Settings
-from service.items.reindex import reembed_all
 from trainer.data import DatasetError
 from trainer.engine import train
 from trainer.export import export_run

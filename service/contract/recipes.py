@@ -31,7 +31,6 @@ from typing import Any
 
 from service.contract.train_config import TrainConfig
 
-
 # What a run of a few hundred steps needs beyond the methods' long-run defaults: T = 0.2 for
 # the contrastive losses (the paper's CIFAR value), a MoCo queue of 1,024 keys (a multiple of
 # both recipes' batch sizes) behind a key encoder at m = 0.9, BYOL's target at tau_base = 0.99

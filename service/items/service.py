@@ -311,7 +311,11 @@ class ItemService:
             raise ApiError(422, "invalid_vector", "the vector must be finite and non-zero")
         scores, pks = index.search((query / norm).astype(np.float32), k)  # [1, k']
         items = self.store.by_pks([int(p) for p in pks[0]])
-        hits = [Hit(items[p].id, float(s), items[p].metadata) for s, p in zip(scores[0], pks[0]) if int(p) in items]
+        hits = [
+            Hit(items[p].id, float(s), items[p].metadata)
+            for s, p in zip(scores[0], pks[0], strict=True)
+            if int(p) in items
+        ]
         return served, hits
 
     def search_item(self, item_id: str, k: int) -> tuple[str, list[Hit]]:

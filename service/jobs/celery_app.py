@@ -17,7 +17,6 @@ Delivery guarantees (Redis broker, kombu's ack emulation):
 
 from __future__ import annotations
 
-
 from celery import Celery
 
 from service.settings import Settings, env_settings

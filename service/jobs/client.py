@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import secrets
-from datetime import UTC, datetime
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,7 +18,6 @@ from service.contract.train_config import TrainJobRequest
 from service.jobs.celery_app import TRAIN_TASK, create_celery
 from service.jobs.store import JobRecord, JobStore
 from service.settings import Settings, env_settings
-
 
 T = TypeVar("T")
 

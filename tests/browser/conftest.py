@@ -26,8 +26,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))  # jobstack lives beside its tests
 
-from _procs import STARTUP_S, wait_until  # noqa: E402
-from jobstack import Stack  # noqa: E402
+from _procs import STARTUP_S, wait_until
+from jobstack import Stack
 
 REPO = Path(__file__).resolve().parents[2]
 # The README's screenshots are refreshed only on request (UPDATE_SCREENSHOTS=1); a plain test run
@@ -119,7 +119,7 @@ def web_stack(tmp_path_factory: pytest.TempPathFactory, models_template: Path, d
 class KeyedStack(Stack):
     """The stack with `SIMCLR_EMBED_API_KEYS` set and keys required for reads too."""
 
-    def _spawn(self, name: str, cmd: list[str]):  # noqa: ANN202 - same as Stack._spawn
+    def _spawn(self, name: str, cmd: list[str]):
         self.env.update(SIMCLR_EMBED_API_KEYS=API_KEY, SIMCLR_EMBED_REQUIRE_KEY_FOR_READS="true")
         return super()._spawn(name, cmd)
 
@@ -172,7 +172,7 @@ def browser() -> Iterator[object]:
 
 
 @pytest.fixture
-def screenshot(browser) -> Callable[[str], Path]:  # noqa: ANN001
+def screenshot(browser) -> Callable[[str], Path]:
     """Save the viewport as SCREENSHOTS/<name>.png (palette PNG: small enough to commit)."""
 
     def save(name: str) -> Path:

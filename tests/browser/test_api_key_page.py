@@ -4,20 +4,19 @@ keeps it in sessionStorage and retries; a wrong key asks again; cancelling shows
 from __future__ import annotations
 
 import pytest
+from pages import patient_wait
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions as EC
 
-from pages import patient_wait
-
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
 
-def dialog_open(browser) -> bool:  # noqa: ANN001
+def dialog_open(browser) -> bool:
     return browser.execute_script('return document.getElementById("key-dialog").open')
 
 
-def test_key_prompt_retry_and_session(keyed_stack, api_key: str, browser, model_ids, screenshot) -> None:  # noqa: ANN001
+def test_key_prompt_retry_and_session(keyed_stack, api_key: str, browser, model_ids, screenshot) -> None:
     wait = patient_wait(browser, 30)
     auth = {"Authorization": f"Bearer {api_key}"}
     missing = keyed_stack.http.get("/models").json()["error"]

@@ -7,10 +7,9 @@ import json
 import time
 
 import pytest
+from pages import patient_wait
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
-
-from pages import patient_wait
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.slow]
 
@@ -40,7 +39,7 @@ READ_VIEW = """const view = document.getElementById("job-view"), bar = view.quer
 return [view.dataset.state || null, bar ? bar.dataset.step : null];"""
 
 
-def test_submit_job_and_watch_it_succeed(web_stack, browser, screenshot) -> None:  # noqa: ANN001
+def test_submit_job_and_watch_it_succeed(web_stack, browser, screenshot) -> None:
     if not web_stack.live_workers():
         web_stack.start_worker()
     active_before = web_stack.http.get("/models").json()["active"]

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import pytest
+from pages import patient_wait
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions as EC
 
-from pages import patient_wait
-
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
 
-def card(browser, model_id: str):  # noqa: ANN001, ANN201
+def card(browser, model_id: str):
     return browser.find_element(By.CSS_SELECTOR, f'#models article[data-id="{model_id}"]')
 
 
-def test_cards_and_activate_the_other_model(web_stack, browser, model_ids, screenshot) -> None:  # noqa: ANN001
+def test_cards_and_activate_the_other_model(web_stack, browser, model_ids, screenshot) -> None:
     wait = patient_wait(browser, 30)
     served = web_stack.http.get("/models").json()["active"]
     assert served in model_ids

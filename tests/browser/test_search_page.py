@@ -7,24 +7,23 @@ import json
 from pathlib import Path
 
 import pytest
+from pages import patient_wait
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
-
-from pages import patient_wait
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
 QUERY = 3  # digit-3.png is the query image
 
 
-def result_ids(browser) -> list[str]:  # noqa: ANN001
+def result_ids(browser) -> list[str]:
     """Read in one script call: the page re-renders the list, so element handles can go stale."""
     return browser.execute_script(
         'return Array.from(document.querySelectorAll("#results li"), li => li.getAttribute("data-id"));'
     )
 
 
-def test_index_then_search_by_image_and_by_item(web_stack, browser, digit_files: list[Path], screenshot) -> None:  # noqa: ANN001
+def test_index_then_search_by_image_and_by_item(web_stack, browser, digit_files: list[Path], screenshot) -> None:
     wait = patient_wait(browser, 30)
     browser.get(web_stack.base_url + "/#/search")
 
@@ -69,7 +68,7 @@ def test_index_then_search_by_image_and_by_item(web_stack, browser, digit_files:
     assert result_ids(browser) == [hit["id"] for hit in expected["results"]]
 
 
-def test_api_error_message_is_shown(web_stack, browser, tmp_path: Path) -> None:  # noqa: ANN001
+def test_api_error_message_is_shown(web_stack, browser, tmp_path: Path) -> None:
     """A file that is not an image: the page shows the API's own error message in the alert region."""
     bogus = tmp_path / "notes.png"
     bogus.write_bytes(b"these bytes are not an image")

@@ -288,7 +288,7 @@ def test_active_pointer_garbage_reads_as_none(registry):
 
 def test_published_files_readable_by_other_users(registry, make_card, model_file):
     registry.publish(model_file, make_card("m1"), activate=True)
-    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)
     assert mode(registry.root / "m1") == 0o755
     assert mode(registry.root / "m1" / "model.onnx") == 0o644
     assert mode(registry.root / "m1" / "card.json") == 0o644

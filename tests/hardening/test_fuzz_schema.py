@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import schemathesis
+from _procs import RedisServer
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import allow_header_conformance, positive_data_acceptance
 from schemathesis.python import asgi
 
-from _procs import RedisServer
 from service.app import create_app
 from service.settings import Settings
 from tests.hardening.conftest import hardened_settings, seed_items

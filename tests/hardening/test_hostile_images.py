@@ -185,7 +185,7 @@ CORPUS: dict[str, tuple[Callable[[], bytes], str | set[tuple[int, str]]]] = {
     "LA": (lambda: _save(_rgb().convert("LA"), "PNG"), OK),
     "palette + alpha table": (lambda: _save(_rgb().quantize(16), "PNG", transparency=bytes(range(0, 256, 16))), OK),
     "1-bit": (lambda: _save(_rgb().convert("1"), "PNG"), OK),
-    "16-bit png": (lambda: _save(Image.fromarray((noise(24, 24, 5, 1)[..., 0].astype(np.uint16) * 257)), "PNG"), OK),
+    "16-bit png": (lambda: _save(Image.fromarray(noise(24, 24, 5, 1)[..., 0].astype(np.uint16) * 257), "PNG"), OK),
     "cmyk jpeg": (lambda: _save(_rgb().convert("CMYK"), "JPEG"), OK),
     "animated gif": (lambda: animated("GIF"), OK),
     "animated webp": (lambda: animated("WEBP"), OK),

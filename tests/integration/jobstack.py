@@ -13,8 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
-
 from _procs import STARTUP_S, RedisServer, free_port, wait_until
+
 from service.contract.registry import ModelRegistry
 
 REPO = Path(__file__).resolve().parents[2]

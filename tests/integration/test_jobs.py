@@ -7,10 +7,10 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from _procs import wait_until
 from jobstack import Api, Stack
+from PIL import Image
+
 from service.jobs import cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -67,7 +67,7 @@ def job_lifecycle_to_served_model(api: Api, digits: np.ndarray) -> None:
 
 
 @pytest.fixture(scope="module")
-def digits(job_datasets) -> np.ndarray:  # noqa: ANN001
+def digits(job_datasets) -> np.ndarray:
     with np.load(job_datasets / "digits.npz") as data:
         return data["x_test"][:16]  # [16, 8, 8, 1] uint8
 

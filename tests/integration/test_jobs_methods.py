@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from _procs import wait_until
 from jobstack import Stack
 from test_jobs import png
@@ -27,7 +26,7 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))
-def test_method_job_runs_to_a_served_model(stack: Stack, method: str, job_datasets) -> None:  # noqa: ANN001
+def test_method_job_runs_to_a_served_model(stack: Stack, method: str, job_datasets) -> None:
     job_id = stack.submit(method=method, max_steps=STEPS, activate=True, **METHOD_OPTIONS[method])
     done = stack.wait_state(job_id, "succeeded", 240)
     assert done["error"] is None and done["progress"]["step"] == STEPS

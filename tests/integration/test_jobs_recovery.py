@@ -7,9 +7,9 @@ import re
 import time
 
 import pytest
-
 from _procs import wait_until
 from jobstack import Stack
+
 from service.jobs.celery_app import TRAIN_TASK, create_celery
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-
 from _procs import STARTUP_S, free_port, wait_until
 from jobstack import REPO, Api, base_env
 from test_jobs import job_lifecycle_to_served_model
@@ -76,7 +75,7 @@ def up(
         api.http.close()
 
 
-def test_up_runs_a_job_end_to_end_on_the_embedded_broker(up, digits_path: Path) -> None:  # noqa: ANN001
+def test_up_runs_a_job_end_to_end_on_the_embedded_broker(up, digits_path: Path) -> None:
     api, proc, broker_port = up
     with np.load(digits_path) as data:
         digits = data["x_test"][:16]

@@ -22,11 +22,11 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from _procs import STARTUP_S, free_port, wait_until
 from fastapi.testclient import TestClient
 from PIL import Image
 from torch import nn
 
-from _procs import STARTUP_S, free_port, wait_until
 from service.app import create_app
 from service.contract.imaging import ResizePolicy
 from service.contract.registry import ModelCard, ModelRegistry

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import MODEL_B, make_settings, multipart, png
 from fastapi.testclient import TestClient
 
-from conftest import MODEL_B, make_settings, multipart, png
 from service.app import create_app
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from fastapi.testclient import TestClient
-
 from _procs import RedisServer
 from conftest import MODEL_A, make_settings, multipart, png
+from fastapi.testclient import TestClient
+
 from service.app import create_app
 
 

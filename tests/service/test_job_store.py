@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from _procs import RedisServer
+
 from service.jobs.store import JobState, JobStore, connect
 
 

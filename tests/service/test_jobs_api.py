@@ -11,9 +11,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from _procs import RedisServer
 from fastapi.testclient import TestClient
 
-from _procs import RedisServer
 from service.app import create_app
 from service.jobs.client import build_job_client
 from service.settings import Settings

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from conftest import MODEL_A, MODEL_B, direct_ort, make_settings, multipart, parse_vectors, png
 from fastapi.testclient import TestClient
 
-from conftest import MODEL_A, MODEL_B, direct_ort, make_settings, multipart, parse_vectors, png
 from service.app import create_app
 
 

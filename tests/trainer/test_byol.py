@@ -79,7 +79,7 @@ def test_byol_step_no_gradient_into_target_and_ema_with_cosine_tau() -> None:
     with torch.no_grad():  # reference: predictions vs the other view's target projection, both orders
         p = method.predictor(method.projector(method.encoder(torch.cat([x_a, x_b]))))
         z = method.target_projector(method.target_encoder(torch.cat([x_a, x_b])))
-        cos = lambda u, v: F.cosine_similarity(u.double(), v.double(), dim=1)  # noqa: E731
+        cos = lambda u, v: F.cosine_similarity(u.double(), v.double(), dim=1)
         expected = ((2 - 2 * cos(p[:N], z[N:])).mean() + (2 - 2 * cos(p[N:], z[:N])).mean()) / 2
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 

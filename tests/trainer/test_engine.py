@@ -215,7 +215,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_npz: Path, tmp_path
     run = lambda out, *extra: subprocess.run(
         _cli(out, tiny_npz, *extra),
         env=env,
-        cwd=REPO,  # noqa: E731
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,

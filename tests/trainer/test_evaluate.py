@@ -137,7 +137,7 @@ def _colour_split(root: Path, only_in: dict[str, str] | None = None) -> None:
     """train/ and test/ with classes 'dark' and 'light', plus classes present in one split only."""
     rng = np.random.default_rng(5)
     only_in = only_in or {}
-    classes = {"dark": 40, "light": 200} | {name: 120 for name in only_in}
+    classes = {"dark": 40, "light": 200} | dict.fromkeys(only_in, 120)
     for split, n in (("train", 6), ("test", 3)):
         for name, level in classes.items():
             if only_in.get(name, split) != split:

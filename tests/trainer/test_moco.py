@@ -66,7 +66,7 @@ def test_info_nce_matches_float64_loop(source: str, temperature: float, request:
     cifar = request.getfixturevalue("cifar_images") if source == "cifar" else None
     q, k, queue = _inputs(source, cifar)
     expected_logits = _loop_logits(q, k, queue, temperature)
-    as_t = lambda a: torch.from_numpy(a)  # noqa: E731
+    as_t = lambda a: torch.from_numpy(a)
     logits = info_nce_logits(as_t(q), as_t(k), as_t(queue), temperature)
     assert logits.shape == (len(q), 1 + len(queue))
     np.testing.assert_allclose(logits.numpy(), expected_logits, rtol=1e-12, atol=1e-12)
@@ -91,7 +91,7 @@ def test_queue_enqueue_order_wraps_and_keeps_size() -> None:
     queue = KeyQueue(size=6, dim=2)
     assert queue.keys.shape == (6, 2) and int(queue.ptr) == 0
     torch.testing.assert_close(queue.keys.norm(dim=1), torch.ones(6))  # random unit keys at start
-    rows = lambda a, b: torch.arange(a, b, dtype=torch.float32)[:, None].repeat(1, 2)  # noqa: E731
+    rows = lambda a, b: torch.arange(a, b, dtype=torch.float32)[:, None].repeat(1, 2)
     expected = queue.keys.clone()
     # A plain list model of a FIFO of 6 slots written in order, oldest overwritten.
     for start, n in [(0, 4), (4, 4), (8, 3), (11, 6), (17, 9)]:
@@ -268,7 +268,7 @@ def test_moco_ddp_step_shuffles_bn_gathers_keys_and_matches_one_process(tmp_path
         for idx in perm.view(WORLD, N):
             k = method._key(torch.cat([every_b[idx], every_a[idx]]))  # views_k = [x_b, x_a]
             key_b[idx], key_a[idx] = k[:N], k[N:]
-    rows = lambda r: slice(r * N, (r + 1) * N)  # noqa: E731
+    rows = lambda r: slice(r * N, (r + 1) * N)
     queue_before = method.queue.keys.clone()
     key_before = [p.detach().clone() for p in _key_side(method)]
     # Queries: each rank's own images in its own BN batch; InfoNCE against the queue before the step.

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_engine import CLI_ARGS, REPO, TINY, _read_jsonl
 
 from service.contract.train_config import TrainConfig
-from test_engine import CLI_ARGS, REPO, TINY, _read_jsonl
 from trainer import distributed
 from trainer.checkpoint import checkpoint_path, load_checkpoint
 from trainer.cli import main as cli_main

@@ -73,7 +73,7 @@ def test_parameter_statistics_match_the_config() -> None:
     for factor in (p.brightness, p.contrast, p.saturation):
         assert 0.6 <= factor.min() < 0.62 and 1.38 < factor.max() <= 1.4
     assert -0.1 <= p.hue.min() < -0.098 and 0.098 < p.hue.max() <= 0.1
-    assert 0.1 <= p.blur_sigma.min() and p.blur_sigma.max() <= 2.0
+    assert p.blur_sigma.min() >= 0.1 and p.blur_sigma.max() <= 2.0
     # Random order per image: each row a permutation, each op first a quarter of the time.
     assert (p.jitter_order.sort(dim=1).values == torch.arange(4)).all()
     for op in range(len(JITTER_OPS)):
