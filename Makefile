@@ -40,6 +40,12 @@ up: install
 test: install-test browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# ruff (lint and format check) and mypy (configured in pyproject.toml); `make test` runs it too.
+lint: install-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
 bench: install-test
 	$(PY) -m pip install -q -e '.[bench]'
 
