@@ -22,6 +22,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -122,8 +123,9 @@ class VectorIndex:
     def _train_with(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Move from the exact stand-in to the trained target (write lock held)."""
         old = self._index
-        old_ids = faiss.vector_to_array(faiss.downcast_index(old).id_map).astype(np.int64)
-        old_vecs = faiss.downcast_index(old).index.reconstruct_n(0, old.ntotal)  # [M, D]
+        mapped: Any = faiss.downcast_index(old)  # an IndexIDMap over the exact stand-in
+        old_ids = faiss.vector_to_array(mapped.id_map).astype(np.int64)
+        old_vecs = mapped.index.reconstruct_n(0, old.ntotal)  # [M, D]
         all_ids = np.concatenate([old_ids, ids])
         all_vecs = np.ascontiguousarray(np.concatenate([old_vecs, vectors]))
         target = _build(self.dim, self.factory)

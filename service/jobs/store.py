@@ -19,6 +19,7 @@ State changes are Lua scripts, so a cancel and a worker's start cannot interleav
 
 from __future__ import annotations
 
+import builtins
 import json
 import time
 from datetime import UTC, datetime
@@ -132,7 +133,8 @@ class JobStore:
     """Job records and locks in one Redis database (the broker's)."""
 
     def __init__(self, client: redis.Redis, *, lock_ttl_s: float = 60.0, loss_history_max: int = 2000) -> None:
-        self.redis = client
+        # redis-py annotates replies as bytes; this client decodes them (decode_responses=True).
+        self.redis: Any = client
         self.lock_ttl_ms = int(lock_ttl_s * 1000)
         self.loss_history_max = loss_history_max
         self._transition = client.register_script(_TRANSITION)
@@ -196,7 +198,7 @@ class JobStore:
         return total, [self._record(row, []) for row in rows if row]
 
     @staticmethod
-    def _record(fields: dict[str, str], history: list[str]) -> JobRecord:
+    def _record(fields: dict[str, str], history: builtins.list[str]) -> JobRecord:
         return JobRecord(
             id=fields["id"],
             state=JobState(fields["state"]),
@@ -276,7 +278,7 @@ class JobStore:
     def release(self, job_id: str, token: str) -> None:
         self._release(keys=[self._key(job_id, ":lock")], args=[token])
 
-    def orphans(self) -> list[str]:
+    def orphans(self) -> builtins.list[str]:
         """Running jobs whose owner stopped renewing its lock (its worker died): to be re-sent."""
         found = []
         for key in self.redis.smembers(f"{PREFIX}jobs:active"):

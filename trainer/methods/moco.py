@@ -29,6 +29,8 @@ past keys used as negatives. What is new over the base method:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -47,6 +49,9 @@ BN_GROUPS_MAX = 8
 
 class KeyQueue(nn.Module):
     """A FIFO of K unit-norm keys [K, D] with a write pointer; no gradients (buffers only)."""
+
+    keys: torch.Tensor  # [K, D] buffer
+    ptr: torch.Tensor  # [] buffer: where the next keys go
 
     def __init__(self, size: int, dim: int) -> None:
         super().__init__()
@@ -97,7 +102,9 @@ class MoCoV2(Method):
         self.queue.enqueue(gather_with_grad(torch.cat(k)))  # [world * V * N, P], under no_grad
         return loss.mean()
 
-    def _encode(self, net: nn.Module, views: list[torch.Tensor], order: torch.Tensor | None) -> list[torch.Tensor]:
+    def _encode(
+        self, net: Callable[[torch.Tensor], torch.Tensor], views: list[torch.Tensor], order: torch.Tensor | None
+    ) -> list[torch.Tensor]:
         """`net` over V views [N, 3, S, S] -> V outputs [N, P]; all views of an image share a BN batch.
 
         With `order` (a permutation [N]) the images are split, in that order, into
