@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import __version__
 from service.api.errors import install_error_handlers
-from service.api.limits import BodyLimitMiddleware
+from service.api.limits import BodyLimitMiddleware, DecodeBudget
 from service.api.routes import embed, health, items, jobs, models, search, web
 from service.contract.registry import ModelRegistry
 from service.items.service import build_item_service
@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="simclr-embed", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = Metrics()
+    app.state.decode_budget = DecodeBudget(settings.decode_budget_pixels)
     install_error_handlers(app)
     for module in (health, embed, items, search, models, jobs, web):
         app.include_router(module.router)

@@ -29,7 +29,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from service.contract.imaging import ResizePolicy
+from service.contract.imaging import EncodedImages, ResizePolicy
 from service.contract.registry import ModelCard, ModelIntegrityError, ModelRegistry
 from service.metrics import Metrics
 from service.settings import Settings
@@ -140,8 +140,10 @@ class EncoderRuntime:
         (out,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: images})
         return out
 
-    def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """RGB images -> uint8 [N, S, S, 3] with this model's resize policy."""
+    def preprocess(self, images: Sequence[Image.Image] | EncodedImages) -> np.ndarray:
+        """RGB images, or encoded ones decoded one at a time -> uint8 [N, S, S, 3] with this model's resize policy."""
+        if isinstance(images, EncodedImages):
+            return images.batch(self.policy)
         return self.policy.batch(list(images))
 
 
@@ -309,9 +311,9 @@ class RuntimeManager:
     # -- embedding ----------------------------------------------------------------------------
 
     async def embed(
-        self, images: Sequence[Image.Image] | np.ndarray, model_id: str | None = None
+        self, images: Sequence[Image.Image] | EncodedImages | np.ndarray, model_id: str | None = None
     ) -> tuple[str, np.ndarray]:
-        """Images (RGB PIL, or uint8 [N, S, S, 3] already resized) -> (model id, float32 [N, D]).
+        """Images (RGB PIL, encoded, or uint8 [N, S, S, 3] already resized) -> (model id, float32 [N, D]).
 
         The model is pinned for the whole call, so a swap in between never mixes models:
         the resize policy and the vectors come from the model id returned.
