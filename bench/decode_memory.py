@@ -30,8 +30,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from _procs import free_port  # noqa: E402
-from bench.load_test import build_data_dir  # noqa: E402
+from _procs import free_port
+
+from bench.load_test import build_data_dir
 
 MiB = 1 << 20
 
