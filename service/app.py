@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
 
@@ -52,7 +53,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    app = FastAPI(title="simclr-embed", version=__version__, lifespan=lifespan)
+    # /docs (Swagger UI) and /redoc with their scripts served from the package, so they work offline.
+    app = FastAPIOffline(title="simclr-embed", version=__version__, lifespan=lifespan, static_url="/docs-static")
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.decode_budget = DecodeBudget(settings.decode_budget_pixels)

@@ -154,10 +154,26 @@ def test_first_start_trains_the_demo_and_search_works(tmp_path: Path) -> None:
         stop_up(api, proc)
     assert proc.returncode == 0
 
+    assert (data_dir / "demo-complete").is_file()  # written once the digits are indexed
+
     api, proc, _ = start_up(data_dir)
     try:
         time.sleep(3)  # the demo thread would have submitted by now
         assert api.http.get("/train-jobs").json()["total"] == 1
         assert api.http.get("/items").json()["total"] == 300
+    finally:
+        stop_up(api, proc)
+
+    # What a crash after the demo model was published, before its digits were indexed, leaves:
+    # the job succeeded and its model active, no items, no completion marker. The next start
+    # indexes the digits with that model and trains nothing new.
+    (data_dir / "demo-complete").unlink()
+    shutil.rmtree(data_dir / "items")
+    api, proc, _ = start_up(data_dir)
+    try:
+        page = wait_until(indexed, 300, "the restarted demo to index its 300 digits", every_s=2)
+        assert api.http.get("/train-jobs").json()["total"] == 1
+        assert all(i["models"] == [active] for i in page["items"])
+        wait_until((data_dir / "demo-complete").is_file, 30, "the demo's completion marker")
     finally:
         stop_up(api, proc)
