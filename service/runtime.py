@@ -29,6 +29,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from service.contract.encoder_io import INPUT_NAME, OUTPUT_NAME, ort_session_options
 from service.contract.imaging import EncodedImages, ResizePolicy
 from service.contract.registry import ModelCard, ModelIntegrityError, ModelRegistry
 from service.metrics import Metrics
@@ -36,7 +37,6 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME, OUTPUT_NAME = "images", "embedding"
 Listener = Callable[[str], Awaitable[None] | None]
 
 
@@ -114,11 +114,7 @@ class EncoderRuntime:
     def load(cls, registry: ModelRegistry, model_id: str, settings: Settings) -> EncoderRuntime:
         """Verify the file against its card, open a session and warm it up (blocking: call off the loop)."""
         card, path = registry.verify(model_id)  # ModelNotFoundError / ModelIntegrityError
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = settings.ort_intra_op_threads
-        options.inter_op_num_threads = settings.ort_inter_op_threads
+        options = ort_session_options(settings.ort_intra_op_threads, settings.ort_inter_op_threads)
         try:
             session = ort.InferenceSession(str(path), options, providers=default_providers(settings.ort_providers))
         except ModelLoadError:
