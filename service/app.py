@@ -15,11 +15,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from service import __version__
 from service.api.errors import install_error_handlers
-from service.api.limits import BodyLimitMiddleware
+from service.api.limits import BodyLimitMiddleware, DecodeBudget
 from service.api.routes import embed, health, items, jobs, models, search, web
 from service.contract.registry import ModelRegistry
 from service.items.service import build_item_service
@@ -52,9 +53,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    app = FastAPI(title="simclr-embed", version=__version__, lifespan=lifespan)
+    # /docs (Swagger UI) and /redoc with their scripts served from the package, so they work offline.
+    app = FastAPIOffline(title="simclr-embed", version=__version__, lifespan=lifespan, static_url="/docs-static")
     app.state.settings = settings
     app.state.metrics = Metrics()
+    app.state.decode_budget = DecodeBudget(settings.decode_budget_pixels)
     install_error_handlers(app)
     for module in (health, embed, items, search, models, jobs, web):
         app.include_router(module.router)

@@ -48,6 +48,11 @@ class Metrics:
         self.index_size = Gauge(
             "simclr_embed_index_size", "vectors in the search index", ("model_id",), registry=self.registry
         )
+        self.broker_up = Gauge(
+            "simclr_embed_broker_up",
+            "1 when the job broker answered the last readiness check or scrape; job submission needs it",
+            registry=self.registry,
+        )
         self.active_model = Gauge(
             "simclr_embed_active_model_info",
             "1 for the active model",

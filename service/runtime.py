@@ -29,14 +29,14 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from service.contract.imaging import ResizePolicy
+from service.contract.encoder_io import INPUT_NAME, OUTPUT_NAME, ort_session_options
+from service.contract.imaging import EncodedImages, ResizePolicy
 from service.contract.registry import ModelCard, ModelIntegrityError, ModelRegistry
 from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME, OUTPUT_NAME = "images", "embedding"
 Listener = Callable[[str], Awaitable[None] | None]
 
 
@@ -114,11 +114,7 @@ class EncoderRuntime:
     def load(cls, registry: ModelRegistry, model_id: str, settings: Settings) -> EncoderRuntime:
         """Verify the file against its card, open a session and warm it up (blocking: call off the loop)."""
         card, path = registry.verify(model_id)  # ModelNotFoundError / ModelIntegrityError
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = settings.ort_intra_op_threads
-        options.inter_op_num_threads = settings.ort_inter_op_threads
+        options = ort_session_options(settings.ort_intra_op_threads, settings.ort_inter_op_threads)
         try:
             session = ort.InferenceSession(str(path), options, providers=default_providers(settings.ort_providers))
         except ModelLoadError:
@@ -140,8 +136,10 @@ class EncoderRuntime:
         (out,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: images})
         return out
 
-    def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """RGB images -> uint8 [N, S, S, 3] with this model's resize policy."""
+    def preprocess(self, images: Sequence[Image.Image] | EncodedImages) -> np.ndarray:
+        """RGB images, or encoded ones decoded one at a time -> uint8 [N, S, S, 3] with this model's resize policy."""
+        if isinstance(images, EncodedImages):
+            return images.batch(self.policy)
         return self.policy.batch(list(images))
 
 
@@ -309,9 +307,9 @@ class RuntimeManager:
     # -- embedding ----------------------------------------------------------------------------
 
     async def embed(
-        self, images: Sequence[Image.Image] | np.ndarray, model_id: str | None = None
+        self, images: Sequence[Image.Image] | EncodedImages | np.ndarray, model_id: str | None = None
     ) -> tuple[str, np.ndarray]:
-        """Images (RGB PIL, or uint8 [N, S, S, 3] already resized) -> (model id, float32 [N, D]).
+        """Images (RGB PIL, encoded, or uint8 [N, S, S, 3] already resized) -> (model id, float32 [N, D]).
 
         The model is pinned for the whole call, so a swap in between never mixes models:
         the resize policy and the vectors come from the model id returned.

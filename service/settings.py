@@ -11,7 +11,7 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CommaList = Annotated[list[str], NoDecode]
@@ -49,6 +49,17 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="per request, enforced while reading")
     max_image_pixels: int = Field(40_000_000, ge=64, description="refuses decompression bombs")
     max_images_per_request: int = Field(64, ge=1)
+    max_request_pixels: int = Field(
+        1_000_000_000, ge=64, description="all images of one request, width x height summed (decode time)"
+    )
+    decode_budget_pixels: int = Field(
+        160_000_000,
+        ge=64,
+        description="pixels decoded at once by all requests (memory); at least max_image_pixels",
+    )
+    decode_wait_s: float = Field(
+        10.0, ge=0.0, description="how long a request waits for decode budget before 503 with Retry-After"
+    )
 
     # -- encoder runtime --------------------------------------------------------------------
     batch_max_size: int = Field(64, ge=1, description="micro-batching: most images per ONNX Runtime run")
@@ -102,6 +113,15 @@ class Settings(BaseSettings):
         if value and not _SEARCH_PARAMS.match(value):
             raise ValueError("expected FAISS parameters as name=number pairs, e.g. 'nprobe=32,efSearch=128'")
         return value
+
+    @model_validator(mode="after")
+    def _budget_fits_an_image(self) -> Settings:
+        if self.decode_budget_pixels < self.max_image_pixels:
+            raise ValueError(
+                f"decode_budget_pixels ({self.decode_budget_pixels}) must be at least max_image_pixels "
+                f"({self.max_image_pixels}), or an image at the limit could never be decoded"
+            )
+        return self
 
     @property
     def heartbeat_s(self) -> float:

@@ -10,7 +10,10 @@ running job checkpoints and returns to the queue), the broker.
 On first start with an empty registry (and `SIMCLR_EMBED_DEMO_ON_EMPTY`, on by default) it
 submits a small demo job: SimCLR on scikit-learn's bundled handwritten digits (1,797 real
 8x8 scans), a couple of minutes on a laptop CPU, activated when done, after which the digits
-are added as items so that /embed and /search answer on a fresh machine.
+are added as items so that /embed and /search answer on a fresh machine. `<data_dir>/demo-job`
+records the submitted job and `<data_dir>/demo-complete` is written once its digits are
+indexed: a start in between (a crash after the model was published, before indexing) follows
+the same job and indexes the digits, never training a second demo.
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ import numpy as np
 import redis
 from PIL import Image
 
+from service.contract.ports import free_port
 from service.contract.recipes import SMALL_GRAYSCALE
 from service.contract.registry import ModelRegistry
 from service.settings import Settings
+from service.shutdown import StopFlag, install_stop_handlers
 
 log = logging.getLogger("simclr_embed.up")
 
@@ -47,12 +52,6 @@ DEMO_JOB = {
     "activate": True,
     **SMALL_GRAYSCALE.config(epochs=10, checkpoint_every_steps=50).model_dump(mode="json", exclude_defaults=True),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _port_free(port: int) -> bool:
@@ -151,29 +150,39 @@ def _auth(settings: Settings) -> dict[str, str]:
     return {"X-API-Key": settings.api_keys[0].get_secret_value()} if settings.api_keys else {}
 
 
-def run_demo(settings: Settings, api: str, stop: threading.Event) -> None:
-    """Submit the demo job, wait for it, then add the digits as items (300 of them)."""
-    marker = settings.data_dir / "demo-job"
+def run_demo(settings: Settings, api: str, stop: StopFlag) -> None:
+    """Submit the demo job (or follow the one an earlier start submitted), wait for it, then
+    add the digits as items (300 of them) and mark the demo complete."""
+    submitted, complete = settings.data_dir / "demo-job", settings.data_dir / "demo-complete"
+    if complete.exists():
+        return
+    if not submitted.exists() and ModelRegistry(settings.models_dir).list():
+        return  # the registry holds the user's own models: no demo
     dataset = demo_dataset(settings)
-    if dataset is None or marker.exists():  # submitted by an earlier start: it resumes on its own
+    if dataset is None:
         return
     with httpx.Client(base_url=api, headers=_auth(settings), timeout=60) as http:
-        answer = http.post("/train-jobs", json=DEMO_JOB)
-        if answer.status_code != 202:
-            log.warning("demo job refused: %s %s", answer.status_code, answer.text)
-            return
-        job_id = answer.json()["id"]
-        marker.write_text(job_id + "\n")
-        log.info("demo job %s queued: GET %s/train-jobs/%s to follow it", job_id, api, job_id)
-        while not stop.wait(5.0):
-            state = http.get(f"/train-jobs/{job_id}").json().get("state")
-            if state in ("failed", "cancelled"):
-                log.warning("demo job %s ended %s", job_id, state)
+        if submitted.exists():
+            job_id = submitted.read_text().strip()
+            log.info("demo job %s: following it (submitted by an earlier start)", job_id)
+        else:
+            answer = http.post("/train-jobs", json=DEMO_JOB)
+            if answer.status_code != 202:
+                log.warning("demo job refused: %s %s", answer.status_code, answer.text)
                 return
+            job_id = answer.json()["id"]
+            submitted.write_text(job_id + "\n")
+            log.info("demo job %s queued: GET %s/train-jobs/%s to follow it", job_id, api, job_id)
+        while True:
+            answer = http.get(f"/train-jobs/{job_id}")
+            state = answer.json().get("state") if answer.status_code == 200 else None
             if state == "succeeded":
                 break
-        else:
-            return
+            if state in ("failed", "cancelled") or answer.status_code == 404:
+                log.warning("demo job %s ended %s; delete %s to train it again", job_id, state or "missing", submitted)
+                return
+            if stop.wait(5.0):
+                return
         with np.load(dataset) as data:
             images, labels = data["x_train"][:300], data["y_train"][:300]
         for start in range(0, len(images), 50):
@@ -188,10 +197,11 @@ def run_demo(settings: Settings, api: str, stop: threading.Event) -> None:
             if answer.status_code >= 300:
                 log.warning("demo items not added: %s %s", answer.status_code, answer.text)
                 return
+        complete.write_text(job_id + "\n")
         log.info("demo ready: %d digits indexed; try POST %s/search", len(images), api)
 
 
-def _add_items(http: httpx.Client, files: list, form: dict[str, list[str]], stop: threading.Event) -> httpx.Response:
+def _add_items(http: httpx.Client, files: list, form: dict[str, list[str]], stop: StopFlag) -> httpx.Response:
     """POST /items, waiting out 503 while the API loads the model the worker just activated."""
     deadline = time.monotonic() + 60
     while True:
@@ -223,9 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     for root in settings.resolved_dataset_roots:
         root.mkdir(parents=True, exist_ok=True)
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopFlag()
+    install_stop_handlers(stop)
 
     broker = worker = api = None
     env = dict(os.environ)
@@ -236,24 +245,14 @@ def main(argv: list[str] | None = None) -> int:
             log.info("embedded broker at %s (data in %s)", url, settings.data_dir / "broker")
         worker = subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=env, start_new_session=True)
         api = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--factory",
-                "service.app:create_app",
-                "--host",
-                settings.host,
-                "--port",
-                str(settings.port),
-            ],
+            [sys.executable, "-m", "service.cli", "serve", "--host", settings.host, "--port", str(settings.port)],
             env=env,
             start_new_session=True,
         )
         base = f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
         _wait_http(f"{base}/healthz", api)
         log.info("API at %s", base)
-        if settings.demo_on_empty and not args.no_demo and not ModelRegistry(settings.models_dir).list():
+        if settings.demo_on_empty and not args.no_demo:
             threading.Thread(target=run_demo, args=(settings, base, stop), name="demo", daemon=True).start()
         children = {"broker": broker, "worker": worker, "API": api}
         status = 0

@@ -6,7 +6,6 @@ Never the shared Redis on 6379: each server here has its own free port and data 
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -16,17 +15,13 @@ from typing import TypeVar
 import pytest
 import redis
 
+from service.contract.ports import free_port as free_port  # the tests' helpers import it from here
+
 T = TypeVar("T")
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 # How long a server subprocess may take to answer: the first start in a fresh environment
 # compiles every dependency's bytecode, on a CI box of 2 cores that may be busy.
 STARTUP_S = 180.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(check: Callable[[], T], timeout_s: float, what: str, every_s: float = 0.2) -> T:

@@ -47,7 +47,7 @@ from service.contract.imaging import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
     ResizePolicy,
-    load_image_file,
+    read_image_file,
 )
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -189,7 +189,7 @@ class FolderDataset(ImageDataset):
             if i in self.failed_on_decode:
                 continue
             try:
-                return self.policy.apply(load_image_file(self.files[i]))
+                return self.policy.decode(read_image_file(self.files[i]))
             except ImageDecodeError as exc:
                 self.failed_on_decode.add(i)
                 warnings.warn(

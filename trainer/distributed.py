@@ -8,7 +8,6 @@ process, so the same code runs with and without a process group.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -59,13 +58,6 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if is_initialized() else 0
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now, for a local rendezvous."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def init_process_group(rank_: int, world: int, backend: str, init_method: str) -> None:

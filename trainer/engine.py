@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
+from service.contract.ports import free_port
 from service.contract.train_config import TrainConfig
 from trainer import distributed
 from trainer.checkpoint import atomic_write_json, checkpoint_path, load_checkpoint, save_checkpoint
@@ -178,7 +179,7 @@ def train(
     prepare()
     if world == 1:
         return _run(0, *args, init_method="", processes_here=1)
-    init_method = f"tcp://127.0.0.1:{distributed.free_port()}"
+    init_method = f"tcp://127.0.0.1:{free_port()}"
     queue = mp.get_context("spawn").SimpleQueue()
     mp.start_processes(_spawned, args=(*args, init_method, queue), nprocs=world, start_method="spawn")
     return TrainResult(**queue.get())

@@ -22,17 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.data import DatasetError, ImageDataset, labeled_arrays, open_labeled
-from trainer.models import PIXEL_MEAN, PIXEL_STD
+from trainer.models import normalize_pixels
 
 ArrayLike = np.ndarray | torch.Tensor
 
 
 def images_to_input(images: torch.Tensor) -> torch.Tensor:
     """uint8 [N, S, S, 3] -> normalised float32 [N, 3, S, S], as the ONNX graph does."""
-    x = images.float().div(255.0).permute(0, 3, 1, 2)  # [N, 3, S, S]
-    mean = torch.tensor(PIXEL_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(PIXEL_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return normalize_pixels(images.float().div(255.0).permute(0, 3, 1, 2))  # [N, 3, S, S]
 
 
 def embed_images(

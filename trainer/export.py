@@ -36,16 +36,16 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from service.contract.encoder_io import INPUT_NAME, OUTPUT_NAME, PIXEL_MEAN, PIXEL_STD, ort_session_options
 from service.contract.imaging import ResizePolicy
 from service.contract.registry import FORMAT_VERSION, ModelCard, ModelRegistry, RegistryError, valid_model_id
 from service.contract.train_config import TrainConfig
 from trainer.checkpoint import load_encoder
-from trainer.models import PIXEL_MEAN, PIXEL_STD, Encoder
+from trainer.models import Encoder, normalize_pixels
 
 PARITY_TOLERANCE = 1e-4
 PARITY_IMAGES = 64  # real images checked at export
 OPSET = 18
-INPUT_NAME, OUTPUT_NAME = "images", "embedding"
 
 
 class ExportError(RuntimeError):
@@ -62,13 +62,11 @@ class EmbeddingGraph(nn.Module):
     def __init__(self, encoder: Encoder) -> None:
         super().__init__()
         self.encoder = encoder
-        self.register_buffer("mean", torch.tensor(PIXEL_MEAN, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(PIXEL_STD, dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(torch.float32) / 255.0  # [N, S, S, 3] in [0, 1]
         x = x.permute(0, 3, 1, 2)  # [N, 3, S, S]
-        x = (x - self.mean) / self.std
+        x = normalize_pixels(x)
         h = self.encoder(x)  # [N, D]
         return nn.functional.normalize(h, dim=1)  # [N, D], unit norm
 
@@ -89,10 +87,7 @@ def reference_embed(encoder: Encoder, images: np.ndarray) -> np.ndarray:
 
 def ort_session(path: str | Path, threads: int = 0) -> ort.InferenceSession:
     """A CPU ONNX Runtime session with every graph optimisation on (what the server runs)."""
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), ort_session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def parity_max_diff(encoder: Encoder, onnx_path: str | Path, images: np.ndarray) -> float:

@@ -12,9 +12,16 @@ import torch
 import torchvision
 from torch import nn
 
-# Pixel normalisation applied after augmentation in training and inside the exported graph.
-PIXEL_MEAN = (0.485, 0.456, 0.406)
-PIXEL_STD = (0.229, 0.224, 0.225)
+from service.contract.encoder_io import PIXEL_MEAN, PIXEL_STD
+
+
+def normalize_pixels(x: torch.Tensor) -> torch.Tensor:
+    """[N, 3, S, S] in [0, 1] -> (x - PIXEL_MEAN) / PIXEL_STD: after augmentation in training,
+    in evaluation and inside the exported graph (where the constants become initializers)."""
+    mean = torch.tensor(PIXEL_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(PIXEL_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
 
 _BACKBONES = {
     "resnet18": torchvision.models.resnet18,

@@ -33,6 +33,7 @@ from service.items.reindex import reembed_all
 from service.jobs.celery_app import INDEX_TASK, TRAIN_TASK, app
 from service.jobs.store import TERMINAL, JobState, JobStore, model_id_for
 from service.settings import Settings
+from service.shutdown import StopFlag
 from trainer.data import DatasetError
 from trainer.engine import train
 from trainer.export import export_run
@@ -42,7 +43,8 @@ T = TypeVar("T")
 
 # Set when this worker begins a warm shutdown (SIGTERM, Ctrl-C): the running job checkpoints
 # and goes back to the queue instead of holding the worker open until it ends.
-_shutting_down = threading.Event()
+# Set from Celery's signal handler, so it must take no lock (service/shutdown.py).
+_shutting_down = StopFlag()
 
 
 @signals.worker_shutting_down.connect
@@ -220,4 +222,4 @@ def _stopped(store: JobStore, job_id: str, heartbeat: _Heartbeat) -> str:
 def reindex(model_id: str) -> int:
     """Re-embed the stored items lacking a `model_id` vector; stops early (resumable) on shutdown."""
     settings = Settings()
-    return reembed_all(settings, ModelRegistry(settings.models_dir), model_id, should_stop=_shutting_down)
+    return reembed_all(settings, ModelRegistry(settings.models_dir), model_id, should_stop=_shutting_down.is_set)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.contract.train_config import AugmentConfig
-from trainer.models import PIXEL_MEAN, PIXEL_STD
+from trainer.models import normalize_pixels
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -166,8 +166,6 @@ class SimCLRAugment(nn.Module):
         self.aug = aug
         self.image_size = int(image_size)
         self.blur_kernel = blur_kernel_size(aug.blur_kernel_fraction, self.image_size)
-        self.register_buffer("mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
 
     def sample_params(
         self, n: int, height: int | None = None, width: int | None = None, generator: torch.Generator | None = None
@@ -261,7 +259,7 @@ class SimCLRAugment(nn.Module):
         if idx is not None:
             sel = img[idx]
             img[idx] = torch.where(sel < 0.5, sel, 1.0 - sel)
-        return (img - self.mean.to(dev)) / self.std.to(dev)
+        return normalize_pixels(img)
 
     def forward(
         self, x: torch.Tensor, generator: torch.Generator | None = None, return_params: bool = False

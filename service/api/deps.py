@@ -18,6 +18,12 @@ route accepts the same two shapes and answers bad input with the same codes:
 | truncated or undecodable image | 422 | `corrupt_image` |
 | 0-byte image | 422 | `empty_image` |
 | more pixels than `max_image_pixels` (decompression bomb) | 413 | `image_too_large` |
+| more pixels in all than `max_request_pixels` | 413 | `request_too_large` |
+| decode budget (`decode_budget_pixels`) busy for `decode_wait_s` | 503 | `server_busy` |
+
+Memory stays bounded whatever a client sends: headers are checked first (no pixel decoded),
+then the request holds its largest image's pixel count of the process-wide `DecodeBudget`
+while its images are decoded, one at a time, straight into the model's batch (`EncodedImages`).
 """
 
 from __future__ import annotations
@@ -26,21 +32,21 @@ import base64
 import binascii
 import hmac
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request
-from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api.errors import ApiError
-from service.contract.imaging import ImageDecodeError, decode_image
+from service.api.errors import ApiError, decode_error
+from service.api.limits import DecodeBudget
+from service.contract.imaging import EncodedImages, ImageDecodeError, ImageHeader, probe_image
 from service.runtime import RuntimeManager
 from service.settings import Settings
-
-_DECODE_STATUS = {"unsupported_format": 415, "corrupt_image": 422, "empty_image": 422, "image_too_large": 413}
 
 
 def get_settings(request: Request) -> Settings:
@@ -106,16 +112,22 @@ def require_read_key(request: Request, settings: SettingsDep) -> None:
 class UploadedImage:
     filename: str  # the part's filename, or "images[i]" for JSON
     data: bytes  # the encoded bytes as sent (the item store keeps originals)
-    image: Image.Image  # decoded: 8-bit RGB, upright, first frame
+    header: ImageHeader  # format and size, read once; the pixels are decoded by `ImageUpload.encoded`
 
 
 @dataclass
 class ImageUpload:
     images: list[UploadedImage]
+    encoded: EncodedImages  # what the runtime decodes, one image at a time, into a model's batch
     fields: dict[str, list[str]] = field(default_factory=dict)  # multipart text fields, in order
     body: dict[str, Any] = field(default_factory=dict)  # JSON members other than the images
 
 
+def get_decode_budget(request: Request) -> DecodeBudget:
+    return request.app.state.decode_budget
+
+
+@asynccontextmanager
 async def read_images(
     request: Request,
     settings: Settings,
@@ -123,12 +135,13 @@ async def read_images(
     file_field: str = "files",
     json_field: str = "images",
     min_images: int = 1,
-) -> ImageUpload:
-    """Read, limit and decode the images of a request (multipart `file_field` parts or JSON
+) -> AsyncIterator[ImageUpload]:
+    """Read, limit and check the images of a request (multipart `file_field` parts or JSON
     `{json_field: [base64, ...]}`); the table in this module's docstring lists the errors.
 
-    The body size limit is enforced while streaming by `BodyLimitMiddleware`; decoding runs
-    in a worker thread.
+    Use as `async with read_images(...) as upload:`; the block holds the request's share of
+    the decode budget, so embed inside it. The body size limit is enforced while streaming
+    by `BodyLimitMiddleware`; header checks run in a worker thread.
     """
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
@@ -155,8 +168,21 @@ async def read_images(
             f"{len(raw)} images in one request; the limit is {settings.max_images_per_request} "
             "(SIMCLR_EMBED_MAX_IMAGES_PER_REQUEST): split them over several requests",
         )
-    images = await run_in_threadpool(_decode_all, raw, settings.max_image_pixels)
-    return ImageUpload(images, fields, body)
+    images = await run_in_threadpool(_probe_all, raw, settings.max_image_pixels)
+    total = sum(u.header.pixels for u in images)
+    if total > settings.max_request_pixels:
+        raise ApiError(
+            413,
+            "request_too_large",
+            f"the {len(images)} images hold {total} pixels in all; the limit is {settings.max_request_pixels} "
+            "per request (SIMCLR_EMBED_MAX_REQUEST_PIXELS): send fewer or smaller images per request",
+        )
+    encoded = EncodedImages(
+        [u.data for u in images], [u.filename for u in images], max_pixels=settings.max_image_pixels
+    )
+    largest = max((u.header.pixels for u in images), default=0)
+    async with get_decode_budget(request).reserve(largest, settings.decode_wait_s):
+        yield ImageUpload(images, encoded, fields, body)
 
 
 async def _read_multipart(request: Request, file_field: str) -> tuple[list[tuple[str, bytes]], dict[str, list[str]]]:
@@ -200,11 +226,11 @@ async def _read_json(request: Request, json_field: str) -> tuple[list[tuple[str,
     return raw, body
 
 
-def _decode_all(raw: list[tuple[str, bytes]], max_pixels: int) -> list[UploadedImage]:
+def _probe_all(raw: list[tuple[str, bytes]], max_pixels: int) -> list[UploadedImage]:
     out = []
     for name, data in raw:
         try:
-            out.append(UploadedImage(name, data, decode_image(data, max_pixels=max_pixels)))
+            out.append(UploadedImage(name, data, probe_image(data, max_pixels=max_pixels)))
         except ImageDecodeError as exc:
-            raise ApiError(_DECODE_STATUS.get(exc.code, 422), exc.code, f"{name}: {exc}") from exc
+            raise decode_error(exc, name) from exc
     return out

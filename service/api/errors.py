@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.contract.imaging import ImageDecodeError
 from service.contract.registry import ModelNotFoundError, RegistryError
 from service.runtime import NoActiveModelError
 
@@ -49,7 +50,7 @@ _MEANING = {
     413: "upload too large",
     415: "not a supported image",
     422: "invalid fields or values",
-    503: "not ready: no active model, or the job queue unreachable",
+    503: "not ready: no active model, the job queue unreachable, or the decode budget busy (Retry-After)",
 }
 
 
@@ -77,6 +78,15 @@ _HTTP_CODES = {
 }
 
 
+_DECODE_STATUS = {"unsupported_format": 415, "corrupt_image": 422, "empty_image": 422, "image_too_large": 413}
+
+
+def decode_error(exc: ImageDecodeError, name: str | None = None) -> ApiError:
+    """An image that cannot be used -> its 4xx (`name: ` before the message when given)."""
+    message = f"{name}: {exc}" if name else str(exc)
+    return ApiError(_DECODE_STATUS.get(exc.code, 422), exc.code, message)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """ApiError, validation, HTTP, registry and runtime errors to the one shape; anything else a JSON 500."""
 
@@ -99,6 +109,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(ImageDecodeError)
+    async def _decode(request: Request, exc: ImageDecodeError) -> JSONResponse:
+        # Pixels are decoded lazily, inside the runtime: a broken image surfaces from there.
+        return await _api_error(request, decode_error(exc))
 
     @app.exception_handler(NoActiveModelError)
     async def _no_model(_: Request, exc: NoActiveModelError) -> JSONResponse:

@@ -12,6 +12,8 @@ import io
 import json
 import struct
 import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +23,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 DEFAULT_MAX_PIXELS = 64_000_000
 # Formats the decoder accepts; anything else PIL might open (EPS, PSD, ...) is refused.
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
+MEDIA_TYPES = {
+    "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",
+    "PNG": "image/png",
+    "WEBP": "image/webp",
+    "BMP": "image/bmp",
+    "GIF": "image/gif",
+    "TIFF": "image/tiff",
+}
 # Leading bytes of the accepted formats: such data that PIL cannot identify is a broken image
 # ("corrupt_image"), not another format ("unsupported_format").
 _MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
@@ -34,36 +45,30 @@ class ImageDecodeError(ValueError):
         self.code = code
 
 
-def decode_image(
-    data: bytes,
-    *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    allowed_formats: frozenset[str] = ALLOWED_FORMATS,
-) -> Image.Image:
-    """Bytes of an encoded image -> 8-bit RGB PIL image, upright, first frame."""
-    if not data:
-        raise ImageDecodeError("empty_image", "the image is empty (0 bytes); send the file's contents")
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header says, read without decoding a pixel."""
+
+    format: str  # PIL's name: JPEG, PNG, ...
+    width: int
+    height: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    @property
+    def media_type(self) -> str:
+        return MEDIA_TYPES.get(self.format, "application/octet-stream")
+
+
+@contextmanager
+def _decode_errors(data: bytes) -> Iterator[None]:
+    """PIL's many failure types -> ImageDecodeError with a stable code."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            fmt = img.format or "unknown"
-            if fmt not in allowed_formats:
-                raise ImageDecodeError(
-                    "unsupported_format",
-                    f"image format {fmt} is not accepted; send one of {', '.join(sorted(allowed_formats))}",
-                )
-            width, height = img.size
-            if width < 1 or height < 1:
-                raise ImageDecodeError("corrupt_image", "the image has no pixels")
-            if width * height > max_pixels:
-                raise ImageDecodeError(
-                    "image_too_large",
-                    f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
-                )
-            img.seek(0)
-            img.load()
-            return to_rgb(img)
+            yield
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -78,6 +83,57 @@ def decode_image(
         ) from exc
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, MemoryError) as exc:
         raise ImageDecodeError("corrupt_image", f"the image could not be decoded ({exc}); it may be truncated") from exc
+
+
+def _open_checked(data: bytes, max_pixels: int, allowed_formats: frozenset[str]) -> Image.Image:
+    """Open (header only) and refuse what must not be decoded: empty, other formats, bombs."""
+    if not data:
+        raise ImageDecodeError("empty_image", "the image is empty (0 bytes); send the file's contents")
+    img = Image.open(io.BytesIO(data))
+    fmt = img.format or "unknown"
+    if fmt not in allowed_formats:
+        raise ImageDecodeError(
+            "unsupported_format",
+            f"image format {fmt} is not accepted; send one of {', '.join(sorted(allowed_formats))}",
+        )
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise ImageDecodeError("corrupt_image", "the image has no pixels")
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            "image_too_large", f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+        )
+    return img
+
+
+def probe_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, allowed_formats: frozenset[str] = ALLOWED_FORMATS
+) -> ImageHeader:
+    """The header of an encoded image, checked as `decode_image` checks it, no pixel decoded."""
+    with _decode_errors(data), _open_checked(data, max_pixels, allowed_formats) as img:
+        return ImageHeader(img.format or "unknown", *img.size)
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    allowed_formats: frozenset[str] = ALLOWED_FORMATS,
+    min_side: int | None = None,
+) -> Image.Image:
+    """Bytes of an encoded image -> 8-bit RGB PIL image, upright, first frame.
+
+    `min_side`: a JPEG is decoded at the coarsest DCT scale (1/2, 1/4 or 1/8, libjpeg's
+    scaled decoding) that keeps both sides at least `min_side`; a 24 MP photo meant for a
+    224-pixel crop then costs 1/64 of its full decode in time and memory.
+    """
+    with _decode_errors(data):
+        img = _open_checked(data, max_pixels, allowed_formats)
+        if min_side is not None and img.format == "JPEG":
+            img.draft(None, (min_side, min_side))
+        img.seek(0)
+        img.load()
+        return to_rgb(img)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -103,13 +159,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def load_image_file(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """A file on disk -> RGB image; raises ImageDecodeError for anything unreadable."""
+def read_image_file(path: str | Path) -> bytes:
+    """A file's bytes; ImageDecodeError `unreadable_file` when it cannot be read."""
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except OSError as exc:
         raise ImageDecodeError("unreadable_file", f"cannot read {path}: {exc}") from exc
-    return decode_image(data, max_pixels=max_pixels)
+
+
+def load_image_file(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A file on disk -> RGB image; raises ImageDecodeError for anything unreadable."""
+    return decode_image(read_image_file(path), max_pixels=max_pixels)
 
 
 @dataclass(frozen=True)
@@ -158,6 +218,12 @@ class ResizePolicy:
             img = img.crop((left, top, left + s, top + s))
         return np.asarray(img, dtype=np.uint8).reshape(s, s, 3)
 
+    def decode(self, data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        """Encoded bytes -> uint8 [size, size, 3]: the one decode-and-resize path for serving,
+        re-embedding and folder datasets. JPEGs decode at a reduced DCT scale that keeps both
+        sides >= 2 x size, so the final bicubic step still antialiases (`decode_image`)."""
+        return self.apply(decode_image(data, max_pixels=max_pixels, min_side=2 * self.size))
+
     def apply_array(self, arr: np.ndarray) -> np.ndarray:
         """uint8 [H, W, C] (C = 1, 3 or 4) -> uint8 [size, size, 3]; the path for .npz data."""
         if arr.dtype != np.uint8:
@@ -181,3 +247,31 @@ class ResizePolicy:
         for i, img in enumerate(images):
             out[i] = apply(img)
         return out
+
+
+class EncodedImages:
+    """A request's encoded images, decoded only when a model asks, one image at a time
+    straight into its batch: the decoded pixels of one image are alive at once, never all.
+
+    `batch(policy)` caches per policy, so models sharing a resize policy decode once.
+    A decode error names the image (`names[i]: ...`).
+    """
+
+    def __init__(self, datas: Sequence[bytes], names: Sequence[str], *, max_pixels: int) -> None:
+        self.datas, self.names, self.max_pixels = list(datas), list(names), max_pixels
+        self._batches: dict[ResizePolicy, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.datas)
+
+    def batch(self, policy: ResizePolicy) -> np.ndarray:
+        """uint8 [N, size, size, 3] under `policy`; blocking: call it off the event loop."""
+        if policy not in self._batches:
+            out = np.empty((len(self.datas), policy.size, policy.size, 3), dtype=np.uint8)
+            for i, (name, data) in enumerate(zip(self.names, self.datas, strict=True)):
+                try:
+                    out[i] = policy.decode(data, max_pixels=self.max_pixels)
+                except ImageDecodeError as exc:
+                    raise ImageDecodeError(exc.code, f"{name}: {exc}") from exc
+            self._batches[policy] = out
+        return self._batches[policy]

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from service.contract.imaging import ImageDecodeError, ResizePolicy, decode_image
+from service.contract.imaging import ImageDecodeError, ResizePolicy
 from service.contract.registry import ModelCard, ModelRegistry
 from service.items.blobs import BlobStore
 from service.items.index import SnapshotError, VectorIndex
@@ -112,15 +112,15 @@ def reembed_all(
                     return written
                 after = batch[-1][0]
                 pks, images = [], []
-                for pk, sha in batch:
+                for pk, sha in batch:  # one original decoded at a time, straight to [S, S, 3]
                     try:
-                        images.append(decode_image(blobs.get(sha), max_pixels=settings.max_image_pixels))
+                        images.append(encoder.policy.decode(blobs.get(sha), max_pixels=settings.max_image_pixels))
                         pks.append(pk)
                     except (OSError, ImageDecodeError) as exc:
                         failed.append(pk)
                         log.error("item %d: original %s unusable: %s", pk, sha, exc)
                 if pks:
-                    vecs = encoder.embed(encoder.policy.batch(images))  # [n, D]
+                    vecs = encoder.embed(np.stack(images))  # [n, S, S, 3] -> [n, D]
                     written += store.put_vectors(model_id, pks, vecs)
                     if on_progress:
                         on_progress(written)

@@ -13,7 +13,6 @@ and the in-memory indexes are updated. Swaps and snapshots take the same mutex.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import threading
 import time
@@ -22,9 +21,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-from PIL import Image
 
 from service.api.errors import ApiError
+from service.contract.imaging import EncodedImages
 from service.contract.registry import ModelRegistry
 from service.items.index import VectorIndex
 from service.items.reindex import Encoder, load_or_build_index, open_store, reembed_all, snapshot_path
@@ -33,15 +32,6 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-CONTENT_TYPES = {
-    "JPEG": "image/jpeg",
-    "MPO": "image/jpeg",
-    "PNG": "image/png",
-    "WEBP": "image/webp",
-    "BMP": "image/bmp",
-    "GIF": "image/gif",
-    "TIFF": "image/tiff",
-}
 REFRESH_EVERY_S = 1.0
 
 
@@ -50,7 +40,7 @@ class Runtime(Protocol):
 
     def get(self, model_id: str | None = None) -> Encoder: ...
 
-    async def embed(self, images: list[Image.Image], model_id: str | None = None) -> tuple[str, np.ndarray]: ...
+    async def embed(self, images: EncodedImages, model_id: str | None = None) -> tuple[str, np.ndarray]: ...
 
     def add_listener(self, callback: Any) -> None: ...
 
@@ -60,12 +50,6 @@ class Hit:
     id: str
     score: float
     metadata: dict[str, Any] | None
-
-
-def content_type_of(data: bytes) -> str:
-    """The media type of an (already decoded once) original, from its header."""
-    with Image.open(io.BytesIO(data)) as raw:
-        return CONTENT_TYPES.get(raw.format or "", "application/octet-stream")
 
 
 class ItemService:
@@ -178,8 +162,8 @@ class ItemService:
 
     # -- embedding ----------------------------------------------------------------------
 
-    async def _embed(self, model_id: str, images: list[Image.Image]) -> np.ndarray:
-        """RGB images -> float32 [N, D] under `model_id` (micro-batched; loads a retired model again)."""
+    async def _embed(self, model_id: str, images: EncodedImages) -> np.ndarray:
+        """Images -> float32 [N, D] under `model_id` (micro-batched; loads a retired model again)."""
         _, vectors = await self.runtime.embed(images, model_id=model_id)
         return vectors
 
@@ -193,16 +177,15 @@ class ItemService:
     async def add(
         self,
         ids: Sequence[str],
-        datas: Sequence[bytes],
-        images: Sequence[Image.Image],
+        originals: Sequence[tuple[bytes, str]],
+        images: EncodedImages,
         metadata: Sequence[dict[str, Any] | None],
         *,
         replace: bool,
     ) -> list[str]:
-        """Store items (original bytes `datas`, decoded `images`, metadata) with a vector per
-        served/pending model, and index them. All or nothing."""
-        types = await asyncio.to_thread(lambda: [content_type_of(d) for d in datas])
-        images = list(images)
+        """Store items (originals as (bytes, media type), their `images`, metadata) with a vector
+        per served/pending model, and index them. All or nothing."""
+        datas, types = [d for d, _ in originals], [t for _, t in originals]
         vectors: dict[str, np.ndarray] = {}
         while True:
             for model_id in self._targets():
@@ -326,14 +309,14 @@ class ItemService:
             raise ApiError(409, "item_not_indexed", f"item {item_id!r} has no vector under model {served} yet; retry")
         return self.search_vector(vector, k, served)
 
-    async def search_image(self, image: Image.Image, k: int) -> tuple[str, list[Hit]]:
+    async def search_image(self, image: EncodedImages, k: int) -> tuple[str, list[Hit]]:
         """Embed `image` with the served model (not necessarily the active one) and search.
 
         The served index can swap while the image is being embedded (a re-embedding just
         completed); the query is then embedded again with the new model, not refused."""
         for retries_left in (2, 1, 0):
             served, _ = self._served_index()
-            vector = (await self._embed(served, [image]))[0]
+            vector = (await self._embed(served, image))[0]
             try:
                 return await asyncio.to_thread(self.search_vector, vector, k, served)
             except ApiError as exc:

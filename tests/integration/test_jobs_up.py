@@ -90,6 +90,38 @@ def test_up_runs_a_job_end_to_end_on_the_embedded_broker(up, digits_path: Path) 
         socket.create_connection(("127.0.0.1", broker_port), timeout=1).close()
 
 
+def children_of(pid: int) -> set[int]:
+    """Direct children of `pid`, from /proc (`up` starts broker, worker and API in sessions of their own)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found.update(int(c) for c in (task / "children").read_text().split())
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_a_burst_of_signals_stops_up_and_every_child(tmp_path: Path) -> None:
+    """`make up` forwards SIGTERM to its child, so a group kill delivers several: each lands in the
+    stop handler or in the main loop's wait; `up` must still stop broker, worker and API in time."""
+    api, proc, _ = start_up(tmp_path / "data", SIMCLR_EMBED_DEMO_ON_EMPTY="false")
+    try:
+        children = children_of(proc.pid)
+        assert len(children) == 3, children  # broker, worker, API
+        for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT, signal.SIGTERM, signal.SIGINT):
+            proc.send_signal(sig)
+        grace_s = 15 + 60 + 15  # `up` gives the API, the worker and the broker these in turn
+        assert proc.wait(grace_s) == 0
+        assert not [c for c in children if alive(c)], "children left running after `up` stopped"
+    finally:
+        stop_up(api, proc)
+
+
 def test_first_start_trains_the_demo_and_search_works(tmp_path: Path) -> None:
     """A fresh data folder and no dataset of the user's: `up` writes scikit-learn's digits, trains
     the demo encoder through the job queue, activates it and indexes 300 digits; a restart does not
@@ -122,10 +154,26 @@ def test_first_start_trains_the_demo_and_search_works(tmp_path: Path) -> None:
         stop_up(api, proc)
     assert proc.returncode == 0
 
+    assert (data_dir / "demo-complete").is_file()  # written once the digits are indexed
+
     api, proc, _ = start_up(data_dir)
     try:
         time.sleep(3)  # the demo thread would have submitted by now
         assert api.http.get("/train-jobs").json()["total"] == 1
         assert api.http.get("/items").json()["total"] == 300
+    finally:
+        stop_up(api, proc)
+
+    # What a crash after the demo model was published, before its digits were indexed, leaves:
+    # the job succeeded and its model active, no items, no completion marker. The next start
+    # indexes the digits with that model and trains nothing new.
+    (data_dir / "demo-complete").unlink()
+    shutil.rmtree(data_dir / "items")
+    api, proc, _ = start_up(data_dir)
+    try:
+        page = wait_until(indexed, 300, "the restarted demo to index its 300 digits", every_s=2)
+        assert api.http.get("/train-jobs").json()["total"] == 1
+        assert all(i["models"] == [active] for i in page["items"])
+        wait_until((data_dir / "demo-complete").is_file, 30, "the demo's completion marker")
     finally:
         stop_up(api, proc)

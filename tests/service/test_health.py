@@ -16,17 +16,22 @@ def test_healthz_always_answers(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
 
 
-def test_readyz_needs_a_broker(client: TestClient) -> None:
+def test_readyz_is_ready_without_a_broker_configured(client: TestClient) -> None:
     r = client.get("/readyz")
-    assert r.status_code == 503
+    assert r.status_code == 200, r.text
     body = r.json()
-    assert body["error"]["code"] == "not_ready"
+    assert body["status"] == "ready"
     assert body["checks"]["model"] == f"ok: {MODEL_A}"
     assert body["checks"]["index"].startswith("ok")
-    assert "broker" in body["error"]["message"]
+    assert body["checks"]["broker"].startswith("not configured")
+    assert "simclr_embed_broker_up 0.0" in client.get("/metrics").text
 
 
-def test_readyz_with_model_index_and_broker(data_dir: Path, tmp_path: Path) -> None:
+def test_readyz_stays_ready_and_serving_works_while_the_broker_is_down(data_dir: Path, tmp_path: Path) -> None:
+    """Readiness is about serving: with the broker stopped the replica stays ready, /embed and
+    /search answer, the broker's state is in `checks` and the gauge, and job submission is 503."""
+    (data_dir / "datasets").mkdir()
+    np.savez(data_dir / "datasets" / "d.npz", x_train=np.zeros((8, 8, 8, 1), np.uint8))
     redis = RedisServer(tmp_path / "redis")
     redis.start()
     try:
@@ -35,9 +40,22 @@ def test_readyz_with_model_index_and_broker(data_dir: Path, tmp_path: Path) -> N
             r = client.get("/readyz")
             assert r.status_code == 200, r.text
             assert r.json()["checks"]["broker"] == "ok"
+            assert "simclr_embed_broker_up 1.0" in client.get("/metrics").text
+            image = png(np.full((40, 40, 3), 90, np.uint8))
+            assert client.post("/items", files=multipart([image]), data={"ids": ["a"]}).status_code == 201
+
             redis.stop()
             down = client.get("/readyz")
-            assert down.status_code == 503 and "broker" in down.json()["error"]["message"]
+            assert down.status_code == 200, down.text
+            assert down.json()["status"] == "ready"
+            assert down.json()["checks"]["broker"].startswith("does not answer")
+            assert "simclr_embed_broker_up 0.0" in client.get("/metrics").text
+            embedded = client.post("/embed", files=multipart([image]))
+            assert embedded.status_code == 200 and len(embedded.json()["embeddings"]) == 1
+            hits = client.post("/search", json={"item_id": "a", "k": 1})
+            assert hits.status_code == 200 and hits.json()["results"][0]["id"] == "a"
+            job = client.post("/train-jobs", json={"dataset": "d.npz"})
+            assert job.status_code == 503 and job.json()["error"]["code"] == "jobs_unavailable", job.text
     finally:
         redis.stop()
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from service.contract.encoder_io import PIXEL_MEAN, PIXEL_STD
 from trainer.data import DatasetError, load_split
 from trainer.evaluate import (
     embed_images,
@@ -22,7 +23,7 @@ from trainer.evaluate import (
     raw_pixel_features,
     variance_spectrum,
 )
-from trainer.models import PIXEL_MEAN, PIXEL_STD, Encoder
+from trainer.models import Encoder
 
 
 def _knn_reference(

@@ -55,7 +55,7 @@ def _calibrated_encoder(backbone: str, small_stem: bool, images: np.ndarray, see
 
 def reference_input(images: np.ndarray) -> np.ndarray:
     """uint8 [N, S, S, 3] -> normalised float32 [N, 3, S, S] (for calibration only)."""
-    from trainer.models import PIXEL_MEAN, PIXEL_STD
+    from service.contract.encoder_io import PIXEL_MEAN, PIXEL_STD
 
     x = (images.astype(np.float32) / 255.0 - np.asarray(PIXEL_MEAN, np.float32)) / np.asarray(PIXEL_STD, np.float32)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from service.contract.encoder_io import PIXEL_MEAN, PIXEL_STD
 from service.contract.train_config import AugmentConfig
-from trainer.models import PIXEL_MEAN, PIXEL_STD
 from trainer.transforms import (
     JITTER_OPS,
     SimCLRAugment,

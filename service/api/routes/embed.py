@@ -60,7 +60,7 @@ async def embed(request: Request, settings: SettingsDep, runtime: RuntimeDep) ->
     are written as the shortest float64 text, so a client parsing them back gets the exact
     float32 numbers.
     """
-    upload = await read_images(request, settings)
-    model_id, vectors = await runtime.embed([u.image for u in upload.images])  # [N, D]
+    async with read_images(request, settings) as upload:
+        model_id, vectors = await runtime.embed(upload.encoded)  # [N, D]
     body = json.dumps({"model_id": model_id, "dim": int(vectors.shape[1]), "embeddings": vectors.tolist()})
     return Response(body, media_type="application/json")

@@ -1,4 +1,10 @@
-"""Routes: liveness, readiness and Prometheus metrics."""
+"""Routes: liveness, readiness and Prometheus metrics.
+
+Readiness means ready to serve /embed and /search: a model and its index are loaded. The job
+broker is reported (`checks.broker`, the `simclr_embed_broker_up` gauge) but does not make a
+replica unready: a load balancer must not drop a replica that serves well because job
+submission is down; while it is, `POST /train-jobs` answers 503 `jobs_unavailable`.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,25 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import State
 
 from service.api.errors import error_body
 
 router = APIRouter(tags=["health"])
+# The checks that decide readiness; others (the broker) are reported only.
+SERVING_CHECKS = ("model", "index")
+
+
+async def broker_check(state: State) -> str:
+    """The broker's line in `checks`, its gauge set on the way (1: answers, 0: not)."""
+    jobs = getattr(state, "jobs", None)
+    up = jobs is not None and await run_in_threadpool(jobs.ping)
+    state.metrics.broker_up.set(1 if up else 0)
+    if up:
+        return "ok"
+    if jobs is None or not jobs.broker_url:
+        return "not configured (SIMCLR_EMBED_BROKER_URL): job submission answers 503; serving is unaffected"
+    return "does not answer: job submission answers 503 until it does; serving is unaffected"
 
 
 @router.get("/healthz")
@@ -20,7 +41,8 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses={503: {"description": "not ready; `checks` says why"}})
 async def readyz(request: Request) -> JSONResponse:
-    """200 when a model is loaded, the item index is loaded and the broker answers; else 503.
+    """200 when a model and the item index are loaded (ready to serve /embed and /search); else
+    503. The broker's state is in `checks` either way (see the module docstring).
 
     Components on `app.state` report themselves: `items.stats()["served_model"]` (None: no
     index loaded) and `jobs.ping() -> bool`.
@@ -34,11 +56,8 @@ async def readyz(request: Request) -> JSONResponse:
         stats = await run_in_threadpool(items.stats)
         served = stats["served_model"]
         checks["index"] = f"ok: {served}, {stats['index_size']} vectors" if served else "no search index is loaded"
-    jobs = getattr(state, "jobs", None)
-    if jobs is not None:
-        up = await run_in_threadpool(jobs.ping)
-        checks["broker"] = "ok" if up else "the job broker does not answer (or none is set: SIMCLR_EMBED_BROKER_URL)"
-    failing = {k: v for k, v in checks.items() if not v.startswith("ok")}
+    checks["broker"] = await broker_check(state)
+    failing = {k: checks[k] for k in SERVING_CHECKS if k in checks and not checks[k].startswith("ok")}
     if failing:
         message = "not ready: " + "; ".join(f"{k}: {v}" for k, v in failing.items())
         return JSONResponse({**error_body("not_ready", message), "checks": checks}, status_code=503)
@@ -54,4 +73,5 @@ async def metrics(request: Request) -> Response:
         state.metrics.index_size.clear()
         if stats["served_model"]:
             state.metrics.index_size.labels(stats["served_model"]).set(stats["index_size"])
+    await broker_check(state)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -53,18 +53,17 @@ async def add_items(
     settings: SettingsDep,
     replace: Annotated[bool, Query(description="overwrite items whose id exists instead of 409")] = False,
 ) -> ItemsAdded:
-    upload = await read_images(request, settings)
-    ids = upload.fields.get("ids", upload.body.get("ids"))
-    if not isinstance(ids, list) or len(ids) != len(upload.images) or not all(isinstance(i, str) for i in ids):
-        raise ApiError(422, "ids_mismatch", f"send one `ids` value per image ({len(upload.images)} images)")
-    for item_id in ids:
-        validate_item_id(item_id)
-    if len(set(ids)) != len(ids):
-        raise ApiError(422, "duplicate_ids", "the same id appears twice in one request")
-    metadata = _metadata_list(upload.fields.get("metadata", upload.body.get("metadata")), len(ids))
-    stored = await items.add(
-        ids, [u.data for u in upload.images], [u.image for u in upload.images], metadata, replace=replace
-    )
+    async with read_images(request, settings) as upload:
+        ids = upload.fields.get("ids", upload.body.get("ids"))
+        if not isinstance(ids, list) or len(ids) != len(upload.images) or not all(isinstance(i, str) for i in ids):
+            raise ApiError(422, "ids_mismatch", f"send one `ids` value per image ({len(upload.images)} images)")
+        for item_id in ids:
+            validate_item_id(item_id)
+        if len(set(ids)) != len(ids):
+            raise ApiError(422, "duplicate_ids", "the same id appears twice in one request")
+        metadata = _metadata_list(upload.fields.get("metadata", upload.body.get("metadata")), len(ids))
+        originals = [(u.data, u.header.media_type) for u in upload.images]
+        stored = await items.add(ids, originals, upload.encoded, metadata, replace=replace)
     return ItemsAdded(ids=stored, count=len(stored))
 
 

@@ -57,17 +57,18 @@ def _k_field(values: list[str] | None) -> int:
 async def search(request: Request, items: ItemsDep, settings: SettingsDep) -> SearchResponse:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        upload = await read_images(request, settings, file_field="file")
-        if len(upload.images) != 1:
-            raise ApiError(422, "one_image", "search by image takes exactly one `file` part")
-        if unexpected := sorted(set(upload.fields) - {"k"}):
-            # e.g. an `item_id` beside the image: which query was meant is ambiguous, so say so.
-            raise ApiError(
-                422,
-                "unexpected_fields",
-                f"search by image takes a `file` part and an optional `k` field; unexpected: {', '.join(unexpected)}",
-            )
-        model_id, hits = await items.search_image(upload.images[0].image, _k_field(upload.fields.get("k")))
+        async with read_images(request, settings, file_field="file") as upload:
+            if len(upload.images) != 1:
+                raise ApiError(422, "one_image", "search by image takes exactly one `file` part")
+            if unexpected := sorted(set(upload.fields) - {"k"}):
+                # e.g. an `item_id` beside the image: which query was meant is ambiguous, so say so.
+                raise ApiError(
+                    422,
+                    "unexpected_fields",
+                    "search by image takes a `file` part and an optional `k` field; "
+                    f"unexpected: {', '.join(unexpected)}",
+                )
+            model_id, hits = await items.search_image(upload.encoded, _k_field(upload.fields.get("k")))
     else:
         if content_type != "application/json":
             raise ApiError(
