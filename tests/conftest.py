@@ -1,4 +1,5 @@
-"""Fixtures shared by the whole suite: the real data in ../shared/data, a private Redis."""
+"""Fixtures shared by the whole suite: real images that installed packages ship (tests/_data.py),
+a private Redis (tests/_procs.py). Nothing here needs ../shared: a user's fresh clone has none."""
 
 from __future__ import annotations
 
@@ -7,35 +8,39 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _data import PHOTO_TRAIN, bundled_digits, photo_patches
 from _procs import RedisServer
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 
-
-def shared_npz(name: str) -> Path:
-    """Path of a file in ../shared/data, or skip: a user's fresh clone has no ../shared (CI has it)."""
-    path = SHARED_DATA / name
-    if not path.is_file():
-        pytest.skip(f"{path} not present: ../shared/data ships only with the project's CI and dev machines")
+@pytest.fixture(scope="session")
+def digits_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """digits.npz, the ../shared/data layout, written from scikit-learn's bundled digits."""
+    path = tmp_path_factory.mktemp("digits") / "digits.npz"
+    np.savez(path, **bundled_digits())
     return path
 
 
 @pytest.fixture(scope="session")
-def digits_path() -> Path:
-    return shared_npz("digits.npz")
+def photos() -> np.ndarray:
+    """256 real colour photo patches, uint8 [256, 32, 32, 3] (see `photo_patches`)."""
+    return photo_patches()[0][:256]
 
 
 @pytest.fixture(scope="session")
-def cifar5k_path() -> Path:
-    return shared_npz("cifar10-5k.npz")
-
-
-@pytest.fixture(scope="session")
-def cifar_images(cifar5k_path: Path) -> np.ndarray:
-    """256 real CIFAR-10 test images, uint8 [256, 32, 32, 3]."""
-    with np.load(cifar5k_path) as data:
-        return np.ascontiguousarray(data["x_test"][:256])
+def photos_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A colour dataset in the ../shared/data layout: photos.npz with 384 train and 72 test
+    patches, labelled by their source photo (classes china, flower)."""
+    images, labels = photo_patches()
+    path = tmp_path_factory.mktemp("photos") / "photos.npz"
+    np.savez(
+        path,
+        x_train=images[:PHOTO_TRAIN],
+        y_train=labels[:PHOTO_TRAIN],
+        x_test=images[PHOTO_TRAIN:],
+        y_test=labels[PHOTO_TRAIN:],
+        classes=np.array(["china", "flower"]),
+    )
+    return path
 
 
 @pytest.fixture(scope="module")

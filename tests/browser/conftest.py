@@ -7,13 +7,13 @@ all on free ports over a tmp data folder. Before the API starts, the data folder
 published ONNX encoders (real ResNet-18s, exported by the trainer's own `export_encoder`, `enc-a`
 active) and digits.npz as a dataset.
 
-Each test saves a screenshot to tests/artifacts/screenshots/<name>.png; with UPDATE_SCREENSHOTS=1
-to docs/screenshots/<name>.png, which the README shows.
+Each test saves a screenshot to tests/artifacts/screenshots/<name>.png (ignored; look there when a
+test fails). The README's pictures come from the demo's trained model instead:
+tools/readme_screenshots.py.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -28,15 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))  # 
 
 from _procs import STARTUP_S, wait_until
 from jobstack import Stack
+from pages import chromium_installed, save_screenshot, start_chromium
 
 REPO = Path(__file__).resolve().parents[2]
-# The README's screenshots are refreshed only on request (UPDATE_SCREENSHOTS=1); a plain test run
-# writes them under the ignored tests/artifacts/ so that it leaves the working tree clean.
-SCREENSHOTS = REPO / (
-    "docs/screenshots" if os.environ.get("UPDATE_SCREENSHOTS") == "1" else "tests/artifacts/screenshots"
-)
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-WINDOW = (1200, 800)
+SCREENSHOTS = REPO / "tests" / "artifacts" / "screenshots"  # ignored: a test run leaves the tree clean
 MODEL_A, MODEL_B = "enc-a", "enc-b"
 SIZE = 16
 API_KEY = "browser-test-key-1"
@@ -138,31 +133,10 @@ def keyed_stack(tmp_path_factory: pytest.TempPathFactory, models_template: Path,
 
 @pytest.fixture
 def browser() -> Iterator[object]:
-    """A fresh headless Chromium (fresh sessionStorage) with a 1200x800 window."""
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+    """A fresh headless Chromium (fresh sessionStorage) with a 1200x800 viewport."""
+    if not chromium_installed():
         pytest.skip("Debian's chromium and chromium-driver are not installed (make browser)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-dev-shm-usage",
-        "--disable-gpu",
-        "--disable-extensions",
-        f"--window-size={WINDOW[0]},{WINDOW[1]}",
-        "--force-device-scale-factor=1",
-    ):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
-    # The viewport itself is WINDOW (the window size would include the browser's frame).
-    driver.execute_cdp_cmd(
-        "Emulation.setDeviceMetricsOverride",
-        {"width": WINDOW[0], "height": WINDOW[1], "deviceScaleFactor": 1, "mobile": False},
-    )
+    driver = start_chromium()
     try:
         yield driver
     finally:
@@ -173,18 +147,8 @@ def browser() -> Iterator[object]:
 
 @pytest.fixture
 def screenshot(browser) -> Callable[[str], Path]:
-    """Save the viewport as SCREENSHOTS/<name>.png (palette PNG: small enough to commit)."""
-
-    def save(name: str) -> Path:
-        import io
-
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        path = SCREENSHOTS / f"{name}.png"
-        image = Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("RGB")
-        image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
-        return path
-
-    return save
+    """Save the viewport as SCREENSHOTS/<name>.png."""
+    return lambda name: save_screenshot(browser, SCREENSHOTS / f"{name}.png")
 
 
 @pytest.fixture

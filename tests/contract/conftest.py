@@ -49,9 +49,9 @@ def model_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def photo(cifar_images: np.ndarray) -> np.ndarray:
-    """A real photo, uint8 [40, 56, 3] (non-square): a CIFAR-10 image upscaled and cropped."""
-    big = ResizePolicy(56).apply_array(cifar_images[3])  # [56, 56, 3]
+def photo(photos: np.ndarray) -> np.ndarray:
+    """A real photo, uint8 [40, 56, 3] (non-square): a photo patch upscaled and cropped."""
+    big = ResizePolicy(56).apply_array(photos[3])  # [56, 56, 3]
     return np.ascontiguousarray(big[8:48])
 
 

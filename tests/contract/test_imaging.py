@@ -248,27 +248,27 @@ def test_resize_crop_geometry_against_float64_reference(w, h, s):
     assert np.abs(out[..., 2] - 77).max() <= 1
 
 
-def test_apply_array_channels_and_dtype(cifar_images):
+def test_apply_array_channels_and_dtype(photos):
     policy = ResizePolicy(32)
-    assert (policy.apply_array(cifar_images[0]) == cifar_images[0]).all()
-    gray = cifar_images[0, :, :, 0]
+    assert (policy.apply_array(photos[0]) == photos[0]).all()
+    gray = photos[0, :, :, 0]
     assert (policy.apply_array(gray) == gray[:, :, None]).all()
     assert (policy.apply_array(gray[:, :, None]) == gray[:, :, None]).all()
-    rgba = np.concatenate([cifar_images[0], np.zeros((32, 32, 1), np.uint8)], axis=2)
+    rgba = np.concatenate([photos[0], np.zeros((32, 32, 1), np.uint8)], axis=2)
     assert (policy.apply_array(rgba) == 255).all()  # fully transparent -> white
     with pytest.raises(ValueError, match="uint8"):
-        policy.apply_array(cifar_images[0].astype(np.float32) / 255)
+        policy.apply_array(photos[0].astype(np.float32) / 255)
     with pytest.raises(ValueError, match="C in 1, 3, 4"):
         policy.apply_array(np.zeros((32, 32, 2), np.uint8))
 
 
-def test_batch_from_pil_and_arrays(cifar_images):
+def test_batch_from_pil_and_arrays(photos):
     policy = ResizePolicy(48)
-    from_arrays = policy.batch(cifar_images[:5])
-    from_pil = policy.batch([Image.fromarray(a) for a in cifar_images[:5]])
+    from_arrays = policy.batch(photos[:5])
+    from_pil = policy.batch([Image.fromarray(a) for a in photos[:5]])
     assert from_arrays.shape == (5, 48, 48, 3) and from_arrays.dtype == np.uint8
     assert (from_arrays == from_pil).all()
-    assert (policy.apply(Image.fromarray(cifar_images[0]).convert("RGBA")) == from_arrays[0]).all()
+    assert (policy.apply(Image.fromarray(photos[0]).convert("RGBA")) == from_arrays[0]).all()
 
 
 @pytest.mark.parametrize("size", [1, 32, 224, 4096])

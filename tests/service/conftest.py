@@ -2,7 +2,7 @@
 real uvicorn subprocess.
 
 The encoders are small conv nets exported by the trainer's own `export_encoder` (so they
-follow the ONNX contract exactly, parity-checked on real CIFAR images) and published with
+follow the ONNX contract exactly, parity-checked on real photo patches) and published with
 `ModelRegistry.publish`. Two models with different weights let tests tell them apart.
 """
 
@@ -78,7 +78,7 @@ class Models:
 
 
 @pytest.fixture(scope="session")
-def models(tmp_path_factory: pytest.TempPathFactory, cifar_images: np.ndarray) -> Models:
+def models(tmp_path_factory: pytest.TempPathFactory, photos: np.ndarray) -> Models:
     root = tmp_path_factory.mktemp("template")
     registry = ModelRegistry(root / "models")
     encoders = {}
@@ -87,7 +87,7 @@ def models(tmp_path_factory: pytest.TempPathFactory, cifar_images: np.ndarray) -
         encoder = TinyEncoder(seed).eval()
         card = _card(model_id)
         onnx_path = root / f"{model_id}.onnx"
-        export_encoder(encoder, onnx_path, card=card, parity_images=cifar_images[:16])
+        export_encoder(encoder, onnx_path, card=card, parity_images=photos[:16])
         registry.publish(onnx_path, card, activate=model_id == MODEL_A)
         onnx_path.unlink()
         encoders[model_id] = encoder

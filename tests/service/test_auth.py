@@ -33,8 +33,8 @@ def test_activation_needs_a_valid_key(keyed: TestClient) -> None:
     assert keyed.post(f"/models/{MODEL_B}/activate", headers={"X-API-Key": "key-one"}).status_code == 200
 
 
-def test_reads_are_open_unless_configured(keyed: TestClient, data_dir: Path, cifar_images: np.ndarray) -> None:
-    files = multipart([png(cifar_images[0])])
+def test_reads_are_open_unless_configured(keyed: TestClient, data_dir: Path, photos: np.ndarray) -> None:
+    files = multipart([png(photos[0])])
     assert keyed.post("/embed", files=files).status_code == 200
     assert keyed.get("/models").status_code == 200
     settings = make_settings(data_dir, api_keys="key-one", require_key_for_reads=True)

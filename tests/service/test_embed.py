@@ -20,9 +20,9 @@ from trainer.export import reference_embed
 
 
 def test_embed_equals_direct_onnx_runtime_and_torch(
-    client: TestClient, data_dir: Path, models: Models, cifar_images: np.ndarray
+    client: TestClient, data_dir: Path, models: Models, photos: np.ndarray
 ) -> None:
-    images = list(cifar_images[:12])
+    images = list(photos[:12])
     response = client.post("/embed", files=multipart([png(a) for a in images]))
     assert response.status_code == 200, response.text
     body = response.json()
@@ -36,8 +36,8 @@ def test_embed_equals_direct_onnx_runtime_and_torch(
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 
-def test_json_base64_and_multipart_agree_and_keep_order(client: TestClient, cifar_images: np.ndarray) -> None:
-    blobs = [png(a) for a in cifar_images[20:26]]
+def test_json_base64_and_multipart_agree_and_keep_order(client: TestClient, photos: np.ndarray) -> None:
+    blobs = [png(a) for a in photos[20:26]]
     forward = parse_vectors(client.post("/embed", files=multipart(blobs)))
     reverse = client.post("/embed", json={"images": [base64.b64encode(b).decode() for b in blobs[::-1]]})
     assert reverse.status_code == 200, reverse.text
@@ -46,9 +46,9 @@ def test_json_base64_and_multipart_agree_and_keep_order(client: TestClient, cifa
 
 
 def test_larger_images_go_through_the_model_resize_policy(
-    client: TestClient, data_dir: Path, cifar_images: np.ndarray
+    client: TestClient, data_dir: Path, photos: np.ndarray
 ) -> None:
-    big = np.asarray(Image.fromarray(cifar_images[3]).resize((96, 64), Image.Resampling.NEAREST))  # 64x96
+    big = np.asarray(Image.fromarray(photos[3]).resize((96, 64), Image.Resampling.NEAREST))  # 64x96
     response = client.post("/embed", files=multipart([png(big)]))
     assert response.status_code == 200
     np.testing.assert_allclose(
@@ -63,16 +63,16 @@ def _batch_stats(metrics_text: str) -> tuple[float, float]:
 
 
 @pytest.mark.integration
-def test_32_concurrent_clients_are_batched(data_dir: Path, cifar_images: np.ndarray) -> None:
+def test_32_concurrent_clients_are_batched(data_dir: Path, photos: np.ndarray) -> None:
     """Real uvicorn; 32 clients each send 4 one-image requests; every answer is that image's."""
-    expected = direct_ort(data_dir, MODEL_A, cifar_images[:32])
+    expected = direct_ort(data_dir, MODEL_A, photos[:32])
     with live_server(data_dir, SIMCLR_EMBED_BATCH_MAX_WAIT_MS="5") as server:
 
         def client(i: int) -> list[np.ndarray]:
             with httpx.Client(base_url=server.url, timeout=30) as http:
                 out = []
                 for _ in range(4):
-                    r = http.post("/embed", files=multipart([png(cifar_images[i])]))
+                    r = http.post("/embed", files=multipart([png(photos[i])]))
                     assert r.status_code == 200, r.text
                     out.append(parse_vectors(r)[0])
                 return out
@@ -88,11 +88,11 @@ def test_32_concurrent_clients_are_batched(data_dir: Path, cifar_images: np.ndar
 
 
 @pytest.mark.integration
-def test_hot_swap_while_embedding_loses_no_request(data_dir: Path, cifar_images: np.ndarray) -> None:
+def test_hot_swap_while_embedding_loses_no_request(data_dir: Path, photos: np.ndarray) -> None:
     """16 clients embed without pause while B is activated through the API, then A again by
     another process writing models/active (as the worker does): every request answers 200
     with the vectors of the model it names."""
-    images = cifar_images[:16]
+    images = photos[:16]
     expected = {m: direct_ort(data_dir, m, images) for m in (MODEL_A, MODEL_B)}
     stop = threading.Event()
     seen: list[str] = []

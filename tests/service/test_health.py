@@ -60,8 +60,8 @@ def test_readyz_stays_ready_and_serving_works_while_the_broker_is_down(data_dir:
         redis.stop()
 
 
-def test_metrics_show_routes_batches_and_active_model(client: TestClient, cifar_images: np.ndarray) -> None:
-    client.post("/embed", files=multipart([png(a) for a in cifar_images[:3]]))
+def test_metrics_show_routes_batches_and_active_model(client: TestClient, photos: np.ndarray) -> None:
+    client.post("/embed", files=multipart([png(a) for a in photos[:3]]))
     client.get("/models/nope")  # unmatched path: one label, not one per path
     text = client.get("/metrics").text
     assert 'simclr_embed_request_duration_seconds_count{method="POST",route="/embed",status="200"} 1.0' in text

@@ -55,15 +55,15 @@ BAD_IMAGES: dict[str, tuple[Callable[[], bytes], int, str]] = {
 
 
 @pytest.mark.parametrize("name", list(BAD_IMAGES))
-def test_bad_images(strict: TestClient, cifar_images: np.ndarray, name: str) -> None:
+def test_bad_images(strict: TestClient, photos: np.ndarray, name: str) -> None:
     make, status, code = BAD_IMAGES[name]
-    r = strict.post("/embed", files=multipart([png(cifar_images[0]), make()]))
+    r = strict.post("/embed", files=multipart([png(photos[0]), make()]))
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["code"] == code and error["message"].startswith("img1.png")
     as_json = strict.post("/embed", json={"images": [base64.b64encode(make()).decode()]})
     assert (as_json.status_code, as_json.json()["error"]["code"]) == (status, code)
-    assert strict.post("/embed", files=multipart([png(cifar_images[0])])).status_code == 200
+    assert strict.post("/embed", files=multipart([png(photos[0])])).status_code == 200
 
 
 BAD_REQUESTS: dict[str, tuple[dict[str, object], int, str]] = {
@@ -113,11 +113,11 @@ BAD_REQUESTS: dict[str, tuple[dict[str, object], int, str]] = {
 
 
 @pytest.mark.parametrize("name", list(BAD_REQUESTS))
-def test_bad_requests(strict: TestClient, cifar_images: np.ndarray, name: str) -> None:
+def test_bad_requests(strict: TestClient, photos: np.ndarray, name: str) -> None:
     kwargs, status, code = BAD_REQUESTS[name]
     r = strict.post("/embed", **kwargs)
     assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
-    assert strict.post("/embed", files=multipart([png(cifar_images[0])])).status_code == 200
+    assert strict.post("/embed", files=multipart([png(photos[0])])).status_code == 200
 
 
 def _embed_one(client: TestClient, data: bytes) -> np.ndarray:
@@ -133,9 +133,9 @@ def _encode(img: Image.Image, **save: object) -> bytes:
 
 
 def test_unusual_but_valid_images_are_embedded_correctly(
-    client: TestClient, data_dir: Path, cifar_images: np.ndarray
+    client: TestClient, data_dir: Path, photos: np.ndarray
 ) -> None:
-    base = cifar_images[5]
+    base = photos[5]
 
     def expected(rgb: np.ndarray) -> np.ndarray:
         return direct_ort(data_dir, MODEL_A, [Image.fromarray(rgb)])[0]
@@ -150,7 +150,7 @@ def test_unusual_but_valid_images_are_embedded_correctly(
     rotated = _embed_one(client, _encode(Image.fromarray(tall), format="PNG", exif=exif))
     np.testing.assert_allclose(rotated, expected(np.rot90(tall, k=-1)), atol=1e-6)
     # animated GIF: the first frame
-    frames = [Image.fromarray(base).quantize(64), Image.fromarray(cifar_images[6]).quantize(64)]
+    frames = [Image.fromarray(base).quantize(64), Image.fromarray(photos[6]).quantize(64)]
     animated = _encode(frames[0], format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
     first = np.asarray(frames[0].convert("RGB"))
     np.testing.assert_allclose(_embed_one(client, animated), expected(first), atol=1e-6)
@@ -168,7 +168,7 @@ def test_unusual_but_valid_images_are_embedded_correctly(
 
 
 @pytest.mark.integration
-def test_real_server_survives_bad_input(data_dir: Path, cifar_images: np.ndarray) -> None:
+def test_real_server_survives_bad_input(data_dir: Path, photos: np.ndarray) -> None:
     """Over real HTTP: a chunked body over the limit and a bomb get 4xx, the process stays up."""
     with (
         live_server(data_dir, SIMCLR_EMBED_MAX_UPLOAD_BYTES=str(LIMIT)) as server,
@@ -183,6 +183,6 @@ def test_real_server_survives_bad_input(data_dir: Path, cifar_images: np.ndarray
         assert big.status_code == 413 and big.json()["error"]["code"] == "payload_too_large"
         bomb = http.post("/embed", files=multipart([png_bomb()]))
         assert bomb.status_code == 413 and bomb.json()["error"]["code"] == "image_too_large"
-        ok = http.post("/embed", files=multipart([png(cifar_images[0])]))
+        ok = http.post("/embed", files=multipart([png(photos[0])]))
         assert ok.status_code == 200 and ok.json()["model_id"] == MODEL_A
         assert server.proc.poll() is None

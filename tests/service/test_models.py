@@ -20,13 +20,13 @@ def test_list_marks_the_active_model(client: TestClient) -> None:
     assert all(len(m["sha256"]) == 64 for m in body["models"])
 
 
-def test_activate_swaps_the_serving_model(client: TestClient, data_dir: Path, cifar_images: np.ndarray) -> None:
+def test_activate_swaps_the_serving_model(client: TestClient, data_dir: Path, photos: np.ndarray) -> None:
     r = client.post(f"/models/{MODEL_B}/activate")
     assert r.status_code == 200 and r.json()["active"] == MODEL_B
     assert (data_dir / "models" / "active").read_text().strip() == MODEL_B
-    embedded = client.post("/embed", files=multipart([png(cifar_images[0])]))
+    embedded = client.post("/embed", files=multipart([png(photos[0])]))
     assert embedded.json()["model_id"] == MODEL_B
-    np.testing.assert_allclose(parse_vectors(embedded), direct_ort(data_dir, MODEL_B, cifar_images[:1]), atol=1e-6)
+    np.testing.assert_allclose(parse_vectors(embedded), direct_ort(data_dir, MODEL_B, photos[:1]), atol=1e-6)
     assert client.get("/models").json()["active"] == MODEL_B
 
 
@@ -48,24 +48,24 @@ def test_corrupt_model_is_refused_with_409_and_nothing_changes(client: TestClien
     assert client.get("/models").json()["active"] == MODEL_A
 
 
-def test_no_active_model_is_503_with_a_way_out(data_dir: Path, cifar_images: np.ndarray) -> None:
+def test_no_active_model_is_503_with_a_way_out(data_dir: Path, photos: np.ndarray) -> None:
     (data_dir / "models" / "active").unlink()
     with TestClient(create_app(make_settings(data_dir)), raise_server_exceptions=False) as client:
-        r = client.post("/embed", files=multipart([png(cifar_images[0])]))
+        r = client.post("/embed", files=multipart([png(photos[0])]))
         assert r.status_code == 503
         error = r.json()["error"]
         assert error["code"] == "no_active_model"
         assert "/train-jobs" in error["message"] and "activate" in error["message"]
         assert client.get("/readyz").status_code == 503
         assert client.post(f"/models/{MODEL_A}/activate").status_code == 200
-        assert client.post("/embed", files=multipart([png(cifar_images[0])])).status_code == 200
+        assert client.post("/embed", files=multipart([png(photos[0])])).status_code == 200
 
 
-def test_corrupt_active_model_at_start_leaves_the_server_up(data_dir: Path, cifar_images: np.ndarray) -> None:
+def test_corrupt_active_model_at_start_leaves_the_server_up(data_dir: Path, photos: np.ndarray) -> None:
     (data_dir / "models" / MODEL_A / "model.onnx").write_bytes(b"not onnx")
     with TestClient(create_app(make_settings(data_dir)), raise_server_exceptions=False) as client:
         assert client.get("/healthz").status_code == 200
         ready = client.get("/readyz")
         assert ready.status_code == 503 and "sha256" in ready.json()["checks"]["model"]
-        r = client.post("/embed", files=multipart([png(cifar_images[0])]))
+        r = client.post("/embed", files=multipart([png(photos[0])]))
         assert r.status_code == 503 and "sha256" in r.json()["error"]["message"]

@@ -28,13 +28,13 @@ def _loop_byol(p: np.ndarray, z: np.ndarray) -> float:
     return total / len(p)
 
 
-@pytest.mark.parametrize("source", ["random", "cifar"])
+@pytest.mark.parametrize("source", ["random", "photos"])
 def test_byol_loss_matches_float64_loop(source: str, request: pytest.FixtureRequest) -> None:
     if source == "random":
         rng = np.random.default_rng(0)
         p, z = rng.normal(size=(9, 7)), rng.normal(size=(9, 7))
     else:  # pixel vectors of two crops of the same real photos
-        img = request.getfixturevalue("cifar_images").astype(np.float64) / 255.0 - 0.5
+        img = request.getfixturevalue("photos").astype(np.float64) / 255.0 - 0.5
         p, z = img[:9, :16, :16].reshape(9, -1), img[:9, 8:24, 8:24].reshape(9, -1)
     loss = byol_loss(torch.from_numpy(p), torch.from_numpy(z))
     assert loss.item() == pytest.approx(_loop_byol(p, z), rel=1e-6)  # computed in float32

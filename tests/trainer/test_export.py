@@ -1,8 +1,8 @@
 """Export of the encoder f to ONNX: parity with torch on real images, the graph contract,
 metadata, refusal of a broken export, and the `simclr-embed export` command.
 
-Real images: CIFAR-10 test images from ../shared/data. ResNet-18 with the small-image stem
-runs at their native 32 px; ResNet-50 runs at 64 px (CIFAR images upscaled by the serving
+Real images: 32x32 patches of scikit-learn's sample photographs (tests/_data.py). ResNet-18
+with the small-image stem runs at their native 32 px; ResNet-50 runs at 64 px (upscaled by the serving
 ResizePolicy) to keep CPU time small while still using real pixels. Weights are random but
 BatchNorm statistics are calibrated on real images and affine parameters randomised, so
 folding BatchNorm into Conv at export is exercised with non-trivial values.
@@ -88,15 +88,15 @@ def _threads():
 
 
 @pytest.fixture(scope="module", params=["resnet18-small-32", "resnet50-64"])
-def exported(request, tmp_path_factory, cifar_images, cifar5k_path):
+def exported(request, tmp_path_factory, photos, photos_path):
     """One export per backbone per session: (run_dir, registry, card, torch encoder, size)."""
     backbone, size = ("resnet18", 32) if request.param.startswith("resnet18") else ("resnet50", 64)
     small_stem = backbone == "resnet18"
-    images = ResizePolicy(size).batch(cifar_images)
+    images = ResizePolicy(size).batch(photos)
     encoder = _calibrated_encoder(backbone, small_stem, images, seed=1)
     cfg = TrainConfig(backbone=backbone, image_size=size, small_stem=small_stem, batch_size=64, epochs=1)
     root = tmp_path_factory.mktemp(request.param)
-    run_dir = make_run_dir(root / "run", encoder, cfg, str(cifar5k_path))
+    run_dir = make_run_dir(root / "run", encoder, cfg, str(photos_path))
     (run_dir / "result.json").write_text(
         json.dumps({"step": 10, "loss": 5.5, "stopped": False, "metrics": {"knn_top1": 0.4125}})
     )
@@ -107,10 +107,10 @@ def exported(request, tmp_path_factory, cifar_images, cifar5k_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("batch", BATCH_SIZES)
-def test_parity_on_real_images(exported, cifar_images, batch):
+def test_parity_on_real_images(exported, photos, batch):
     _, registry, card, encoder, size = exported
     _, path = registry.verify(card.model_id)
-    images = ResizePolicy(size).batch(cifar_images[100 : 100 + batch])  # [batch, S, S, 3], unseen at export
+    images = ResizePolicy(size).batch(photos[100 : 100 + batch])  # [batch, S, S, 3], unseen at export
     got = ort_session(path, threads=2).run(["embedding"], {"images": images})[0]
     expected = reference_embed(encoder, images)
     assert got.shape == (batch, card.embedding_dim) and got.dtype == np.float32
@@ -167,10 +167,10 @@ def test_metadata_round_trip(exported):
 
 
 @pytest.fixture
-def small_run(tmp_path, cifar_images, cifar5k_path):
-    encoder = _calibrated_encoder("resnet18", False, cifar_images, seed=2)
+def small_run(tmp_path, photos, photos_path):
+    encoder = _calibrated_encoder("resnet18", False, photos, seed=2)
     cfg = TrainConfig(backbone="resnet18", image_size=32, small_stem=False, batch_size=64, epochs=1)
-    return make_run_dir(tmp_path / "run", encoder, cfg, str(cifar5k_path)), encoder
+    return make_run_dir(tmp_path / "run", encoder, cfg, str(photos_path)), encoder
 
 
 def test_broken_wrapper_fails_parity_and_publishes_nothing(small_run, tmp_path, monkeypatch):
@@ -187,13 +187,13 @@ def test_broken_wrapper_fails_parity_and_publishes_nothing(small_run, tmp_path, 
     assert registry.active() == "good" and registry.sweep_staging() == 0
 
 
-def test_export_time_only_difference_is_caught(small_run, tmp_path, cifar_images):
+def test_export_time_only_difference_is_caught(small_run, tmp_path, photos):
     """An encoder that behaves differently while being exported than in eval mode."""
     _, encoder = small_run
     handle = encoder.net.layer4.register_forward_hook(
         lambda mod, inp, out: out * 1.5 + 0.01 if torch.onnx.is_in_onnx_export() else out
     )
-    images = cifar_images[:16]
+    images = photos[:16]
     card = ModelCard(
         model_id="x", method="simclr", backbone="resnet18", input_size=32, embedding_dim=512,
         resize_policy=ResizePolicy(32).to_json(), created_at="2025-01-01T00:00:00Z",
@@ -208,15 +208,15 @@ def test_export_time_only_difference_is_caught(small_run, tmp_path, cifar_images
     assert export_encoder(encoder, out, card=card, parity_images=images) < 1e-4  # and without the hook it passes
 
 
-def test_parity_images_supplied_when_dataset_unreadable(tmp_path, cifar_images):
-    encoder = _calibrated_encoder("resnet18", False, cifar_images, seed=3)
+def test_parity_images_supplied_when_dataset_unreadable(tmp_path, photos):
+    encoder = _calibrated_encoder("resnet18", False, photos, seed=3)
     cfg = TrainConfig(backbone="resnet18", image_size=32, small_stem=False, batch_size=64, epochs=1)
     run_dir = make_run_dir(tmp_path / "run", encoder, cfg, str(tmp_path / "gone.npz"))
     registry = ModelRegistry(tmp_path / "models")
     with pytest.raises(ExportError) as err:
         export_run(run_dir, registry)
     assert err.value.code == "no_parity_images" and registry.list() == []
-    card = export_run(run_dir, registry, parity_images=cifar_images[:8], metrics={"knn_top1": 0.5}, model_id="m1")
+    card = export_run(run_dir, registry, parity_images=photos[:8], metrics={"knn_top1": 0.5}, model_id="m1")
     assert card.metrics == {"knn_top1": 0.5} and registry.active() is None
     assert [c.model_id for c in registry.list()] == ["m1"]
 
@@ -233,13 +233,13 @@ def test_bad_parity_images_refused(small_run, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_cli_export_of_a_trained_run(tmp_path, cifar5k_path):
+def test_cli_export_of_a_trained_run(tmp_path, photos_path):
     """`simclr-embed export` in a subprocess on a run the training engine wrote (2 steps)."""
     from trainer.engine import train
 
     cfg = TrainConfig(backbone="resnet18", image_size=32, small_stem=False, batch_size=16, max_steps=2, num_workers=0)
     run_dir = tmp_path / "run"
-    train(cfg, cifar5k_path, run_dir)
+    train(cfg, photos_path, run_dir)
     models = tmp_path / "models"
     proc = subprocess.run(
         [sys.executable, "-m", "service.cli", "export", str(run_dir), "--registry", str(models), "--activate",

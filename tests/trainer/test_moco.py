@@ -48,23 +48,23 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def _inputs(source: str, cifar: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _inputs(source: str, photos: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     if source == "random":
         q, k, queue = rng.normal(size=(6, 5)), rng.normal(size=(6, 5)), rng.normal(size=(11, 5))
-    else:  # real images: pixel vectors of CIFAR-10 photos, two crops of the same image as q and k
-        img = cifar.astype(np.float64) / 255.0 - 0.5  # [256, 32, 32, 3]
+    else:  # real images: pixel vectors of photo patches, two crops of the same image as q and k
+        img = photos.astype(np.float64) / 255.0 - 0.5  # [256, 32, 32, 3]
         q = img[:6, :16, :16].reshape(6, -1)
         k = img[:6, 8:24, 8:24].reshape(6, -1)
         queue = img[100:113, 4:20, 4:20].reshape(13, -1)
     return q, k, _unit_rows(queue)
 
 
-@pytest.mark.parametrize("source", ["random", "cifar"])
+@pytest.mark.parametrize("source", ["random", "photos"])
 @pytest.mark.parametrize("temperature", [0.07, 0.2, 1.0])
 def test_info_nce_matches_float64_loop(source: str, temperature: float, request: pytest.FixtureRequest) -> None:
-    cifar = request.getfixturevalue("cifar_images") if source == "cifar" else None
-    q, k, queue = _inputs(source, cifar)
+    photos = request.getfixturevalue("photos") if source == "photos" else None
+    q, k, queue = _inputs(source, photos)
     expected_logits = _loop_logits(q, k, queue, temperature)
     as_t = lambda a: torch.from_numpy(a)
     logits = info_nce_logits(as_t(q), as_t(k), as_t(queue), temperature)

@@ -36,9 +36,9 @@ def test_matches_float64_loop_on_random_inputs(n: int, d: int, temperature: floa
     assert nt_xent_loss(z_a, z_b, temperature).item() == pytest.approx(expected, rel=1e-5)  # float32 path
 
 
-def test_matches_float64_loop_on_real_images(cifar_images: np.ndarray) -> None:
-    # Two "views" of 12 CIFAR images: the pixels and their horizontal mirror, flattened.
-    x = cifar_images[:12].astype(np.float64) / 255 - 0.5  # [12, 32, 32, 3]
+def test_matches_float64_loop_on_real_images(photos: np.ndarray) -> None:
+    # Two "views" of 12 real photo patches: the pixels and their horizontal mirror, flattened.
+    x = photos[:12].astype(np.float64) / 255 - 0.5  # [12, 32, 32, 3]
     z_a, z_b = x.reshape(12, -1)[:, ::16], x[:, :, ::-1].reshape(12, -1)[:, ::16]
     expected = reference_nt_xent(z_a, z_b, 0.2)
     got = nt_xent_loss(torch.from_numpy(z_a.copy()), torch.from_numpy(z_b.copy()), 0.2).item()
