@@ -14,6 +14,14 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.contract.registry import ModelNotFoundError, RegistryError
+from service.items.errors import (
+    IndexNotReadyError,
+    InvalidItemRequestError,
+    ItemConflictError,
+    ItemError,
+    ItemExistsError,
+    ItemNotFoundError,
+)
 from service.runtime import NoActiveModelError
 
 log = logging.getLogger(__name__)
@@ -77,8 +85,18 @@ _HTTP_CODES = {
 }
 
 
+# The item layer's errors (service/items/errors.py) and their statuses.
+_ITEM_STATUS: dict[type[ItemError], int] = {
+    ItemNotFoundError: 404,
+    ItemExistsError: 409,
+    ItemConflictError: 409,
+    IndexNotReadyError: 503,
+    InvalidItemRequestError: 422,
+}
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """ApiError, validation, HTTP, registry and runtime errors to the one shape; anything else a JSON 500."""
+    """ApiError, validation, HTTP, registry, runtime and item-layer errors to the one shape; anything else a JSON 500."""
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -109,6 +127,16 @@ def install_error_handlers(app: FastAPI) -> None:
         # not found -> 404; a model that fails its checksum or cannot be loaded -> 409
         status = 404 if isinstance(exc, ModelNotFoundError) else 409
         return JSONResponse(error_body(exc.code, str(exc)), status_code=status)
+
+    @app.exception_handler(ItemError)
+    async def _item(_: Request, exc: ItemError) -> JSONResponse:
+        status, headers = _ITEM_STATUS.get(type(exc), 400), None
+        extra: dict[str, object] = {}
+        if isinstance(exc, IndexNotReadyError):
+            headers = {"Retry-After": "5"}
+        if isinstance(exc, InvalidItemRequestError) and exc.field:
+            extra["fields"] = [{"field": exc.field, "message": exc.message}]
+        return JSONResponse(error_body(exc.code, exc.message, **extra), status_code=status, headers=headers)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

@@ -10,7 +10,7 @@ tombstones filtered out of results.
 Concurrency (faiss issue #367): searches share an RWLock, add/remove/train hold it alone.
 
 Snapshot file: MAGIC, 8-byte header length, JSON header (model, dim, factory, ntotal, the
-store change counter it reflects, tombstones, sha256 of the index bytes), then the bytes of
+change-log position it reflects, tombstones, sha256 of the index bytes), then the bytes of
 `faiss.serialize_index`. Written to a temporary file, fsynced and renamed; a truncated or
 corrupted file fails the length or sha256 check and raises SnapshotError (callers rebuild).
 """
@@ -22,6 +22,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -46,6 +47,7 @@ class SnapshotHeader:
     ntotal: int
     changes: int
     tombstones: list[int]
+    log: dict[str, Any]
 
 
 def _is_exact(factory: str) -> bool:
@@ -140,18 +142,38 @@ class VectorIndex:
             except RuntimeError:  # e.g. HNSW cannot remove: filter at search time instead
                 self._tombstones.update(int(i) for i in ids)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """queries float32 [Q, D] -> (scores [Q, k'], ids [Q, k']), best first, k' <= k; -1 ids dropped."""
+    @property
+    def exact(self) -> bool:
+        """Searches return the true top k (Flat, or a trainable index still waiting for data)."""
+        return not self._final or _is_exact(self.factory)
+
+    def _selector_params(self, subset: np.ndarray) -> faiss.SearchParameters:
+        """Search parameters restricting candidates to the ids `subset` (int64), keeping the
+        index's own efSearch / nprobe (plain SearchParameters would reset them)."""
+        selector = faiss.IDSelectorBatch(np.ascontiguousarray(subset, dtype=np.int64))
+        ivf = faiss.try_extract_index_ivf(self._index)
+        if ivf is not None:
+            return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
+        inner = faiss.downcast_index(self._index.index) if hasattr(self._index, "index") else None
+        if isinstance(inner, faiss.IndexHNSW):
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)
+        return faiss.SearchParameters(sel=selector)
+
+    def search(self, queries: np.ndarray, k: int, subset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """queries float32 [Q, D] -> (scores [Q, k'], ids [Q, k']), best first, k' <= k; -1 ids
+        dropped. `subset` (int64 ids) restricts candidates to those ids inside FAISS (an
+        IDSelector): exact on Flat, approximate on IVF and HNSW."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"expected queries [Q, {self.dim}], got {queries.shape}")
         with self.lock.read():
-            total = self._index.ntotal
+            total = self._index.ntotal if subset is None else min(self._index.ntotal, len(subset))
             want = min(k + len(self._tombstones), total)
             if want == 0:
                 empty = np.empty((len(queries), 0))
                 return empty.astype(np.float32), empty.astype(np.int64)
-            scores, ids = self._index.search(queries, want)  # [Q, want]
+            params = None if subset is None else self._selector_params(subset)
+            scores, ids = self._index.search(queries, want, params=params)  # [Q, want]
             dead = self._tombstones.copy()
         if dead or (ids < 0).any():
             keep = [
@@ -165,8 +187,9 @@ class VectorIndex:
 
     # -- snapshots ----------------------------------------------------------------------
 
-    def save(self, path: str | Path, *, model_id: str, changes: int) -> None:
-        """Write the snapshot atomically; `changes` is the store counter the index reflects."""
+    def save(self, path: str | Path, *, model_id: str, changes: int, log: dict[str, Any] | None = None) -> None:
+        """Write the snapshot atomically; `changes` is the change-log position the index
+        reflects (`log`: the rest of the follower's position, see follower.LogPosition)."""
         path = Path(path)
         with self.lock.read():  # serialising only reads the index
             blob = faiss.serialize_index(self._index).tobytes()
@@ -177,6 +200,7 @@ class VectorIndex:
                 "final": self._final,
                 "ntotal": self.ntotal,
                 "changes": changes,
+                "log": log or {},
                 "tombstones": sorted(self._tombstones),
                 "sha256": hashlib.sha256(blob).hexdigest(),
                 "size": len(blob),
@@ -218,5 +242,6 @@ class VectorIndex:
             header["ntotal"],
             header["changes"],
             header["tombstones"],
+            header.get("log", {}),
         )
         return self, meta
