@@ -77,12 +77,16 @@ class LogFollower:
         """Apply every committed row after the position; returns how many rows were applied."""
         total = 0
         with self._lock:
+            if self.at.above:  # holes are open: read their window again, a late commit may fill one
+                window = max(self.at.above) - self.at.position
+                total += self._apply(self.store.changes_since(self.space, self.at.position, window))
             while True:
-                batch = self.store.changes_since(self.space, self.at.position, self.batch)
+                after = max(self.at.above, default=self.at.position)  # the highest seq applied
+                batch = self.store.changes_since(self.space, after, self.batch)
                 total += self._apply(batch)
+                self._advance()
                 if len(batch.seqs) < self.batch:
                     break
-            self._advance()
         self.applied += total
         return total
 
