@@ -48,7 +48,7 @@ def _is_number(value: Any) -> bool:
 
 def _scalar(field: str, value: Any) -> Scalar:
     if isinstance(value, str | bool) or _is_number(value):
-        return value  # type: ignore[no-any-return]
+        return value
     raise _bad(field, f"compare with a string, number or boolean, not {type(value).__name__}")
 
 

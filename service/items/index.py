@@ -151,13 +151,19 @@ class VectorIndex:
         """Search parameters restricting candidates to the ids `subset` (int64), keeping the
         index's own efSearch / nprobe (plain SearchParameters would reset them)."""
         selector = faiss.IDSelectorBatch(np.ascontiguousarray(subset, dtype=np.int64))
+        params: Any
         ivf = faiss.try_extract_index_ivf(self._index)
-        if ivf is not None:
-            return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
         inner = faiss.downcast_index(self._index.index) if hasattr(self._index, "index") else None
-        if isinstance(inner, faiss.IndexHNSW):
-            return faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)
-        return faiss.SearchParameters(sel=selector)
+        if ivf is not None:
+            params = faiss.SearchParametersIVF()
+            params.nprobe = ivf.nprobe
+        elif isinstance(inner, getattr(faiss, "IndexHNSW")):  # noqa: B009 - the stubs lack it
+            params = getattr(faiss, "SearchParametersHNSW")()  # noqa: B009
+            params.efSearch = inner.hnsw.efSearch
+        else:
+            params = faiss.SearchParameters()
+        params.sel = selector
+        return params
 
     def search(self, queries: np.ndarray, k: int, subset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """queries float32 [Q, D] -> (scores [Q, k'], ids [Q, k']), best first, k' <= k; -1 ids

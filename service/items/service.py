@@ -355,7 +355,7 @@ class ItemService:
         subset = self.store.matching_pks(where)
         if index.exact or len(subset) > self.settings.index_filter_scan_max:
             return index.search(queries, want, subset)
-        pks, vecs = self.store.vectors_of(space, subset)  # [M], [M, D]
+        pks, vecs = self.store.vectors_of(space, subset.tolist())  # [M], [M, D]
         if not len(pks):
             return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
         scores = queries @ vecs.T  # [Q, M]

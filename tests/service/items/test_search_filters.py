@@ -198,7 +198,7 @@ def test_search_options_patch_and_filter_errors_over_http(client: TestClient) ->
         files={"file": ("q.png", images[3], "image/png")},
         data={"k": "20", "filter": json.dumps({"shop": "a", "n": {"lte": 7}})},
     ).json()
-    assert [h["id"] for h in by_form["results"]][0] == "p3"
+    assert by_form["results"][0]["id"] == "p3"
     assert sorted(h["id"] for h in by_form["results"]) == ["p1", "p3", "p5", "p7"]
 
     own = client.post("/search", json={"item_id": "p4", "k": 3, "exclude_self": True}).json()["results"]
@@ -210,7 +210,9 @@ def test_search_options_patch_and_filter_errors_over_http(client: TestClient) ->
 
     batch = client.post("/search", json={"item_ids": ["p0", "p9"], "k": 2, "filter": {"shop": "a"}}).json()
     assert batch["model_id"] == MODEL_A and len(batch["results"]) == 2
-    assert batch["results"][1][0]["id"] == "p9" and all(h["metadata"]["shop"] == "a" for r in batch["results"] for h in r)
+    assert batch["results"][1][0]["id"] == "p9" and all(
+        h["metadata"]["shop"] == "a" for r in batch["results"] for h in r
+    )
     vectors = [[1.0] + [0.0] * (DIM - 1), [0.0, 1.0] + [0.0] * (DIM - 2)]
     by_vectors = client.post("/search", json={"vectors": vectors, "k": 4}).json()["results"]
     singles = [client.post("/search", json={"vector": v, "k": 4}).json()["results"] for v in vectors]
