@@ -346,6 +346,16 @@ class ItemStore:
             ]
         return _item(row, models)
 
+    def shas(self, ids: Sequence[str]) -> dict[str, str]:
+        """The sha256 of the original of each stored id among `ids`."""
+        if not ids:
+            return {}
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT id, sha256 FROM items WHERE id IN ({','.join('?' * len(ids))})", list(ids)
+            ).fetchall()
+        return {r[0]: r[1] for r in rows}
+
     def by_pks(self, pks: Sequence[int]) -> dict[int, Item]:
         if not len(pks):
             return {}
