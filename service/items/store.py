@@ -16,8 +16,9 @@ vector in it), `counters` (the item count), `changelog` (space, seq, item pk, op
 Schema versions are `PRAGMA user_version`; a store written by an older version is migrated
 at open, inside one write transaction (safe when several processes open it at once).
 
-Metadata fields named in search filters get an expression index on first use
-(`json_extract(metadata, '$."field"')`), so a selective filter reads only its matches.
+Metadata fields named in search filters get an index on first use, on the expressions
+(`json_type(metadata, '$."f"')`, `json_extract(metadata, '$."f"')`), so a selective filter
+reads only its matches.
 """
 
 from __future__ import annotations
@@ -115,17 +116,22 @@ def _extract(field: str) -> str:
 _NUMBER = "IN ('integer', 'real')"
 
 
+def _kind(field: str) -> str:
+    return f"json_type(metadata, {_path(field)})"
+
+
 def _values_sql(field: str, values: Sequence[Any], args: list[Any]) -> str:
-    """`field` equals one of `values`, with JSON types kept apart (see filters.py)."""
-    value, kind = _extract(field), f"json_type(metadata, {_path(field)})"
+    """`field` equals one of `values`, with JSON types kept apart (see filters.py). The type
+    test comes first so that the (type, value) index of the field answers it."""
+    value, kind = _extract(field), _kind(field)
     parts = []
     strings = [v for v in values if isinstance(v, str)]
     numbers = [v for v in values if not isinstance(v, str | bool)]
     if strings:
-        parts.append(f"({value} IN ({','.join('?' * len(strings))}) AND {kind} = 'text')")
+        parts.append(f"({kind} = 'text' AND {value} IN ({','.join('?' * len(strings))}))")
         args.extend(strings)
     if numbers:
-        parts.append(f"({value} IN ({','.join('?' * len(numbers))}) AND {kind} {_NUMBER})")
+        parts.append(f"({kind} {_NUMBER} AND {value} IN ({','.join('?' * len(numbers))}))")
         args.extend(numbers)
     for flag in sorted({v for v in values if isinstance(v, bool)}):
         parts.append(f"{kind} = '{'true' if flag else 'false'}'")
@@ -139,7 +145,7 @@ def _condition_sql(cond: Condition, args: list[Any]) -> str:
         return _values_sql(cond.field, cond.value, args)
     symbol = {"gte": ">=", "gt": ">", "lte": "<=", "lt": "<"}[cond.op]
     args.append(cond.value)
-    return f"({_extract(cond.field)} {symbol} ? AND json_type(metadata, {_path(cond.field)}) {_NUMBER})"
+    return f"({_kind(cond.field)} {_NUMBER} AND {_extract(cond.field)} {symbol} ?)"
 
 
 class ItemStore:
@@ -435,7 +441,8 @@ class ItemStore:
         return [r[0] for r in rows]
 
     def _ensure_field_indexes(self, fields: set[str]) -> None:
-        """An expression index per filtered field, made on first use (up to MAX_FIELD_INDEXES)."""
+        """An index on (JSON type, value) per filtered field, made on first use (up to
+        MAX_FIELD_INDEXES): a condition is a type test and a value range on it."""
         new = fields - self._indexed_fields
         if not new:
             return
@@ -444,7 +451,7 @@ class ItemStore:
             for name in sorted(new):
                 index = "items_meta_" + hashlib.sha256(name.encode()).hexdigest()[:16]
                 if index not in existing and len(existing) < MAX_FIELD_INDEXES:
-                    db.execute(f"CREATE INDEX {index} ON items({_extract(name)})")
+                    db.execute(f"CREATE INDEX {index} ON items({_kind(name)}, {_extract(name)})")
                     existing.add(index)
         self._indexed_fields |= new
 
@@ -454,8 +461,9 @@ class ItemStore:
         args: list[Any] = []
         where = " AND ".join(_condition_sql(c, args) for c in conditions) or "1"
         with self._lock:
-            rows = self._db.execute(f"SELECT pk FROM items WHERE {where} ORDER BY pk", args).fetchall()
-        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            # no ORDER BY: SQLite would then scan by pk instead of using the field's index
+            rows = self._db.execute(f"SELECT pk FROM items WHERE {where}", args).fetchall()
+        return np.sort(np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)))
 
     # -- the change log -----------------------------------------------------------------
 
