@@ -32,6 +32,8 @@ from service.items.rwlock import RWLock
 from service.settings import DEFAULT_INDEX_SEARCH_PARAMS
 
 MAGIC = b"SIMCLR-EMBED-FAISS-1\n"
+COMPACT_TOMBSTONES = 0.2
+RETRAIN_GROWTH = 4
 EXACT = "IDMap2,Flat"
 
 
@@ -96,6 +98,7 @@ class VectorIndex:
         # Trainable targets wait (exact) until min_train vectors exist.
         self._index = target if target.is_trained else _build(dim, EXACT)
         self._final = target.is_trained
+        self.trained_on = 0  # vectors the trained target was trained on (0: untrained or untrainable)
         _apply_params(self._index, search_params)
 
     @property
@@ -133,6 +136,7 @@ class VectorIndex:
         target.add_with_ids(all_vecs, all_ids)
         _apply_params(target, self.search_params)
         self._index, self._final = target, True
+        self.trained_on = len(all_vecs)
 
     def remove(self, ids: np.ndarray) -> None:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
@@ -141,6 +145,20 @@ class VectorIndex:
                 self._index.remove_ids(faiss.IDSelectorBatch(ids))
             except RuntimeError:  # e.g. HNSW cannot remove: filter at search time instead
                 self._tombstones.update(int(i) for i in ids)
+
+    def upkeep_due(self) -> str | None:
+        """Why this index should be rebuilt from the store, if it should: "compact" when
+        tombstones pass COMPACT_TOMBSTONES of its vectors (HNSW cannot remove, and every search
+        asks for k plus their number); "retrain" when a trained index (IVF) holds
+        RETRAIN_GROWTH times the vectors it was trained on (its lists were fitted to a
+        collection that has since grown, and FAISS wants about 39 points per list)."""
+        with self.lock.read():
+            total, dead = self._index.ntotal, len(self._tombstones)
+        if dead and dead > COMPACT_TOMBSTONES * total:
+            return "compact"
+        if self.trained_on and total >= RETRAIN_GROWTH * self.trained_on:
+            return "retrain"
+        return None
 
     @property
     def exact(self) -> bool:
@@ -204,6 +222,7 @@ class VectorIndex:
                 "dim": self.dim,
                 "factory": self.factory,
                 "final": self._final,
+                "trained_on": self.trained_on,
                 "ntotal": self.ntotal,
                 "changes": changes,
                 "log": log or {},
@@ -239,6 +258,7 @@ class VectorIndex:
             raise SnapshotError(f"{path} is unreadable: {exc}") from exc
         self = cls(header["dim"], header["factory"], min_train=min_train, search_params=search_params)
         self._index, self._final = index, bool(header["final"])
+        self.trained_on = int(header.get("trained_on", 0))
         self._tombstones = set(header["tombstones"])
         _apply_params(self._index, search_params)
         meta = SnapshotHeader(

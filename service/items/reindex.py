@@ -97,13 +97,20 @@ def load_or_build_index(settings: Settings, store: ItemBackend, space: str, dim:
         return _from_snapshot(settings, store, space, dim), "snapshot"
     except SnapshotError as exc:
         reason = str(exc)
+    follower = build_from_store(settings, store, space, dim)
+    log.info("index of %s rebuilt from the store (%d vectors): %s", space, follower.index.ntotal, reason)
+    return follower, f"rebuilt: {reason}"
+
+
+def build_from_store(settings: Settings, store: ItemBackend, space: str, dim: int) -> LogFollower:
+    """A fresh index of every vector of `space` (a trainable one trained on all of them),
+    followed to the end of the log."""
     pks, vecs, changes = store.vectors(space)
     index = _empty_index(settings, dim)
     index.add(pks, vecs)
     follower = LogFollower(store, space, index, LogPosition(changes))
     follower.poll()  # rows committed since the read
-    log.info("index of %s rebuilt from the store (%d vectors): %s", space, index.ntotal, reason)
-    return follower, f"rebuilt: {reason}"
+    return follower
 
 
 def write_snapshot(settings: Settings, follower: LogFollower) -> None:

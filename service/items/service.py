@@ -40,7 +40,14 @@ from service.items.errors import (
 from service.items.filters import Condition
 from service.items.follower import LogFollower
 from service.items.index import VectorIndex
-from service.items.reindex import Encoder, load_or_build_index, open_store, reembed_all, write_snapshot
+from service.items.reindex import (
+    Encoder,
+    build_from_store,
+    load_or_build_index,
+    open_store,
+    reembed_all,
+    write_snapshot,
+)
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -102,6 +109,7 @@ class ItemService:
         self._follower: LogFollower | None = None
         self._snapshot_applied = 0  # follower.applied when the last snapshot was started
         self._snapshotter: threading.Thread | None = None
+        self._upkeep: threading.Thread | None = None
         self._mutex = threading.RLock()
         self._job: tuple[str, threading.Thread, threading.Event] | None = None
         self._closing = threading.Event()
@@ -130,8 +138,9 @@ class ItemService:
             self._job[1].join(timeout=30)
         if self._poller.is_alive():
             self._poller.join(timeout=30)
-        if self._snapshotter:
-            self._snapshotter.join(timeout=300)
+        for thread in (self._snapshotter, self._upkeep):
+            if thread:
+                thread.join(timeout=300)
         with self._mutex:
             if self._follower is not None:
                 self._follower.poll()
@@ -204,6 +213,7 @@ class ItemService:
                 if follower is not None:
                     follower.poll()
                     self._maybe_snapshot(follower)
+                    self._maybe_upkeep(follower)
                 pending = self.pending
                 if pending is not None and self._job is None and self.store.state(pending).complete:
                     self._install(pending)
@@ -235,6 +245,35 @@ class ItemService:
             log.exception("background snapshot of %s failed; the next one retries", space)
         finally:
             store.close()
+
+    def _maybe_upkeep(self, follower: LogFollower) -> None:
+        """Rebuild the served index in the background when it asks (VectorIndex.upkeep_due)."""
+        if (self._upkeep is not None and self._upkeep.is_alive()) or not (why := follower.index.upkeep_due()):
+            return
+        self._upkeep = threading.Thread(
+            target=self._rebuild, args=(follower.space, follower.index.dim, why), name="index-upkeep", daemon=True
+        )
+        self._upkeep.start()
+
+    def _rebuild(self, space: str, dim: int, why: str) -> None:
+        """Build a new index from the store (own connection) while the old one serves, then
+        swap it in once it has caught up with the log."""
+        store, _ = open_store(self.settings)
+        try:
+            follower = build_from_store(self.settings, store, space, dim)
+            write_snapshot(self.settings, follower)  # of the copy, before it serves
+        except Exception:
+            log.exception("rebuilding the index of %s (%s) failed; the old one keeps serving", space, why)
+            store.close()
+            return
+        follower.store = self.store  # the background connection closes below
+        store.close()
+        with self._mutex:
+            if self.served != space or self._closing.is_set():
+                return
+            follower.poll()
+            self._follower, self._snapshot_applied = follower, 0
+        log.info("index of %s rebuilt in the background (%s): %d vectors", space, why, follower.index.ntotal)
 
     def reembedding(self) -> ReembedProgress | None:
         """The re-embedding job of the pending space (or the last one of the served space)."""

@@ -243,3 +243,25 @@ def test_search_options_patch_and_filter_errors_over_http(client: TestClient) ->
     assert error({"min_score": 2})[0] == 422
     form = client.post("/search", files={"file": ("q.png", images[0], "image/png")}, data={"filter": "{nope"})
     assert form.status_code == 422 and form.json()["error"]["code"] == "invalid_filter"
+
+
+def test_a_heavily_deleted_hnsw_index_is_compacted_in_the_background(hnsw_client: TestClient) -> None:
+    """Past 20% tombstones the served HNSW index is rebuilt from the store while the old one
+    serves; afterwards it holds fewer tombstones than the deletions (deletions that arrive
+    during the rebuild are tombstones of the new index) and every live item finds itself."""
+    items = hnsw_client.app.state.items
+    vecs, _ = fill(items, np.random.default_rng(8))
+    wait_indexed(items, N)
+    old = items._follower
+    live = [i for i in range(N) if i % 3]
+    for i in range(0, N, 3):  # a third deleted
+        items.store.delete(f"it-{i}")
+    deadline = time.monotonic() + 60
+    while items._follower is old or items.stats()["index_size"] != len(live):
+        assert time.monotonic() < deadline, "not compacted"
+        time.sleep(0.1)
+    index = items._follower.index
+    assert index.upkeep_due() is None and len(index._tombstones) < N - len(live)
+    _, found = index.search(vecs[live[:200]], 1)
+    pks = [items.store.get(f"it-{i}").pk for i in live[:200]]
+    assert np.mean(found[:, 0] == np.asarray(pks)) > 0.95
