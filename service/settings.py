@@ -85,7 +85,20 @@ class Settings(BaseSettings):
         description="FAISS ParameterSpace string applied to ANN indexes at load and after training (recall vs speed)",
     )
     index_min_train_vectors: int = Field(10_000, ge=1, description="trainable indexes wait for this many vectors")
-    index_snapshot_every: int = Field(1000, ge=1, description="adds between FAISS snapshots")
+    index_snapshot_every: int = Field(
+        1000,
+        ge=1,
+        description="changes between FAISS snapshots (at least a tenth of the index); written in the background",
+    )
+    index_follow_s: float = Field(
+        0.25, gt=0.0, le=10.0, description="how often the served index applies the store's change log"
+    )
+    index_log_retention_s: float = Field(
+        86_400.0, ge=0.0, description="change-log rows already in this host's snapshot are kept this long"
+    )
+    index_filter_scan_max: int = Field(
+        10_000, ge=0, description="filtered searches on IVF/HNSW scan the matching items exactly up to this many"
+    )
 
     # -- jobs -------------------------------------------------------------------------------
     broker_url: str | None = Field(None, description="Redis URL; unset = `up` starts an embedded server")

@@ -15,6 +15,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.contract.imaging import ImageDecodeError
 from service.contract.registry import ModelNotFoundError, RegistryError
+from service.items.errors import (
+    IndexNotReadyError,
+    InvalidItemRequestError,
+    ItemConflictError,
+    ItemError,
+    ItemExistsError,
+    ItemNotFoundError,
+)
 from service.runtime import NoActiveModelError
 
 log = logging.getLogger(__name__)
@@ -87,8 +95,18 @@ def decode_error(exc: ImageDecodeError, name: str | None = None) -> ApiError:
     return ApiError(_DECODE_STATUS.get(exc.code, 422), exc.code, message)
 
 
+# The item layer's errors (service/items/errors.py) and their statuses.
+_ITEM_STATUS: dict[type[ItemError], int] = {
+    ItemNotFoundError: 404,
+    ItemExistsError: 409,
+    ItemConflictError: 409,
+    IndexNotReadyError: 503,
+    InvalidItemRequestError: 422,
+}
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """ApiError, validation, HTTP, registry and runtime errors to the one shape; anything else a JSON 500."""
+    """ApiError, validation, HTTP, registry, runtime and item-layer errors to the one shape; anything else a JSON 500."""
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -124,6 +142,16 @@ def install_error_handlers(app: FastAPI) -> None:
         # not found -> 404; a model that fails its checksum or cannot be loaded -> 409
         status = 404 if isinstance(exc, ModelNotFoundError) else 409
         return JSONResponse(error_body(exc.code, str(exc)), status_code=status)
+
+    @app.exception_handler(ItemError)
+    async def _item(_: Request, exc: ItemError) -> JSONResponse:
+        status, headers = _ITEM_STATUS.get(type(exc), 400), None
+        extra: dict[str, object] = {}
+        if isinstance(exc, IndexNotReadyError):
+            headers = {"Retry-After": "5"}
+        if isinstance(exc, InvalidItemRequestError) and exc.field:
+            extra["fields"] = [{"field": exc.field, "message": exc.message}]
+        return JSONResponse(error_body(exc.code, exc.message, **extra), status_code=status, headers=headers)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

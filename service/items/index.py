@@ -10,7 +10,7 @@ tombstones filtered out of results.
 Concurrency (faiss issue #367): searches share an RWLock, add/remove/train hold it alone.
 
 Snapshot file: MAGIC, 8-byte header length, JSON header (model, dim, factory, ntotal, the
-store change counter it reflects, tombstones, sha256 of the index bytes), then the bytes of
+change-log position it reflects, tombstones, sha256 of the index bytes), then the bytes of
 `faiss.serialize_index`. Written to a temporary file, fsynced and renamed; a truncated or
 corrupted file fails the length or sha256 check and raises SnapshotError (callers rebuild).
 """
@@ -32,6 +32,8 @@ from service.items.rwlock import RWLock
 from service.settings import DEFAULT_INDEX_SEARCH_PARAMS
 
 MAGIC = b"SIMCLR-EMBED-FAISS-1\n"
+COMPACT_TOMBSTONES = 0.2
+RETRAIN_GROWTH = 4
 EXACT = "IDMap2,Flat"
 
 
@@ -47,6 +49,7 @@ class SnapshotHeader:
     ntotal: int
     changes: int
     tombstones: list[int]
+    log: dict[str, Any]
 
 
 def _is_exact(factory: str) -> bool:
@@ -95,6 +98,7 @@ class VectorIndex:
         # Trainable targets wait (exact) until min_train vectors exist.
         self._index = target if target.is_trained else _build(dim, EXACT)
         self._final = target.is_trained
+        self.trained_on = 0  # vectors the trained target was trained on (0: untrained or untrainable)
         _apply_params(self._index, search_params)
 
     @property
@@ -133,6 +137,7 @@ class VectorIndex:
         target.add_with_ids(all_vecs, all_ids)
         _apply_params(target, self.search_params)
         self._index, self._final = target, True
+        self.trained_on = len(all_vecs)
 
     def remove(self, ids: np.ndarray) -> None:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
@@ -142,18 +147,58 @@ class VectorIndex:
             except RuntimeError:  # e.g. HNSW cannot remove: filter at search time instead
                 self._tombstones.update(int(i) for i in ids)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """queries float32 [Q, D] -> (scores [Q, k'], ids [Q, k']), best first, k' <= k; -1 ids dropped."""
+    def upkeep_due(self) -> str | None:
+        """Why this index should be rebuilt from the store, if it should: "compact" when
+        tombstones pass COMPACT_TOMBSTONES of its vectors (HNSW cannot remove, and every search
+        asks for k plus their number); "retrain" when a trained index (IVF) holds
+        RETRAIN_GROWTH times the vectors it was trained on (its lists were fitted to a
+        collection that has since grown, and FAISS wants about 39 points per list)."""
+        with self.lock.read():
+            total, dead = self._index.ntotal, len(self._tombstones)
+        if dead and dead > COMPACT_TOMBSTONES * total:
+            return "compact"
+        if self.trained_on and total >= RETRAIN_GROWTH * self.trained_on:
+            return "retrain"
+        return None
+
+    @property
+    def exact(self) -> bool:
+        """Searches return the true top k (Flat, or a trainable index still waiting for data)."""
+        return not self._final or _is_exact(self.factory)
+
+    def _selector_params(self, subset: np.ndarray) -> faiss.SearchParameters:
+        """Search parameters restricting candidates to the ids `subset` (int64), keeping the
+        index's own efSearch / nprobe (plain SearchParameters would reset them)."""
+        selector = faiss.IDSelectorBatch(np.ascontiguousarray(subset, dtype=np.int64))
+        params: Any
+        ivf = faiss.try_extract_index_ivf(self._index)
+        inner = faiss.downcast_index(self._index.index) if hasattr(self._index, "index") else None
+        if ivf is not None:
+            params = faiss.SearchParametersIVF()
+            params.nprobe = ivf.nprobe
+        elif isinstance(inner, getattr(faiss, "IndexHNSW")):  # noqa: B009 - the stubs lack it
+            params = getattr(faiss, "SearchParametersHNSW")()  # noqa: B009
+            params.efSearch = inner.hnsw.efSearch
+        else:
+            params = faiss.SearchParameters()
+        params.sel = selector
+        return params
+
+    def search(self, queries: np.ndarray, k: int, subset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """queries float32 [Q, D] -> (scores [Q, k'], ids [Q, k']), best first, k' <= k; -1 ids
+        dropped. `subset` (int64 ids) restricts candidates to those ids inside FAISS (an
+        IDSelector): exact on Flat, approximate on IVF and HNSW."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"expected queries [Q, {self.dim}], got {queries.shape}")
         with self.lock.read():
-            total = self._index.ntotal
+            total = self._index.ntotal if subset is None else min(self._index.ntotal, len(subset))
             want = min(k + len(self._tombstones), total)
             if want == 0:
                 empty = np.empty((len(queries), 0))
                 return empty.astype(np.float32), empty.astype(np.int64)
-            scores, ids = self._index.search(queries, want)  # [Q, want]
+            params = None if subset is None else self._selector_params(subset)
+            scores, ids = self._index.search(queries, want, params=params)  # [Q, want]
             dead = self._tombstones.copy()
         if dead or (ids < 0).any():
             keep = [
@@ -167,8 +212,9 @@ class VectorIndex:
 
     # -- snapshots ----------------------------------------------------------------------
 
-    def save(self, path: str | Path, *, model_id: str, changes: int) -> None:
-        """Write the snapshot atomically; `changes` is the store counter the index reflects."""
+    def save(self, path: str | Path, *, model_id: str, changes: int, log: dict[str, Any] | None = None) -> None:
+        """Write the snapshot atomically; `changes` is the change-log position the index
+        reflects (`log`: the rest of the follower's position, see follower.LogPosition)."""
         path = Path(path)
         with self.lock.read():  # serialising only reads the index
             blob = faiss.serialize_index(self._index).tobytes()
@@ -177,8 +223,10 @@ class VectorIndex:
                 "dim": self.dim,
                 "factory": self.factory,
                 "final": self._final,
+                "trained_on": self.trained_on,
                 "ntotal": self.ntotal,
                 "changes": changes,
+                "log": log or {},
                 "tombstones": sorted(self._tombstones),
                 "sha256": hashlib.sha256(blob).hexdigest(),
                 "size": len(blob),
@@ -211,6 +259,7 @@ class VectorIndex:
             raise SnapshotError(f"{path} is unreadable: {exc}") from exc
         self = cls(header["dim"], header["factory"], min_train=min_train, search_params=search_params)
         self._index, self._final = index, bool(header["final"])
+        self.trained_on = int(header.get("trained_on", 0))
         self._tombstones = set(header["tombstones"])
         _apply_params(self._index, search_params)
         meta = SnapshotHeader(
@@ -220,5 +269,6 @@ class VectorIndex:
             header["ntotal"],
             header["changes"],
             header["tombstones"],
+            header.get("log", {}),
         )
         return self, meta

@@ -1,16 +1,21 @@
-"""Building a model's index from the store, and re-embedding every item under a new model.
+"""Opening a vector space's index (snapshot plus change log, or rebuilt from the store), and
+re-embedding every item under a newly activated model.
 
 `reembed_all` is a plain function so it runs both in a background thread of the API process
-and in a Celery worker (`index` queue). It embeds the originals of items that have no vector
-for the model yet, in batches, until none is left, then flags the model complete in the
-store (atomically with adds, so an item added meanwhile is never missed) and writes the
-index snapshot. An API in another process notices the flag and swaps to the new index.
+and in a Celery worker (`index` queue); a claim in the store makes it run once per
+activation whoever asks. It embeds the originals of items that have no vector in the space
+yet, in batches, until none is left, then flags the space complete in the store (atomically
+with adds, so an item added meanwhile is never missed) and writes the index snapshot. An API
+in another process notices the flag and swaps to the new index.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -19,12 +24,16 @@ import numpy as np
 
 from service.contract.imaging import ImageDecodeError, ResizePolicy
 from service.contract.registry import ModelCard, ModelRegistry
+from service.contract.variants import split_vector_space
+from service.items.backend import ItemBackend
 from service.items.blobs import BlobStore
+from service.items.follower import LogFollower, LogPosition
 from service.items.index import SnapshotError, VectorIndex
 from service.items.store import ItemStore
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+REEMBED_LEASE_S = 60.0  # a claim not renewed for this long is taken over
 
 
 class Encoder(Protocol):
@@ -44,39 +53,75 @@ def open_store(settings: Settings) -> tuple[ItemStore, BlobStore]:
     return ItemStore(settings.items_dir / "items.sqlite3"), BlobStore(settings.items_dir / "blobs")
 
 
-def snapshot_path(settings: Settings, model_id: str) -> Path:
-    return settings.items_dir / "index" / f"{model_id}.faiss"
+def snapshot_path(settings: Settings, space: str) -> Path:
+    return settings.items_dir / "index" / f"{space}.faiss"
 
 
-def load_or_build_index(settings: Settings, store: ItemStore, model_id: str, dim: int) -> tuple[VectorIndex, int, str]:
-    """The index of `model_id`: its snapshot when it matches the store, else rebuilt from it.
-
-    Returns (index, store change counter it reflects, how it was obtained)."""
-    state = store.state(model_id)
-    path = snapshot_path(settings, model_id)
-    try:
-        index, head = VectorIndex.load(
-            path, min_train=settings.index_min_train_vectors, search_params=settings.index_search_params
-        )
-        if (head.model_id, head.dim, head.factory) != (model_id, dim, settings.index_factory):
-            raise SnapshotError(f"snapshot is for {head.model_id}/{head.dim}/{head.factory}")
-        if (head.changes, head.ntotal) != (state.changes, state.count):
-            raise SnapshotError(
-                f"snapshot is stale: changes {head.changes} vs {state.changes}, vectors {head.ntotal} vs {state.count}"
-            )
-        return index, head.changes, "snapshot"
-    except SnapshotError as exc:
-        reason = str(exc)
-    pks, vecs, changes = store.vectors(model_id)
-    index = VectorIndex(
+def _empty_index(settings: Settings, dim: int) -> VectorIndex:
+    return VectorIndex(
         dim,
         settings.index_factory,
         min_train=settings.index_min_train_vectors,
         search_params=settings.index_search_params,
     )
+
+
+def _from_snapshot(settings: Settings, store: ItemBackend, space: str, dim: int) -> LogFollower:
+    """The snapshot of `space` followed to the end of the log; SnapshotError when unusable."""
+    index, head = VectorIndex.load(
+        snapshot_path(settings, space),
+        min_train=settings.index_min_train_vectors,
+        search_params=settings.index_search_params,
+    )
+    if (head.model_id, head.dim, head.factory) != (space, dim, settings.index_factory):
+        raise SnapshotError(f"snapshot is for {head.model_id}/{head.dim}/{head.factory}")
+    last = store.state(space).changes
+    if head.changes > last:
+        raise SnapshotError(f"snapshot is ahead of the store (log position {head.changes} > {last})")
+    first = store.first_seq(space)
+    if head.changes < last and (first is None or first > head.changes + 1):
+        raise SnapshotError(f"the log after position {head.changes} was compacted (oldest row {first})")
+    follower = LogFollower(store, space, index, LogPosition.from_json(head.log, head.changes))
+    replayed = follower.poll()
+    state = store.state(space)
+    if state.changes == follower.position and state.count != index.ntotal:
+        raise SnapshotError(f"snapshot plus log hold {index.ntotal} vectors, the store {state.count}")
+    log.info("index of %s: snapshot at %d plus %d log rows", space, head.changes, replayed)
+    return follower
+
+
+def load_or_build_index(settings: Settings, store: ItemBackend, space: str, dim: int) -> tuple[LogFollower, str]:
+    """The index of `space` and its log follower: its snapshot plus the log after it when the
+    log still reaches back to it, else rebuilt from the store. Returns (follower, how)."""
+    try:
+        return _from_snapshot(settings, store, space, dim), "snapshot"
+    except SnapshotError as exc:
+        reason = str(exc)
+    follower = build_from_store(settings, store, space, dim)
+    log.info("index of %s rebuilt from the store (%d vectors): %s", space, follower.index.ntotal, reason)
+    return follower, f"rebuilt: {reason}"
+
+
+def build_from_store(settings: Settings, store: ItemBackend, space: str, dim: int) -> LogFollower:
+    """A fresh index of every vector of `space` (a trainable one trained on all of them),
+    followed to the end of the log."""
+    pks, vecs, changes = store.vectors(space)
+    index = _empty_index(settings, dim)
     index.add(pks, vecs)
-    log.info("index of %s rebuilt from the store (%d vectors): %s", model_id, len(pks), reason)
-    return index, changes, f"rebuilt: {reason}"
+    follower = LogFollower(store, space, index, LogPosition(changes))
+    follower.poll()  # rows committed since the read
+    return follower
+
+
+def write_snapshot(settings: Settings, follower: LogFollower) -> None:
+    """Snapshot a follower's index at its position, then compact the log it has passed."""
+    follower.index.save(
+        snapshot_path(settings, follower.space),
+        model_id=follower.space,
+        changes=follower.position,
+        log=follower.at.to_json(),
+    )
+    follower.store.compact_log(follower.space, follower.position, settings.index_log_retention_s)
 
 
 def load_encoder(settings: Settings, registry: ModelRegistry, model_id: str) -> Encoder:
@@ -86,50 +131,80 @@ def load_encoder(settings: Settings, registry: ModelRegistry, model_id: str) -> 
     return EncoderRuntime.load(registry, model_id, settings)
 
 
+def reembed_owner() -> str:
+    """Who runs a re-embedding: host, process and a nonce, so two threads never share a claim."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
 def reembed_all(
     settings: Settings,
     registry: ModelRegistry,
-    model_id: str,
+    space: str,
     *,
     encoder: Encoder | None = None,
     batch_size: int = 64,
     should_stop: Callable[[], bool] | threading.Event | None = None,
-    on_progress: Callable[[int], None] | None = None,
+    lease_s: float = REEMBED_LEASE_S,
 ) -> int:
-    """Embed every item lacking a `model_id` vector, flag the model complete, snapshot its index.
+    """Embed every item lacking a `space` vector, flag the space complete, snapshot its index.
 
+    Runs once per activation whichever processes ask (the API's thread, the worker's task):
+    the first claims the job in the store and renews the claim each batch; another asker
+    returns at once while the claim is live, and takes over one that lapsed (its runner was
+    killed), resuming where it stopped since only items still lacking a vector are embedded.
     Returns how many vectors were written; returns early (not complete) when `should_stop`."""
-    encoder = encoder or load_encoder(settings, registry, model_id)
     stop = should_stop.is_set if isinstance(should_stop, threading.Event) else (should_stop or (lambda: False))
-    dim = encoder.card.embedding_dim
     store, blobs = open_store(settings)
-    written, failed = 0, []
+    owner = reembed_owner()
     try:
-        while True:
-            after = 0
-            while batch := store.missing(model_id, batch_size, after):
-                if stop():
-                    return written
-                after = batch[-1][0]
-                pks, images = [], []
-                for pk, sha in batch:  # one original decoded at a time, straight to [S, S, 3]
-                    try:
-                        images.append(encoder.policy.decode(blobs.get(sha), max_pixels=settings.max_image_pixels))
-                        pks.append(pk)
-                    except (OSError, ImageDecodeError) as exc:
-                        failed.append(pk)
-                        log.error("item %d: original %s unusable: %s", pk, sha, exc)
-                if pks:
-                    vecs = encoder.embed(np.stack(images))  # [n, S, S, 3] -> [n, D]
-                    written += store.put_vectors(model_id, pks, vecs)
-                    if on_progress:
-                        on_progress(written)
-            if failed:
-                raise ReembedError(f"{len(failed)} item(s) have unreadable originals (pks {failed[:10]}...)")
-            if store.mark_complete(model_id, dim):
-                break  # else items were added without this model's vector: one more pass
-        index, changes, _ = load_or_build_index(settings, store, model_id, dim)
-        index.save(snapshot_path(settings, model_id), model_id=model_id, changes=changes)
+        if store.state(space).complete or not store.claim_reembed(space, owner, lease_s):
+            return 0
+        try:
+            written = _reembed(settings, registry, store, blobs, space, encoder, batch_size, stop, owner)
+        except Exception as exc:
+            store.report_reembed(space, owner, "failed", f"{type(exc).__name__}: {exc}")
+            raise
+        store.report_reembed(space, owner, "running" if stop() else "succeeded")
         return written
     finally:
         store.close()
+
+
+def _reembed(
+    settings: Settings,
+    registry: ModelRegistry,
+    store: ItemStore,
+    blobs: BlobStore,
+    space: str,
+    encoder: Encoder | None,
+    batch_size: int,
+    stop: Callable[[], bool],
+    owner: str,
+) -> int:
+    encoder = encoder or load_encoder(settings, registry, split_vector_space(space)[0])
+    dim = encoder.card.embedding_dim
+    written, failed = 0, []
+    while True:
+        after = 0
+        while batch := store.missing(space, batch_size, after):
+            if stop() or not store.report_reembed(space, owner):
+                return written
+            after = batch[-1][0]
+            pks, images = [], []
+            for pk, sha in batch:  # one original decoded at a time, straight to [S, S, 3]
+                try:
+                    images.append(encoder.policy.decode(blobs.get(sha), max_pixels=settings.max_image_pixels))
+                    pks.append(pk)
+                except (OSError, ImageDecodeError) as exc:
+                    failed.append(pk)
+                    log.error("item %d: original %s unusable: %s", pk, sha, exc)
+            if pks:
+                vecs = encoder.embed(np.stack(images))  # [n, S, S, 3] -> [n, D]
+                written += store.put_vectors(space, pks, vecs)
+        if failed:
+            raise ReembedError(f"{len(failed)} item(s) have unreadable originals (pks {failed[:10]}...)")
+        if store.mark_complete(space, dim):
+            break  # else items were added without this space's vector: one more pass
+    follower, _ = load_or_build_index(settings, store, space, dim)
+    write_snapshot(settings, follower)
+    return written

@@ -1,13 +1,18 @@
 """ItemService: items, their vectors and the served FAISS index, tied to the encoder runtime.
 
-One model's index is served at a time. Activating another model starts re-embedding (a
-background thread running `reindex.reembed_all`, or a worker when `reembed_in_process` is
-off); until the new model is complete, searches answer from the old index and adds are
-embedded with both models. Then the new index is swapped in atomically.
+One vector space's index is served at a time. Activating another model starts re-embedding
+(a background thread running `reindex.reembed_all`, or a worker; a claim in the store makes
+it run once); until the new space is complete, searches answer from the old index and adds
+are embedded with both models. Then the new index is swapped in atomically.
 
-Ordering that keeps store and index in agreement: images are decoded and embedded first
-(slow, no lock held), then under one mutex the originals are written, the store commits,
-and the in-memory indexes are updated. Swaps and snapshots take the same mutex.
+The served index follows the store's change log (`follower.LogFollower`): a background
+thread applies it every `index_follow_s`, so items written by any process (a worker's bulk
+job or re-embedding) become searchable within a poll, and this process's own writes apply
+it right after their commit, so a caller reads its own writes. Images are decoded and
+embedded first (slow, no lock held), then under one mutex the originals are written and the
+store commits (counters and log rows in the same transaction). Snapshots are written off
+the hot path: another thread loads the last snapshot, replays the log on its own copy and
+writes it, so no add or search waits on a full-index write.
 """
 
 from __future__ import annotations
@@ -15,24 +20,38 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from service.api.errors import ApiError
 from service.contract.imaging import EncodedImages
 from service.contract.registry import ModelRegistry
+from service.contract.variants import split_vector_space
+from service.items.backend import Item, NewItem, ReembedProgress
+from service.items.errors import (
+    IndexNotReadyError,
+    InvalidItemRequestError,
+    ItemConflictError,
+    ItemNotFoundError,
+)
+from service.items.filters import Condition
+from service.items.follower import LogFollower
 from service.items.index import VectorIndex
-from service.items.reindex import Encoder, load_or_build_index, open_store, reembed_all, snapshot_path
-from service.items.store import DuplicateItemError, Item, NewItem
+from service.items.reindex import (
+    Encoder,
+    build_from_store,
+    load_or_build_index,
+    open_store,
+    reembed_all,
+    write_snapshot,
+)
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-REFRESH_EVERY_S = 1.0
+SNAPSHOT_FRACTION = 10  # a snapshot once the log since the last one reaches 1/10 of the index
 
 
 class Runtime(Protocol):
@@ -52,6 +71,15 @@ class Hit:
     metadata: dict[str, Any] | None
 
 
+@dataclass(frozen=True)
+class SearchOptions:
+    """What narrows a search: metadata conditions (AND), a score floor, and (per query) an
+    item pk to leave out (the query item itself, for `exclude_self`)."""
+
+    where: Sequence[Condition] = ()
+    min_score: float | None = None
+
+
 class ItemService:
     def __init__(self, settings: Settings, runtime: Runtime, *, reembed_in_process: bool = True) -> None:
         self.settings = settings
@@ -59,20 +87,22 @@ class ItemService:
         self.registry = ModelRegistry(settings.models_dir)
         self.store, self.blobs = open_store(settings)
         self.reembed_in_process = reembed_in_process
-        self.served: str | None = None
+        self.served: str | None = None  # the served vector space
         self.pending: str | None = None
         self.index_source = ""  # how the served index was obtained: "snapshot" or "rebuilt: ..."
-        self._indexes: dict[str, VectorIndex] = {}
-        self._changes: dict[str, int] = {}  # store change counter each index reflects
-        self._adds_since_snapshot = 0
+        self._follower: LogFollower | None = None
+        self._snapshot_applied = 0  # follower.applied when the last snapshot was started
+        self._snapshotter: threading.Thread | None = None
+        self._upkeep: threading.Thread | None = None
         self._mutex = threading.RLock()
         self._job: tuple[str, threading.Thread, threading.Event] | None = None
-        self._last_refresh = 0.0
+        self._closing = threading.Event()
+        self._poller = threading.Thread(target=self._follow_loop, name="index-follow", daemon=True)
 
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Pick the served model (the active one when complete) and load its index."""
+        """Pick the served space (the active model's when complete), load its index, follow the log."""
         active = self.registry.active()
         completed = self.store.completed_models()
         if active and (active in completed or (self.store.count() == 0 and self._mark_complete(active))):
@@ -82,94 +112,168 @@ class ItemService:
         if active and active != self.served:
             self.on_activate(active)
         self.runtime.add_listener(self.on_activate)
+        self._poller.start()
 
     def close(self) -> None:
-        """Stop re-embedding, snapshot the served index, close the store."""
+        """Stop re-embedding and following, snapshot the served index, close the store."""
+        self._closing.set()
         if self._job:
             self._job[2].set()
             self._job[1].join(timeout=30)
+        if self._poller.is_alive():
+            self._poller.join(timeout=30)
+        for thread in (self._snapshotter, self._upkeep):
+            if thread:
+                thread.join(timeout=300)
         with self._mutex:
-            self._snapshot()
+            if self._follower is not None:
+                self._follower.poll()
+                write_snapshot(self.settings, self._follower)
             self.store.close()
 
-    def _dim(self, model_id: str) -> int:
-        return self.registry.get(model_id).embedding_dim
+    def _dim(self, space: str) -> int:
+        return self.registry.get(split_vector_space(space)[0]).embedding_dim
 
-    def _mark_complete(self, model_id: str) -> bool:
-        return self.store.mark_complete(model_id, self._dim(model_id))
+    def _mark_complete(self, space: str) -> bool:
+        return self.store.mark_complete(space, self._dim(space))
 
-    def _install(self, model_id: str) -> None:
-        """Load or build `model_id`'s index and serve it (the old one is dropped)."""
-        if model_id == self.served:
+    def _install(self, space: str) -> None:
+        """Load or build `space`'s index and serve it (the old one is dropped)."""
+        if space == self.served:
             return
-        dim = self._dim(model_id)
-        index, changes, source = load_or_build_index(self.settings, self.store, model_id, dim)
+        follower, source = load_or_build_index(self.settings, self.store, space, self._dim(space))
         with self._mutex:
-            if self.store.state(model_id).changes != changes:  # changed while building: catch up
-                index, changes, source = load_or_build_index(self.settings, self.store, model_id, dim)
+            follower.poll()  # rows committed while it was built
             old = self.served
-            self._indexes = {model_id: index}
-            self._changes = {model_id: changes}
-            self.served, self.index_source = model_id, source
-            if self.pending == model_id:
+            self._follower, self._snapshot_applied = follower, 0
+            self.served, self.index_source = space, source
+            if self.pending == space:
                 self.pending = None
             if old:
                 self.store.clear_complete(old)
-        log.info("serving the index of %s (%d vectors, %s)", model_id, index.ntotal, source)
+        log.info("serving the index of %s (%d vectors, %s)", space, follower.index.ntotal, source)
 
     def on_activate(self, model_id: str) -> None:
         """RuntimeManager listener: re-embed everything with `model_id`, then swap."""
+        space = model_id  # the fp32 vector space of the model
         with self._mutex:
-            if self._job and self._job[0] != model_id:
+            if self._job and self._job[0] != space:
                 self._job[2].set()
                 self._job = None
-            if model_id == self.served:
+            if space == self.served:
                 self.pending = None
                 return
-            self.pending = model_id
+            self.pending = space
             if self.reembed_in_process and self._job is None:
                 stop = threading.Event()
                 thread = threading.Thread(
-                    target=self._reembed, args=(model_id, stop), name=f"reembed-{model_id}", daemon=True
+                    target=self._reembed, args=(space, stop), name=f"reembed-{space}", daemon=True
                 )
-                self._job = (model_id, thread, stop)
+                self._job = (space, thread, stop)
                 thread.start()
 
-    def _reembed(self, model_id: str, stop: threading.Event) -> None:
+    def _reembed(self, space: str, stop: threading.Event) -> None:
         try:
             try:
-                encoder: Encoder | None = self.runtime.get(model_id)  # the manager's loaded session
+                encoder: Encoder | None = self.runtime.get(split_vector_space(space)[0])  # the loaded session
             except Exception:
                 encoder = None  # not loaded here: reembed_all opens its own
-            reembed_all(self.settings, self.registry, model_id, encoder=encoder, should_stop=stop)
-            if not stop.is_set() and self.pending == model_id:
-                self._install(model_id)
+            reembed_all(self.settings, self.registry, space, encoder=encoder, should_stop=stop)
+            if not stop.is_set() and self.pending == space and self.store.state(space).complete:
+                self._install(space)
         except Exception:
-            log.exception("re-embedding with %s failed; still serving %s", model_id, self.served)
+            log.exception("re-embedding into %s failed; still serving %s", space, self.served)
         finally:
             with self._mutex:
-                if self._job and self._job[0] == model_id:
+                if self._job and self._job[0] == space:
                     self._job = None
 
-    def refresh(self) -> None:
-        """Swap to the pending model once a worker in another process flagged it complete."""
-        pending, now = self.pending, time.monotonic()
-        if pending is None or self._job is not None or now - self._last_refresh < REFRESH_EVERY_S:
+    def _follow_loop(self) -> None:
+        """Apply the change log to the served index; swap to a pending space that another
+        process completed; start a background snapshot when enough has changed."""
+        while not self._closing.wait(self.settings.index_follow_s):
+            try:
+                follower = self._follower
+                if follower is not None:
+                    follower.poll()
+                    self._maybe_snapshot(follower)
+                    self._maybe_upkeep(follower)
+                pending = self.pending
+                if pending is not None and self._job is None and self.store.state(pending).complete:
+                    self._install(pending)
+            except Exception:  # a failed poll (e.g. the store busy) is retried at the next tick
+                log.exception("following the change log failed; retrying")
+
+    def _maybe_snapshot(self, follower: LogFollower) -> None:
+        due = max(self.settings.index_snapshot_every, follower.index.ntotal // SNAPSHOT_FRACTION)
+        busy = self._snapshotter is not None and self._snapshotter.is_alive()
+        if busy or follower.applied - self._snapshot_applied < due:
             return
-        self._last_refresh = now
-        if self.store.state(pending).complete:
-            self._install(pending)
+        self._snapshot_applied = follower.applied
+        self._snapshotter = threading.Thread(
+            target=self._background_snapshot,
+            args=(follower.space, follower.index.dim),
+            name="index-snapshot",
+            daemon=True,
+        )
+        self._snapshotter.start()
+
+    def _background_snapshot(self, space: str, dim: int) -> None:
+        """The last snapshot plus the log, on a copy with its own store connection: the served
+        index and the hot path's connection are not touched."""
+        store, _ = open_store(self.settings)
+        try:
+            follower, _ = load_or_build_index(self.settings, store, space, dim)
+            write_snapshot(self.settings, follower)
+        except Exception:
+            log.exception("background snapshot of %s failed; the next one retries", space)
+        finally:
+            store.close()
+
+    def _maybe_upkeep(self, follower: LogFollower) -> None:
+        """Rebuild the served index in the background when it asks (VectorIndex.upkeep_due)."""
+        if (self._upkeep is not None and self._upkeep.is_alive()) or not (why := follower.index.upkeep_due()):
+            return
+        self._upkeep = threading.Thread(
+            target=self._rebuild, args=(follower.space, follower.index.dim, why), name="index-upkeep", daemon=True
+        )
+        self._upkeep.start()
+
+    def _rebuild(self, space: str, dim: int, why: str) -> None:
+        """Build a new index from the store (own connection) while the old one serves, then
+        swap it in once it has caught up with the log."""
+        store, _ = open_store(self.settings)
+        try:
+            follower = build_from_store(self.settings, store, space, dim)
+            write_snapshot(self.settings, follower)  # of the copy, before it serves
+        except Exception:
+            log.exception("rebuilding the index of %s (%s) failed; the old one keeps serving", space, why)
+            store.close()
+            return
+        follower.store = self.store  # the background connection closes below
+        store.close()
+        with self._mutex:
+            if self.served != space or self._closing.is_set():
+                return
+            follower.poll()
+            self._follower, self._snapshot_applied = follower, 0
+        log.info("index of %s rebuilt in the background (%s): %d vectors", space, why, follower.index.ntotal)
+
+    def reembedding(self) -> ReembedProgress | None:
+        """The re-embedding job of the pending space (or the last one of the served space)."""
+        space = self.pending or self.served
+        return self.store.reembed_progress(space) if space else None
 
     # -- embedding ----------------------------------------------------------------------
 
-    async def _embed(self, model_id: str, images: EncodedImages) -> np.ndarray:
-        """Images -> float32 [N, D] under `model_id` (micro-batched; loads a retired model again)."""
-        _, vectors = await self.runtime.embed(images, model_id=model_id)
+    async def _embed(self, space: str, images: EncodedImages) -> np.ndarray:
+        """Images -> float32 [N, D] in `space` (micro-batched; loads a retired model again)."""
+        _, vectors = await self.runtime.embed(images, model_id=split_vector_space(space)[0])
         return vectors
 
     def _targets(self) -> list[str]:
         if self.served is None:
-            raise ApiError(503, "index_not_ready", "no model's index is being served yet; activate a model and retry")
+            raise IndexNotReadyError("no model's index is being served yet; activate a model and retry")
         return [self.served] + ([self.pending] if self.pending else [])
 
     # -- items --------------------------------------------------------------------------
@@ -184,21 +288,14 @@ class ItemService:
         replace: bool,
     ) -> list[str]:
         """Store items (originals as (bytes, media type), their `images`, metadata) with a vector
-        per served/pending model, and index them. All or nothing."""
+        per served/pending space, and index them. All or nothing."""
         datas, types = [d for d, _ in originals], [t for _, t in originals]
         vectors: dict[str, np.ndarray] = {}
         while True:
-            for model_id in self._targets():
-                if model_id not in vectors:
-                    vectors[model_id] = await self._embed(model_id, images)
-            try:
-                done = await asyncio.to_thread(self._commit_add, ids, datas, types, metadata, vectors, replace)
-            except DuplicateItemError as exc:
-                shown = ", ".join(exc.ids[:5])
-                raise ApiError(
-                    409, "item_exists", f"item id(s) already exist: {shown}; use ?replace=true to overwrite"
-                ) from exc
-            if done:
+            for space in self._targets():
+                if space not in vectors:
+                    vectors[space] = await self._embed(space, images)
+            if await asyncio.to_thread(self._commit_add, ids, datas, types, metadata, vectors, replace):
                 return list(ids)
 
     def _commit_add(
@@ -213,35 +310,24 @@ class ItemService:
         with self._mutex:
             targets = self._targets()
             if any(m not in vectors for m in targets):
-                return False  # the models changed while embedding: embed with the new one first
+                return False  # the spaces changed while embedding: embed with the new model first
             shas = [self.blobs.put(d) for d in datas]
             new = [NewItem(i, s, t, m) for i, s, t, m in zip(ids, shas, types, metadata, strict=True)]
-            pks, old_pks, orphans = self.store.add(new, {m: vectors[m] for m in targets}, replace=replace)
-            for model_id, index in self._indexes.items():
-                if old_pks:
-                    index.remove(np.asarray(old_pks))
-                index.add(np.asarray(pks), vectors[model_id])
-                self._changes[model_id] = self.store.state(model_id).changes
+            _, _, orphans = self.store.add(new, {m: vectors[m] for m in targets}, replace=replace)
+            self._apply_log()
             for sha in orphans:
                 self.blobs.delete(sha)
-            self._adds_since_snapshot += len(pks)
-            if self._adds_since_snapshot >= self.settings.index_snapshot_every:
-                self._snapshot()
         return True
 
-    def _snapshot(self) -> None:
-        """Write the served index's snapshot (mutex held, so the change counter is exact)."""
-        if self.served is None:
-            return
-        self._indexes[self.served].save(
-            snapshot_path(self.settings, self.served), model_id=self.served, changes=self._changes[self.served]
-        )
-        self._adds_since_snapshot = 0
+    def _apply_log(self) -> None:
+        """Bring the served index up to the log now (read-your-writes after a commit)."""
+        if self._follower is not None:
+            self._follower.poll()
 
     def get(self, item_id: str) -> Item:
         item = self.store.get(item_id)
         if item is None:
-            raise ApiError(404, "item_not_found", f"no item with id {item_id!r}")
+            raise ItemNotFoundError(f"no item with id {item_id!r}")
         return item
 
     def original(self, item_id: str) -> tuple[bytes, str]:
@@ -249,21 +335,25 @@ class ItemService:
         try:
             return self.blobs.get(item.sha256), item.content_type
         except OSError as exc:
-            raise ApiError(
-                404, "original_missing", f"the original of {item_id!r} is missing from the blob store"
+            raise ItemNotFoundError(
+                f"the original of {item_id!r} is missing from the blob store", code="original_missing"
             ) from exc
 
     def delete(self, item_id: str) -> None:
         with self._mutex:
             removed = self.store.delete(item_id)
             if removed is None:
-                raise ApiError(404, "item_not_found", f"no item with id {item_id!r}")
-            pk, orphans = removed
-            for model_id, index in self._indexes.items():
-                index.remove(np.asarray([pk]))
-                self._changes[model_id] = self.store.state(model_id).changes
-            for sha in orphans:
+                raise ItemNotFoundError(f"no item with id {item_id!r}")
+            self._apply_log()
+            for sha in removed[1]:
                 self.blobs.delete(sha)
+
+    def update_metadata(self, item_id: str, metadata: dict[str, Any] | None, *, merge: bool) -> Item:
+        """Replace an item's metadata, or merge into it (a key set to null removes it)."""
+        item = self.store.update_metadata(item_id, metadata, merge=merge)
+        if item is None:
+            raise ItemNotFoundError(f"no item with id {item_id!r}")
+        return item
 
     def page(self, offset: int, limit: int) -> tuple[list[Item], int]:
         return self.store.page(offset, limit)
@@ -271,68 +361,113 @@ class ItemService:
     # -- search -------------------------------------------------------------------------
 
     def _served_index(self) -> tuple[str, VectorIndex]:
-        self.refresh()
         with self._mutex:
             self._targets()
-            return self.served, self._indexes[self.served]  # type: ignore[return-value]
+            assert self.served is not None and self._follower is not None
+            return self.served, self._follower.index
 
-    def search_vector(
-        self, vector: Sequence[float] | np.ndarray, k: int, model_id: str | None = None
-    ) -> tuple[str, list[Hit]]:
-        """Top-k items by inner product with the unit-normalised `vector`."""
+    def _candidates(
+        self, space: str, index: VectorIndex, queries: np.ndarray, want: int, where: Sequence[Condition]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores [Q, k'], pks [Q, k']) of the best `want` per query among the items meeting
+        `where`: FAISS with an IDSelector on the matching pks (exact on Flat), or, on an
+        approximate index, an exact scan of the matching items when they are few enough."""
+        if not where:
+            return index.search(queries, want)
+        subset = self.store.matching_pks(where)
+        if index.exact or len(subset) > self.settings.index_filter_scan_max:
+            return index.search(queries, want, subset)
+        pks, vecs = self.store.vectors_of(space, subset.tolist())  # [M], [M, D]
+        if not len(pks):
+            return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
+        scores = queries @ vecs.T  # [Q, M]
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :want]
+        return np.take_along_axis(scores, order, axis=1), pks[order]
+
+    def search_vectors(
+        self,
+        vectors: Sequence[Sequence[float]] | np.ndarray,
+        k: int,
+        space: str | None = None,
+        options: SearchOptions = SearchOptions(),
+        exclude: Sequence[int | None] | None = None,
+    ) -> tuple[str, list[list[Hit]]]:
+        """Top-k items per query by inner product with each unit-normalised vector ([Q, D]),
+        in one FAISS pass. `exclude[q]`: a pk left out of query q's results."""
         served, index = self._served_index()
-        if model_id is not None and model_id != served:
+        if space is not None and space != served:
             # the caller embedded with a model we are no longer serving
-            raise ApiError(409, "model_changed", f"the served index is now {served}; retry the search")
-        query = np.asarray(vector, dtype=np.float64).reshape(1, -1)
-        if query.shape[1] != index.dim:
-            raise ApiError(
-                422, "wrong_dimension", f"the vector has {query.shape[1]} dimensions; model {served} uses {index.dim}"
+            raise ItemConflictError(f"the served index is now {served}; retry the search", code="model_changed")
+        queries = np.asarray(vectors, dtype=np.float64)
+        if queries.ndim != 2 or queries.shape[1] != index.dim:
+            width = queries.shape[-1] if queries.ndim else 0
+            raise InvalidItemRequestError(
+                f"the vector has {width} dimensions; model {served} uses {index.dim}", code="wrong_dimension"
             )
-        norm = np.linalg.norm(query)
-        if not np.isfinite(norm) or norm == 0:
-            raise ApiError(422, "invalid_vector", "the vector must be finite and non-zero")
-        scores, pks = index.search((query / norm).astype(np.float32), k)  # [1, k']
-        items = self.store.by_pks([int(p) for p in pks[0]])
-        hits = [
-            Hit(items[p].id, float(s), items[p].metadata)
-            for s, p in zip(scores[0], pks[0], strict=True)
-            if int(p) in items
-        ]
-        return served, hits
+        norms = np.linalg.norm(queries, axis=1, keepdims=True)  # [Q, 1]
+        if not np.isfinite(norms).all() or (norms == 0).any():
+            raise InvalidItemRequestError("the vector must be finite and non-zero", code="invalid_vector")
+        excluded = list(exclude) if exclude is not None else [None] * len(queries)
+        extra = int(any(p is not None for p in excluded))
+        scores, pks = self._candidates(served, index, (queries / norms).astype(np.float32), k + extra, options.where)
+        items = self.store.by_pks(sorted({int(p) for p in pks.ravel()}))
+        floor = -np.inf if options.min_score is None else options.min_score
+        results = []
+        for row_scores, row_pks, skip in zip(scores, pks, excluded, strict=True):
+            hits = [
+                Hit(items[int(p)].id, float(s), items[int(p)].metadata)
+                for s, p in zip(row_scores, row_pks, strict=True)
+                if int(p) in items and int(p) != skip and s >= floor
+            ]
+            results.append(hits[:k])
+        return split_vector_space(served)[0], results
 
-    def search_item(self, item_id: str, k: int) -> tuple[str, list[Hit]]:
+    def search_items(
+        self, item_ids: Sequence[str], k: int, options: SearchOptions = SearchOptions(), *, exclude_self: bool = False
+    ) -> tuple[str, list[list[Hit]]]:
+        """Search with the stored vectors of `item_ids`, optionally leaving each item out of its own results."""
         served, _ = self._served_index()
-        vector = self.store.vector(item_id, served)
-        if vector is None:
-            self.get(item_id)  # 404 when the item does not exist
-            raise ApiError(409, "item_not_indexed", f"item {item_id!r} has no vector under model {served} yet; retry")
-        return self.search_vector(vector, k, served)
+        vectors, pks = [], []
+        for item_id in item_ids:
+            item = self.get(item_id)  # 404 when the item does not exist
+            vector = self.store.vector(item_id, served)
+            if vector is None:
+                raise ItemConflictError(
+                    f"item {item_id!r} has no vector under model {served} yet; retry", code="item_not_indexed"
+                )
+            vectors.append(vector)
+            pks.append(item.pk if exclude_self else None)
+        return self.search_vectors(np.stack(vectors), k, served, options, pks)
 
-    async def search_image(self, image: EncodedImages, k: int) -> tuple[str, list[Hit]]:
+    async def search_image(
+        self, image: EncodedImages, k: int, options: SearchOptions = SearchOptions()
+    ) -> tuple[str, list[Hit]]:
         """Embed `image` with the served model (not necessarily the active one) and search.
 
         The served index can swap while the image is being embedded (a re-embedding just
         completed); the query is then embedded again with the new model, not refused."""
         for retries_left in (2, 1, 0):
             served, _ = self._served_index()
-            vector = (await self._embed(served, image))[0]
+            vectors = await self._embed(served, image)  # [1, D]
             try:
-                return await asyncio.to_thread(self.search_vector, vector, k, served)
-            except ApiError as exc:
+                model_id, hits = await asyncio.to_thread(self.search_vectors, vectors, k, served, options)
+                return model_id, hits[0]
+            except ItemConflictError as exc:
                 if exc.code != "model_changed" or not retries_left:
                     raise
         raise AssertionError("the last try returns or raises")
 
     def stats(self) -> dict[str, Any]:
         """For /readyz and /metrics."""
-        index = self._indexes.get(self.served or "")
+        follower = self._follower
+        index = follower.index if follower else None
         return {
             "served_model": self.served,
             "pending_model": self.pending,
             "items": self.store.count(),
             "index_size": index.ntotal if index else 0,
             "index_kind": index.kind if index else None,
+            "log_position": follower.position if follower else None,
         }
 
 

@@ -45,6 +45,10 @@ async function load() {
   $("models-summary").textContent = answer.models.length
     ? `${answer.models.length} model${answer.models.length === 1 ? "" : "s"}; serving ${answer.active ?? "none"}.`
     : "No model yet: train one on the Jobs tab.";
+  const job = answer.reembedding;
+  $("models-summary").textContent += job && job.state !== "succeeded"
+    ? ` Re-embedding into ${job.space}: ${job.state}, ${job.done} of ${job.total} items.`
+    : "";
 }
 
 async function activate(id) {

@@ -35,7 +35,9 @@ function renderResults(answer, what) {
   const n = answer.results.length;
   $("results-summary").textContent = n
     ? `${n} nearest to ${what}, best first (model ${answer.model_id}).`
-    : `The index is empty for model ${answer.model_id}: add images first.`;
+    : $("search-filter").value.trim()
+      ? `No indexed item matches the filter (model ${answer.model_id}).`
+      : `The index is empty for model ${answer.model_id}: add images first.`;
   announce(`Found ${n} neighbour${n === 1 ? "" : "s"}.`);
 }
 
@@ -56,12 +58,27 @@ async function searchByImage(event) {
   const form = new FormData();
   form.append("file", file);
   form.append("k", $("search-k").value);
+  const filter = $("search-filter").value.trim();
+  if (filter) form.append("filter", filter);
   renderResults(await json("/search", { method: "POST", body: form }), `image ${file.name}`);
+}
+
+/** The filter box as an object (undefined when empty); the server names a bad field. */
+function filterValue() {
+  const text = $("search-filter").value.trim();
+  if (!text) return undefined;
+  try {
+    return JSON.parse(text);
+  } catch (err) {
+    $("search-filter").focus();
+    throw Object.assign(new Error(`the filter is not valid JSON: ${err.message}`), { code: "invalid_filter" });
+  }
 }
 
 export async function searchByItem(id) {
   const k = Number($("search-k").value) || 10;
-  renderResults(await json("/search", { method: "POST", body: { item_id: id, k } }), `item ${id}`);
+  const body = { item_id: id, k, filter: filterValue() };
+  renderResults(await json("/search", { method: "POST", body }), `item ${id}`);
   $("results-title").scrollIntoView({ block: "nearest" });
 }
 

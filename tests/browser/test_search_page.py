@@ -67,6 +67,13 @@ def test_index_then_search_by_image_and_by_item(web_stack, browser, digit_files:
     expected = web_stack.http.post("/search", json={"item_id": "digit-7", "k": 4}).json()
     assert result_ids(browser) == [hit["id"] for hit in expected["results"]]
 
+    # A metadata filter restricts both searches to the matching items.
+    browser.find_element(By.ID, "search-filter").send_keys(json.dumps({"label": {"in": ["2", "5"]}}))
+    browser.find_element(By.ID, "search-submit").click()
+    wait.until(lambda d: sorted(result_ids(d)) == ["digit-2", "digit-5"])
+    browser.find_element(By.CSS_SELECTOR, '#items li[data-id="digit-7"] button').click()
+    wait.until(lambda d: sorted(result_ids(d)) == ["digit-2", "digit-5"])
+
 
 def test_api_error_message_is_shown(web_stack, browser, tmp_path: Path) -> None:
     """A file that is not an image: the page shows the API's own error message in the alert region."""

@@ -4,6 +4,7 @@
 parts (one JSON object per file, in order), or JSON `{"images": [base64...], "ids": [...],
 "metadata": [...]}`. An id that exists is 409 `item_exists` unless `?replace=true`, which
 overwrites it (new image, metadata and vectors). A request is all or nothing.
+`PATCH /items/{id}` merges or replaces an item's metadata without re-uploading it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 
 from service.api.deps import Offset, SettingsDep, read_images, require_read_key, require_write_key
 from service.api.errors import ApiError, error_responses
-from service.items.schemas import ItemOut, ItemPage, ItemsAdded, parse_metadata, validate_item_id
+from service.items.schemas import ItemOut, ItemPage, ItemPatch, ItemsAdded, parse_metadata, validate_item_id
 from service.items.service import ItemService
 
 router = APIRouter(tags=["items"])
@@ -92,6 +93,19 @@ def list_items(
 )
 def get_item(item_id: str, items: ItemsDep) -> ItemOut:
     return ItemOut.of(items.get(item_id))
+
+
+@router.patch(
+    "/items/{item_id}",
+    response_model=ItemOut,
+    dependencies=[Depends(require_write_key)],
+    responses=error_responses(401, 404, 422),
+)
+def patch_item(item_id: str, patch: ItemPatch, items: ItemsDep) -> ItemOut:
+    """Merge `metadata` into the item's (null values remove keys), or replace it with
+    `replace: true`; the image and vectors are untouched."""
+    metadata = parse_metadata(json.dumps(patch.metadata) if patch.metadata is not None else None)
+    return ItemOut.of(items.update_metadata(item_id, metadata, merge=not patch.replace))
 
 
 @router.get(

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
-from fastapi import APIRouter, Depends
-from pydantic import BaseModel
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import RuntimeDep, require_read_key, require_write_key
@@ -17,6 +18,9 @@ router = APIRouter(prefix="/models", tags=["models"])
 class ModelList(BaseModel):
     active: str | None
     models: list[dict[str, Any]]  # ModelCard fields plus `active: bool`, newest first
+    reembedding: dict[str, Any] | None = Field(
+        None, description="the re-embedding job of the pending (or served) model: state, done, total, owner"
+    )
 
 
 class Activated(BaseModel):
@@ -25,10 +29,16 @@ class Activated(BaseModel):
 
 
 @router.get("", dependencies=[Depends(require_read_key)], response_model=ModelList)
-async def list_models(runtime: RuntimeDep) -> ModelList:
+async def list_models(request: Request, runtime: RuntimeDep) -> ModelList:
     cards = await run_in_threadpool(runtime.registry.list)
     active = runtime.active_id
-    return ModelList(active=active, models=[{**c.model_dump(), "active": c.model_id == active} for c in cards])
+    items = getattr(request.app.state, "items", None)
+    progress = await run_in_threadpool(items.reembedding) if items is not None else None
+    return ModelList(
+        active=active,
+        models=[{**c.model_dump(), "active": c.model_id == active} for c in cards],
+        reembedding=asdict(progress) if progress else None,
+    )
 
 
 @router.post(

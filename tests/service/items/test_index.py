@@ -151,3 +151,19 @@ def test_snapshot_round_trip_and_corruption(tmp_path) -> None:
         VectorIndex.load(path)
     with pytest.raises(SnapshotError):
         VectorIndex.load(tmp_path / "missing.faiss")
+
+
+def test_upkeep_is_due_for_tombstones_and_growth() -> None:
+    rng = np.random.default_rng(6)
+    hnsw = VectorIndex(16, "HNSW16")
+    hnsw.add(np.arange(100), unit(rng, 100, 16))
+    hnsw.remove(np.arange(20))
+    assert hnsw.upkeep_due() is None  # 20 of 100: at the limit, not past it
+    hnsw.remove(np.array([20]))
+    assert hnsw.upkeep_due() == "compact"
+    ivf = VectorIndex(16, "IVF4,Flat", min_train=200)
+    ivf.add(np.arange(250), unit(rng, 250, 16))
+    assert ivf.trained_on == 250 and ivf.upkeep_due() is None
+    ivf.add(np.arange(250, 1000), unit(rng, 750, 16))
+    assert ivf.upkeep_due() == "retrain"
+    assert VectorIndex(16).upkeep_due() is None  # Flat: never

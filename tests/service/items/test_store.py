@@ -1,0 +1,170 @@
+"""ItemStore (real SQLite file): counters kept in each write's transaction, the change log
+and its replay, compaction, migration of a version-1 store, the re-embedding claim."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.items.errors import ItemExistsError
+from service.items.follower import LogFollower, LogPosition
+from service.items.index import VectorIndex
+from service.items.store import ItemStore, NewItem
+
+D = 8
+
+
+def unit(rng: np.random.Generator, n: int) -> np.ndarray:
+    x = rng.standard_normal((n, D))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def new(ids: list[str], meta: list[dict] | None = None) -> list[NewItem]:
+    return [NewItem(i, f"sha-{i}", "image/png", (meta or [None] * len(ids))[n]) for n, i in enumerate(ids)]
+
+
+def true_counts(path: Path, space: str) -> tuple[int, int]:
+    """COUNT(*) of items and of the space's vectors, read independently of the counters."""
+    db = sqlite3.connect(path)
+    try:
+        items = db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+        vectors = db.execute("SELECT COUNT(*) FROM vectors WHERE model_id = ?", (space,)).fetchone()[0]
+    finally:
+        db.close()
+    return items, vectors
+
+
+def search_ids(index: VectorIndex, queries: np.ndarray, k: int) -> np.ndarray:
+    return index.search(queries, k)[1]
+
+
+def test_counters_and_log_replay_follow_random_writes(tmp_path: Path) -> None:
+    """Random adds, replaces, deletes and re-embeddings in two spaces: the counters equal
+    COUNT(*), and a follower replaying the log from zero in batches of 7 holds exactly the
+    store's vectors (same search results as an index built from them)."""
+    rng = np.random.default_rng(0)
+    store = ItemStore(tmp_path / "items.sqlite3")
+    followers = {s: LogFollower(store, s, VectorIndex(D), LogPosition(0), batch=7) for s in ("a", "b@int8")}
+    live: set[str] = set()
+    for step in range(60):
+        action = rng.choice(["add", "replace", "delete"], p=[0.5, 0.25, 0.25])
+        if action == "add" or not live:
+            ids = [f"i{step}-{j}" for j in range(int(rng.integers(1, 6)))]
+            store.add(new(ids), {"a": unit(rng, len(ids))})
+            live.update(ids)
+        elif action == "replace":
+            ids = list(rng.choice(sorted(live), size=min(3, len(live)), replace=False))
+            store.add(new(ids), {"a": unit(rng, len(ids))}, replace=True)
+        else:
+            victim = str(rng.choice(sorted(live)))
+            assert store.delete(victim) is not None
+            live.discard(victim)
+        if step % 10 == 9:  # re-embedding fills space b for every item lacking it
+            missing = store.missing("b@int8", 1000)
+            assert store.put_vectors("b@int8", [pk for pk, _ in missing], unit(rng, len(missing))) == len(missing)
+        if step % 4 == 0:
+            for follower in followers.values():
+                follower.poll()
+        for space in followers:
+            items, vectors = true_counts(store.path, space)
+            assert store.count() == items == len(live)
+            assert store.state(space).count == vectors
+    queries = unit(rng, 10)
+    for space, follower in followers.items():
+        follower.poll()
+        pks, vecs, last = store.vectors(space)
+        assert follower.position == last == store.state(space).changes
+        assert follower.index.ntotal == len(pks) and not follower.at.above
+        rebuilt = VectorIndex(D)
+        rebuilt.add(pks, vecs)
+        np.testing.assert_array_equal(search_ids(follower.index, queries, 15), search_ids(rebuilt, queries, 15))
+    store.close()
+
+
+def test_hnsw_replay_keeps_no_tombstone_for_an_item_added_and_deleted_between_polls(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    store = ItemStore(tmp_path / "items.sqlite3")
+    follower = LogFollower(store, "a", VectorIndex(D, "HNSW16"), LogPosition(0))
+    store.add(new(["keep", "gone"]), {"a": unit(rng, 2)})
+    store.delete("gone")  # its addition is read after its vector is deleted
+    follower.poll()
+    assert follower.index.ntotal == 1 and not follower.at.gone
+    assert not follower.index._tombstones
+
+
+def test_duplicates_metadata_patch_and_completion(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    store = ItemStore(tmp_path / "items.sqlite3")
+    store.add(new(["x", "y"], [{"a": 1, "b": "s"}, None]), {"a": unit(rng, 2)})
+    with pytest.raises(ItemExistsError) as err:
+        store.add(new(["y", "z"]), {"a": unit(rng, 2)})
+    assert err.value.ids == ["y"] and store.count() == 2  # nothing written
+    merged = store.update_metadata("x", {"b": None, "c": [1]}, merge=True)
+    assert merged is not None and merged.metadata == {"a": 1, "c": [1]} and merged.models == ["a"]
+    replaced = store.update_metadata("x", {"z": 0}, merge=False)
+    assert replaced is not None and store.get("x").metadata == {"z": 0}  # type: ignore[union-attr]
+    assert store.update_metadata("nope", {}, merge=True) is None
+    before = store.state("a").changes
+    store.update_metadata("y", {"k": 1}, merge=True)
+    assert store.state("a").changes == before  # metadata is not a vector change
+    assert store.mark_complete("a", D) and not store.mark_complete("b", D)
+    store.close()
+
+
+def test_compaction_and_a_snapshot_older_than_the_log(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    store = ItemStore(tmp_path / "items.sqlite3")
+    store.add(new([f"i{j}" for j in range(10)]), {"a": unit(rng, 10)})
+    assert store.first_seq("a") == 1
+    assert store.compact_log("a", 4, older_than_s=3600) == 0  # too young to drop
+    assert store.compact_log("a", 4, older_than_s=0) == 4
+    assert store.first_seq("a") == 5 and store.state("a").changes == 10
+    store.close()
+
+
+def test_migrates_a_version_1_store(tmp_path: Path) -> None:
+    """A store written before counters and the log: opened, migrated, counts right, and
+    its old change counter carries on as the log's sequence."""
+    path = tmp_path / "items.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(
+        """
+        CREATE TABLE items (pk INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, metadata TEXT,
+            sha256 TEXT NOT NULL, content_type TEXT NOT NULL, created REAL NOT NULL);
+        CREATE TABLE vectors (model_id TEXT NOT NULL, item INTEGER NOT NULL REFERENCES items(pk) ON DELETE CASCADE,
+            vec BLOB NOT NULL, PRIMARY KEY (model_id, item)) WITHOUT ROWID;
+        CREATE TABLE models (model_id TEXT PRIMARY KEY, dim INTEGER NOT NULL, changes INTEGER NOT NULL DEFAULT 0,
+            complete INTEGER NOT NULL DEFAULT 0, completed_at REAL);
+        INSERT INTO items(id, metadata, sha256, content_type, created) VALUES ('p', NULL, 's1', 'image/png', 0),
+            ('q', '{"n": 2}', 's2', 'image/png', 0);
+        INSERT INTO models VALUES ('a', 2, 7, 1, 0);
+        """
+    )
+    vec = np.ones(2, np.float32).tobytes()
+    db.executemany("INSERT INTO vectors VALUES ('a', ?, ?)", [(1, vec), (2, vec)])
+    db.commit()
+    db.close()
+    store = ItemStore(path)
+    assert store.count() == 2 and store.state("a").count == 2 and store.state("a").changes == 7
+    assert store.completed_models() == ["a"]
+    store.delete("p")
+    assert store.state("a").changes == 8 and store.state("a").count == 1
+    assert store.changes_since("a", 7, 10).pks.tolist() == [1]
+    store.close()
+    assert ItemStore(path).count() == 1  # opening again does not migrate twice
+
+
+def test_reembed_claim_is_held_once_and_lapses(tmp_path: Path) -> None:
+    store = ItemStore(tmp_path / "items.sqlite3")
+    assert store.claim_reembed("b", "host:1", lease_s=60)
+    assert not store.claim_reembed("b", "host:2", lease_s=60)  # live claim: the second asker leaves
+    assert store.report_reembed("b", "host:1")
+    assert store.claim_reembed("b", "host:2", lease_s=0)  # a lapsed claim is taken over
+    assert not store.report_reembed("b", "host:1")  # the first runner learns it lost the job
+    store.report_reembed("b", "host:2", "succeeded")
+    progress = store.reembed_progress("b")
+    assert progress is not None and (progress.state, progress.owner) == ("succeeded", "host:2")
+    store.close()
