@@ -14,13 +14,14 @@ from torch import nn
 
 from service.contract.encoder_io import PIXEL_MEAN, PIXEL_STD
 
+_MEAN = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)
+_STD = torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
+
 
 def normalize_pixels(x: torch.Tensor) -> torch.Tensor:
     """[N, 3, S, S] in [0, 1] -> (x - PIXEL_MEAN) / PIXEL_STD: after augmentation in training,
-    in evaluation and inside the exported graph (where the constants become initializers)."""
-    mean = torch.tensor(PIXEL_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(PIXEL_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    in evaluation and inside the exported graph (where the statistics become initializers)."""
+    return (x - _MEAN.to(x.device, x.dtype)) / _STD.to(x.device, x.dtype)
 
 
 _BACKBONES = {
