@@ -12,9 +12,28 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward sums the gradients over ranks (every rank's loss used it)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = x.detach().clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = grad.contiguous().clone()
+        dist.all_reduce(out)
+        return out
+
+
+def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    return _AllReduceSum.apply(x)
 
 
 class GlobalBatchNorm(_BatchNorm):
@@ -31,10 +50,10 @@ class GlobalBatchNorm(_BatchNorm):
         self._check_input_dim(input)
         dims = [d for d in range(input.dim()) if d != 1]
         shape = [1, -1] + [1] * (input.dim() - 2)
-        count = dist_fn.all_reduce(torch.tensor([input.numel() / input.shape[1]], dtype=input.dtype))  # [1]
-        mean = dist_fn.all_reduce(input.sum(dims)) / count  # [C]
+        count = _all_reduce_sum(torch.tensor([input.numel() / input.shape[1]], dtype=input.dtype))  # [1]
+        mean = _all_reduce_sum(input.sum(dims)) / count  # [C]
         centred = input - mean.view(shape)
-        var = dist_fn.all_reduce(centred.pow(2).sum(dims)) / count  # [C], biased, as BatchNorm normalises
+        var = _all_reduce_sum(centred.pow(2).sum(dims)) / count  # [C], biased, as BatchNorm normalises
         if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)  # type: ignore[operator]
@@ -54,8 +73,10 @@ SYNC_BATCHNORM_TYPES: tuple[type[nn.Module], ...] = (nn.SyncBatchNorm, GlobalBat
 def _to_global(module: nn.Module) -> nn.Module:
     """Every BatchNorm layer under `module` replaced by a GlobalBatchNorm holding its state."""
     if isinstance(module, _BatchNorm) and not isinstance(module, SYNC_BATCHNORM_TYPES):
+        like = next(iter(module.parameters()), module.running_mean)
+        factory = {} if like is None else {"device": like.device, "dtype": like.dtype}
         new = GlobalBatchNorm(
-            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats, **factory
         )
         new.load_state_dict(module.state_dict())
         new.train(module.training)

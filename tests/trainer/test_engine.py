@@ -281,7 +281,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_npz: Path, tmp_path
 @pytest.mark.integration
 @pytest.mark.slow
 def test_two_cpu_processes_train_with_ddp(tiny_npz: Path, tmp_path: Path) -> None:
-    cfg = TrainConfig(epochs=1, max_steps=2, cpu_processes=2, sync_bn=True, **TINY)
+    cfg = TrainConfig(epochs=1, max_steps=2, cpu_processes=2, **TINY)  # global BN: the default with 2 processes
     result = train(cfg, tiny_npz, tmp_path, should_stop=StopAfter(100))
     assert (result.step, result.stopped) == (2, False)
     state = load_checkpoint(checkpoint_path(tmp_path))
