@@ -101,6 +101,24 @@ class GlobalBatchSampler(Sampler[list[int]]):
             yield perm[first : first + self.per_rank].tolist()
 
 
+def training_loader(
+    dataset: ImageDataset, cfg: TrainConfig, rank: int = 0, world: int = 1, cuda: bool = False
+) -> tuple[DataLoader, GlobalBatchSampler]:
+    """This rank's loader of training batches (frames uint8 [n, 3, Hc, Wc], sizes int64 [n, 2],
+    ok bool [n]: trainer/data.py `training_frames`) and the sampler that positions it."""
+    sampler = GlobalBatchSampler(len(dataset), cfg.batch_size, rank, world, cfg.seed)
+    loader = DataLoader(
+        dataset.training_frames(),
+        batch_sampler=sampler,
+        num_workers=cfg.num_workers,
+        pin_memory=cuda,
+        # worker seeds come from here, not from the global RNG, so creating an iterator
+        # mid-epoch on resume draws nothing from the state we restore
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    return loader, sampler
+
+
 def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     py_state = random.getstate()
@@ -319,20 +337,11 @@ class _Trainer:
             model = DistributedDataParallel(self.method, device_ids=[self.device.index] if cuda else None)
         self.model = torch.compile(model) if cfg.compile else model
 
-        self.sampler = GlobalBatchSampler(len(dataset), cfg.batch_size, rank, world, cfg.seed)
+        self.loader, self.sampler = training_loader(dataset, cfg, rank, world, cuda)
         self.steps_per_epoch = self.sampler.batches_per_epoch
         self.total_steps = self.steps_per_epoch * cfg.epochs
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
-        self.loader = DataLoader(
-            dataset.training_frames(),  # (frames [n, 3, Hc, Wc], sizes [n, 2], ok [n]) per batch
-            batch_sampler=self.sampler,
-            num_workers=cfg.num_workers,
-            pin_memory=cuda,
-            # worker seeds come from here, not from the global RNG, so creating an iterator
-            # mid-epoch on resume draws nothing from the state we restore
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
         self.optimizer = build_optimizer(self.method, cfg)
         self.scheduler = build_scheduler(
             self.optimizer, self.total_steps, round(cfg.warmup_epochs * self.steps_per_epoch)

@@ -128,7 +128,7 @@ def _ema_rate(total_steps: int | None, low: float, high: float) -> float:
     """The averaging rate whose horizon 1 / (1 - m) is a tenth of the run, within [low, high]."""
     if total_steps is None:
         return high
-    return min(high, max(low, 1.0 - 1.0 / (EMA_HORIZON_FRACTION * total_steps)))
+    return min(high, max(low, 1.0 - 1.0 / (EMA_HORIZON_FRACTION * max(1, total_steps))))
 
 
 def resolve_run(

@@ -55,7 +55,7 @@ def _bn_rank(rank: int, world: int, init_method: str, out: str) -> None:
                 "kinds": sorted({type(m).__name__ for m in net.modules() if isinstance(m, _BatchNorm)}),
                 "x_grad": xr.grad,
                 "grads": {k: p.grad for k, p in net.named_parameters()},
-                "buffers": {k: b for k, b in net.named_buffers()},
+                "buffers": dict(net.named_buffers()),
             },
             Path(out) / f"rank{rank}.pt",
         )
