@@ -119,6 +119,9 @@ class ImageDataset(Dataset):
     def label(self, index: int) -> int:
         return -1 if self.labels is None else int(self.labels[index])
 
+    def __len__(self) -> int:
+        raise NotImplementedError
+
     def image(self, index: int) -> np.ndarray:
         """uint8 [S, S, 3] of image `index`."""
         raise NotImplementedError

@@ -344,7 +344,7 @@ class _Trainer:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.optimizer = build_optimizer(self.method, cfg)
         self.scheduler = build_scheduler(
-            self.optimizer, self.total_steps, round(cfg.warmup_epochs * self.steps_per_epoch)
+            self.optimizer, self.total_steps, round((cfg.warmup_epochs or 0.0) * self.steps_per_epoch)
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)  # bf16 needs no loss scaling
         aug_device = self.device if cfg.augment.device == "auto" else torch.device(cfg.augment.device)

@@ -10,30 +10,35 @@ gradients of the statistics over the ranks, as torch's CUDA kernel does.
 
 from __future__ import annotations
 
+from typing import Any, TypeVar, cast
+
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+M = TypeVar("M", bound=nn.Module)
 
 
 class _AllReduceSum(torch.autograd.Function):
     """Sum over ranks whose backward sums the gradients over ranks (every rank's loss used it)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         out = x.detach().clone()
         dist.all_reduce(out)
         return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         out = grad.contiguous().clone()
         dist.all_reduce(out)
         return out
 
 
 def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    return _AllReduceSum.apply(x)
+    out: torch.Tensor = _AllReduceSum.apply(x)
+    return out
 
 
 class GlobalBatchNorm(_BatchNorm):
@@ -54,10 +59,16 @@ class GlobalBatchNorm(_BatchNorm):
         mean = _all_reduce_sum(input.sum(dims)) / count  # [C]
         centred = input - mean.view(shape)
         var = _all_reduce_sum(centred.pow(2).sum(dims)) / count  # [C], biased, as BatchNorm normalises
-        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+        tracked = self.num_batches_tracked
+        if (
+            self.track_running_stats
+            and self.running_mean is not None
+            and self.running_var is not None
+            and tracked is not None
+        ):
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)  # type: ignore[operator]
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(tracked)
                 unbiased = var * count / (count - 1).clamp(min=1)
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
                 self.running_var.mul_(1 - m).add_(unbiased.detach(), alpha=m)
@@ -74,9 +85,14 @@ def _to_global(module: nn.Module) -> nn.Module:
     """Every BatchNorm layer under `module` replaced by a GlobalBatchNorm holding its state."""
     if isinstance(module, _BatchNorm) and not isinstance(module, SYNC_BATCHNORM_TYPES):
         like = next(iter(module.parameters()), module.running_mean)
-        factory = {} if like is None else {"device": like.device, "dtype": like.dtype}
         new = GlobalBatchNorm(
-            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats, **factory
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            device=None if like is None else like.device,
+            dtype=None if like is None else like.dtype,
         )
         new.load_state_dict(module.state_dict())
         new.train(module.training)
@@ -86,6 +102,7 @@ def _to_global(module: nn.Module) -> nn.Module:
     return module
 
 
-def convert_sync_batchnorm(module: nn.Module, cuda: bool) -> nn.Module:
+def convert_sync_batchnorm(module: M, cuda: bool) -> M:
     """`module` with global BatchNorm layers: torch's SyncBatchNorm on CUDA, GlobalBatchNorm on CPU."""
-    return nn.SyncBatchNorm.convert_sync_batchnorm(module) if cuda else _to_global(module)
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(module) if cuda else _to_global(module)
+    return cast(M, converted)  # the same module, its BatchNorm children replaced (a new one for a lone layer)

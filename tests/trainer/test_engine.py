@@ -169,6 +169,18 @@ def test_resume_rejects_a_different_config(tiny_npz: Path, tmp_path: Path) -> No
     assert train(TrainConfig(epochs=1, max_steps=2, **TINY), tiny_npz, tmp_path).step == 2
 
 
+def test_a_three_epoch_run_reaches_its_peak_rate_and_decays_to_near_zero(tiny_npz: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(epochs=3, **{k: v for k, v in TINY.items() if k != "warmup_epochs"})  # warm-up: the default
+    train(cfg, tiny_npz, tmp_path)
+    lrs = [r["lr"] for r in _read_jsonl(tmp_path / "metrics.jsonl") if "lr" in r]  # one per step
+    peak = 0.075 * 8**0.5  # the square-root rule at batch 8
+    assert len(lrs) == 18  # 6 steps an epoch
+    # Warm-up: 10% of the run (0.3 epochs = 2 steps), not the paper's 10 epochs; then cosine to ~0.
+    assert lrs[0] == pytest.approx(peak / 2) and lrs[1] == pytest.approx(peak) == max(lrs)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False))
+    assert lrs[-1] < 0.01 * peak
+
+
 def test_a_resumed_run_keeps_its_stored_defaults_after_the_rules_change(
     tiny_npz: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

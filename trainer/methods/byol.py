@@ -32,6 +32,9 @@ class BYOL(Method):
         dim, out = self.encoder.feature_dim, int(self.cfg.proj_out_dim)
         self.projector = ProjectionHead(dim, int(self.cfg.proj_hidden_dim or dim), out)
         self.predictor = ProjectionHead(out, int(self.cfg.pred_hidden_dim or dim), out)
+        if self.cfg.byol_tau_base is None:
+            raise ValueError("byol_tau_base is not decided: pass TrainConfig.resolved()")
+        self.tau_base = self.cfg.byol_tau_base
         self.target_encoder = momentum_copy(self.encoder)
         self.target_projector = momentum_copy(self.projector)
 
@@ -46,6 +49,6 @@ class BYOL(Method):
         return (byol_loss(p_a, z_b, valid) + byol_loss(p_b, z_a, valid)) / 2
 
     def on_after_optimizer_step(self, step: int, total_steps: int) -> None:
-        tau = cosine_tau(step, total_steps, self.cfg.byol_tau_base)
+        tau = cosine_tau(step, total_steps, self.tau_base)
         ema_update(self.encoder, self.target_encoder, tau)
         ema_update(self.projector, self.target_projector, tau)

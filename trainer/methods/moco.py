@@ -76,6 +76,9 @@ class MoCoV2(Method):
         self.projector = ProjectionHead(dim, hidden, out, last_bn=True)
         self.key_encoder = momentum_copy(self.encoder)
         self.key_projector = momentum_copy(self.projector)
+        if self.cfg.queue_size is None or self.cfg.moco_momentum is None:
+            raise ValueError("queue_size / moco_momentum are not decided: pass TrainConfig.resolved()")
+        self.key_momentum = self.cfg.moco_momentum
         self.queue = KeyQueue(self.cfg.queue_size, out)
         self.symmetric = symmetric
         self.bn_groups = max(1, min(BN_GROUPS_MAX, self.cfg.batch_size // BN_GROUP_MIN))
@@ -133,6 +136,6 @@ class MoCoV2(Method):
         return list(keys.view(world, n, *keys.shape[1:])[rank()].unbind(1))  # this rank's images
 
     def on_after_optimizer_step(self, step: int, total_steps: int) -> None:
-        m = self.cfg.moco_momentum
+        m = self.key_momentum
         ema_update(self.encoder, self.key_encoder, m)
         ema_update(self.projector, self.key_projector, m)
