@@ -22,9 +22,9 @@ import pytest
 import torch
 from torch import nn
 
+from service.contract.defaults import RunShape, resolve
 from service.contract.imaging import ResizePolicy
 from service.contract.registry import ModelCard, ModelRegistry
-from service.contract.defaults import RunShape, resolve
 from service.contract.train_config import TrainConfig
 from trainer import export
 from trainer.checkpoint import save_checkpoint
