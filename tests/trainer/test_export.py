@@ -255,7 +255,7 @@ def test_cli_export_of_a_trained_run(tmp_path, cifar5k_path):
     assert card.train_config == cfg.resolved(num_images=5000).model_dump(mode="json") and card.embedding_dim == 512
     # Every default decided for the run is in the card: its value in train_config, its source beside.
     decided = json.loads((run_dir / "config.json").read_text())["defaults"]
-    assert card.train_defaults == decided and len(decided) >= 12
+    assert card.train_defaults == decided and len(decided) == 11  # small_stem is given
     resolution = resolve(cfg, RunShape(5000))
     assert decided == resolution.sources
     for name in decided:
