@@ -67,13 +67,14 @@ def given_flags(args: argparse.Namespace, *flags: str) -> dict[str, object]:
     return {flag: getattr(args, flag) for flag in flags if getattr(args, flag) is not None}
 
 
-def quality_config(args: argparse.Namespace, recipe: Recipe) -> TrainConfig:
-    """A CPU-sized SimCLR run: `recipe`, overridden by any flag given."""
+def quality_config(args: argparse.Namespace, recipe: Recipe, num_images: int) -> TrainConfig:
+    """A CPU-sized SimCLR run on `num_images` images: `recipe`, overridden by any flag given, the
+    rest decided as the engine decides it for the run (service/contract/defaults.py)."""
     return recipe.config(
         small_stem=args.small_stem, optimizer=args.optimizer, weight_decay=args.weight_decay,
         temperature=args.temperature, seed=args.seed, **given_flags(args, "image_size", "epochs", "batch_size", "base_lr"),
-        augment={"color_strength": args.color_strength, **given_flags(args, "crop_min_scale", "hflip_prob", "grayscale_prob")},
-    ).resolved()  # fmt: skip
+        augment=given_flags(args, "color_strength", "crop_min_scale", "hflip_prob", "grayscale_prob"),
+    ).resolved(num_images=num_images)  # fmt: skip
 
 
 def probe(
@@ -92,7 +93,9 @@ def probe(
 
 
 def run_one(path: Path, args: argparse.Namespace, work: Path) -> dict[str, object]:
-    cfg = quality_config(args, recipe_for(path))
+    with np.load(path) as npz:
+        num_images = len(npz["x_train"])
+    cfg = quality_config(args, recipe_for(path), num_images)
     x_train, y_train, x_test, y_test = labeled_splits(path, cfg.image_size)  # uint8 [N, S, S, 3], int64 [N]
     out: dict[str, object] = {
         "data": str(path),
@@ -182,14 +185,14 @@ def main() -> None:
     )
     parser.add_argument("--epochs", type=int, default=None, help=recipe)
     parser.add_argument("--batch-size", type=int, default=None, help=recipe)
-    parser.add_argument("--optimizer", default="lars", choices=["lars", "sgd", "adamw"])
+    parser.add_argument("--optimizer", default=None, choices=["lars", "sgd", "adamw"], help="default: the run's")
     parser.add_argument("--base-lr", type=float, default=None, help=recipe)
-    parser.add_argument("--weight-decay", type=float, default=1e-6)
-    parser.add_argument("--temperature", type=float, default=0.2)
+    parser.add_argument("--weight-decay", type=float, default=None, help="default: the run's")
+    parser.add_argument("--temperature", type=float, default=None, help="default: the run's")
     parser.add_argument("--crop-min-scale", type=float, default=None, help=recipe)
     parser.add_argument("--hflip-prob", type=float, default=None, help=recipe)
     parser.add_argument("--grayscale-prob", type=float, default=None, help=recipe)
-    parser.add_argument("--color-strength", type=float, default=0.5)
+    parser.add_argument("--color-strength", type=float, default=None, help="default: the run's")
     parser.add_argument("--k", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)

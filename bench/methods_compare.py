@@ -1,12 +1,11 @@
 """SimCLR vs MoCo v2 vs BYOL at the same budget: loss start/end and kNN top-1 of h.
 
 Each method pretrains through the real engine (`trainer.engine.train`) on the same data with
-the same epochs, global batch, image size, backbone, optimiser, learning rate and crop/flip/
-colour settings: the data's recipe (service/contract/recipes.py: SimCLR's CIFAR values,
-Appendix B.9, on colour images; larger crops and no flip on small grey digits). Each method
-keeps what is its own: MoCo's queue and key encoder, BYOL's 4096-wide projector and predictor,
-its target network and solarisation on one view, and the short-run momentum rates of
-`SHORT_RUN_SETTINGS` (MoCo m = 0.9, K = 1,024; BYOL tau_base = 0.99). Then the encoder f is
+the same epochs, global batch, image size, backbone and crop/flip settings: the data's recipe
+(service/contract/recipes.py; larger crops and no flip on small grey digits). Everything else
+is each method's own default for the run (service/contract/defaults.py): its paper's optimiser,
+learning rate and weight decay, its temperature and colour strength, MoCo's queue and key
+momentum and BYOL's target rate following the run's length. Then the encoder f is
 scored by bench/knn_quality.py's `probe` (kNN top-1, k = 200, T = 0.1, and a linear probe)
 beside raw pixels and a randomly initialised encoder of the same architecture (same seed as
 the runs' initial weights). "loss start" is the mean over the first log window, "end" over
@@ -53,7 +52,7 @@ def _metrics(run_dir: Path) -> tuple[list[float], list[tuple[int, float]]]:
 
 
 def method_config(method: str, recipe: Recipe, args: argparse.Namespace) -> TrainConfig:
-    """The data's recipe for `method` (its SHORT_RUN_SETTINGS included), overridden by any flag given."""
+    """The data's recipe for `method` (the rest: the run's defaults), overridden by any flag given."""
     own = {"simclr": ("temperature",), "moco_v2": ("temperature", "queue_size", "moco_momentum"),
            "byol": ("byol_tau_base",)}[method]  # fmt: skip
     heads = {} if args.head_dim is None else {"proj_hidden_dim": args.head_dim}
@@ -77,7 +76,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=None, help=from_recipe)
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--small-stem", action="store_true", help="CIFAR stem (16x the compute at 32 px)")
-    p.add_argument("--optimizer", default="lars")
+    p.add_argument("--optimizer", default=None, help="default: each method's paper optimiser")
     p.add_argument("--base-lr", type=float, default=None, help=from_recipe + ", the same for every method")
     p.add_argument("--weight-decay", type=float, default=None, help=from_recipe)
     p.add_argument("--temperature", type=float, default=None, help="SimCLR's and MoCo's; " + from_recipe)
@@ -133,7 +132,7 @@ def main() -> None:
         if args.against_lightly and method in LIGHTLY_METHODS:
             from lightly_simclr import train_lightly  # needs the bench extra
 
-            encoder, stats = train_lightly(configs[method].resolved(), splits[0])
+            encoder, stats = train_lightly(configs[method].resolved(num_images=len(splits[0])), splits[0])
             scores = probe(encoder, *splits)
             # lightly's BYOL loss is -cos, ours 2 - 2 cos: shown on our scale, so the columns compare.
             scale = (lambda v: 2 + 2 * v) if method == "byol" else (lambda v: v)
@@ -143,7 +142,7 @@ def main() -> None:
 
     print(f"\n{json.dumps(vars(args))}")
     for method, cfg in configs.items():
-        print(f"{method}: {cfg.resolved().model_dump_json(exclude_defaults=True)}")
+        print(f"{method}: {cfg.resolved(num_images=len(splits[0])).model_dump_json(exclude_defaults=True)}")
     print()
     print(
         "| features | loss start | loss end | kNN top-1 | linear top-1 | first direction | effective rank | steps "

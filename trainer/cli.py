@@ -81,7 +81,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
             for part in parents:
                 node = node.setdefault(part, {})
             node[leaf] = value
-    return TrainConfig.model_validate(values).resolved()
+    return TrainConfig.model_validate(values)  # the engine decides the defaults left open, for the run
 
 
 def _parser(command: str) -> argparse.ArgumentParser:

@@ -14,10 +14,23 @@ Sources
   {1, 3, 4}, `y_train`, `y_test`, `classes`), or any `.npz` holding one uint8 [N, H, W(, C)]
   array with optional 1-D integer labels of length N. Resized once, held in memory.
 
+Two views of the same images:
+
+* evaluation (`image`, `__getitem__`, `to_array`): `ResizePolicy`, the S x S centre crop the
+  server applies, so offline metrics see the served pixels;
+* training (`training_frames()`): the whole decoded frame, aspect kept, at a bounded working
+  size (longer side at most WORKING_SCALE x S, never enlarged), on a fixed canvas with each
+  image's own height and width beside it, so that the batched augmentation
+  (trainer/transforms.py) cuts its random resized crops from the whole image, as the paper
+  does, rather than from the centre square. docs/architecture.md says why a canvas.
+
 Unreadable files (empty, not an image, a format we refuse) are found when the folder is
 opened, skipped and counted in `.skipped`, with a warning naming a few. A file whose header
-is fine but whose pixels are truncated fails only when decoded; `__getitem__` then serves the
-next readable image instead (and counts it in this process), so a run never dies on one file.
+is fine but whose pixels are truncated fails only when decoded: the training frames then
+serve a masked slot (a blank canvas flagged not `ok`, which the methods leave out of the
+loss), so an epoch keeps its length and no image is served twice; the engine counts these
+slots from the batches, whichever loader worker decoded them. Evaluation serves the next
+readable image instead and `labeled_arrays` drops the slot.
 
 Fingerprint (sha256, hex): for a folder, over the sorted relative paths, sizes and sha256 of
 the content of every readable image, so renaming, editing or adding a file changes it and
@@ -47,9 +60,15 @@ from service.contract.imaging import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
     ResizePolicy,
+    load_image_file,
     read_image_file,
+    to_rgb,
 )
 
+# Training frames keep the whole image with its longer side at most WORKING_SCALE x S: the
+# median crop (about half the area) is then cut at or above S, and the batched bilinear
+# resize never shrinks by more than this factor along a side.
+WORKING_SCALE = 2
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 SPLITS = ("train", "test")
 _WARN_EXAMPLES = 5
@@ -101,6 +120,9 @@ class ImageDataset(Dataset):
     def label(self, index: int) -> int:
         return -1 if self.labels is None else int(self.labels[index])
 
+    def __len__(self) -> int:
+        raise NotImplementedError
+
     def image(self, index: int) -> np.ndarray:
         """uint8 [S, S, 3] of image `index`."""
         raise NotImplementedError
@@ -108,6 +130,20 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         hwc = self.image(index)  # [S, S, 3]
         return torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1))), self.label(index)
+
+    @property
+    def canvas(self) -> tuple[int, int]:
+        """(height, width) of the training frames' canvas."""
+        raise NotImplementedError
+
+    def frame(self, index: int) -> np.ndarray:
+        """The whole image `index` at its working size, uint8 [h, w, 3] (h, w within `canvas`);
+        raises ImageDecodeError when its pixels cannot be decoded."""
+        raise NotImplementedError
+
+    def training_frames(self) -> TrainingFrames:
+        """The dataset the training loader reads: whole frames on a canvas, with their sizes."""
+        return TrainingFrames(self)
 
     def to_array(self, num_threads: int = 4) -> np.ndarray:
         """Every image decoded, uint8 [N, S, S, 3] (for evaluation; PIL decodes without the GIL)."""
@@ -127,8 +163,52 @@ class ImageDataset(Dataset):
         }
 
 
+class TrainingFrames(Dataset):
+    """Training items of an ImageDataset: (uint8 [3, Hc, Wc] canvas with the frame at its
+    top-left, int64 [2] frame (height, width), bool `ok`); a frame that fails to decode is a
+    blank canvas with `ok` False, size 1 x 1, and a warning."""
+
+    def __init__(self, images: ImageDataset) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        height, width = self.images.canvas
+        canvas = torch.zeros(3, height, width, dtype=torch.uint8)  # [3, Hc, Wc]
+        try:
+            hwc = self.images.frame(index)  # [h, w, 3]
+        except ImageDecodeError as exc:
+            warnings.warn(
+                f"image {index} ({exc.code}: {exc}) could not be decoded; its slot in the batch is masked",
+                SkippedImagesWarning,
+                stacklevel=2,
+            )
+            return canvas, torch.tensor([1, 1]), False
+        h, w = hwc.shape[:2]
+        canvas[:, :h, :w] = torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))
+        return canvas, torch.tensor([h, w]), True
+
+
+def working_size(width: int, height: int, image_size: int) -> tuple[int, int]:
+    """(width, height) of a training frame: the whole image, longer side at most WORKING_SCALE x S."""
+    scale = min(1.0, WORKING_SCALE * image_size / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def fit_frame(img: Image.Image, image_size: int) -> np.ndarray:
+    """RGB image -> uint8 [h, w, 3] at its working size (bicubic, antialiased, as ResizePolicy)."""
+    size = working_size(*img.size, image_size)
+    if size != img.size:
+        img = img.resize(size, Image.Resampling.BICUBIC)
+    return np.asarray(img.convert("RGB") if img.mode != "RGB" else img, dtype=np.uint8)
+
+
 class ArrayDataset(ImageDataset):
-    """Images held in memory, already resized: `images` is uint8 [N, S, S, 3]."""
+    """Images held in memory: `images` uint8 [N, S, S, 3] resized by the policy (evaluation)
+    and `frames` uint8 [N, h, w, 3] the whole images at their working size (training); the two
+    are one array when the images are S x S already."""
 
     def __init__(
         self,
@@ -139,9 +219,10 @@ class ArrayDataset(ImageDataset):
         classes: list[str],
         fingerprint: str,
         policy: ResizePolicy,
+        frames: np.ndarray,
     ) -> None:
         self.path, self.split, self.policy = path, split, policy
-        self.images = images
+        self.images, self.frames = images, frames
         self.labels, self.classes, self.fingerprint = labels, classes, fingerprint
         self.skipped_files = []
 
@@ -150,6 +231,13 @@ class ArrayDataset(ImageDataset):
 
     def image(self, index: int) -> np.ndarray:
         return self.images[index]
+
+    @property
+    def canvas(self) -> tuple[int, int]:
+        return self.frames.shape[1], self.frames.shape[2]
+
+    def frame(self, index: int) -> np.ndarray:
+        return self.frames[index]
 
     def to_array(self, num_threads: int = 4) -> np.ndarray:
         return self.images
@@ -168,9 +256,12 @@ class FolderDataset(ImageDataset):
         fingerprint: str,
         skipped_files: list[SkippedFile],
         policy: ResizePolicy,
+        max_side: int,
     ) -> None:
         self.path, self.split, self.policy = path, split, policy
         self.files = files
+        side = max(working_size(max_side, max_side, policy.size))  # the largest frame's longer side
+        self._canvas = (side, side)  # square: EXIF orientation may turn any frame
         self.labels, self.classes, self.fingerprint = labels, classes, fingerprint
         self.skipped_files = skipped_files
         self.failed_on_decode: set[int] = set()
@@ -181,6 +272,13 @@ class FolderDataset(ImageDataset):
     @property
     def skipped(self) -> int:
         return len(self.skipped_files) + len(self.failed_on_decode)
+
+    @property
+    def canvas(self) -> tuple[int, int]:
+        return self._canvas
+
+    def frame(self, index: int) -> np.ndarray:
+        return fit_frame(load_image_file(self.files[index]), self.policy.size)
 
     def image(self, index: int) -> np.ndarray:
         n = len(self.files)
@@ -274,8 +372,9 @@ def _image_files(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _probe(data: bytes) -> None:
-    """Cheap header check (no pixel decoding): raises ImageDecodeError as decode_image would."""
+def _probe(data: bytes) -> int:
+    """Cheap header check (no pixel decoding): the longer side; raises ImageDecodeError as
+    decode_image would."""
     if not data:
         raise ImageDecodeError("empty_image", "the file is empty (0 bytes)")
     try:
@@ -289,6 +388,7 @@ def _probe(data: bytes) -> None:
         raise ImageDecodeError("corrupt_image", f"the header could not be read ({exc})") from exc
     if w < 1 or h < 1 or w * h > DEFAULT_MAX_PIXELS:
         raise ImageDecodeError("image_too_large" if w * h else "corrupt_image", f"unusable size {w}x{h}")
+    return max(w, h)
 
 
 def _open_folder(root: Path, split: str, policy: ResizePolicy) -> FolderDataset:
@@ -296,6 +396,7 @@ def _open_folder(root: Path, split: str, policy: ResizePolicy) -> FolderDataset:
     digest = hashlib.sha256(b"simclr-embed/folder/v1\n")
     files: list[Path] = []
     skipped: list[SkippedFile] = []
+    max_side = 1
     for file in _image_files(base):
         rel = file.relative_to(base).as_posix()
         try:
@@ -303,7 +404,7 @@ def _open_folder(root: Path, split: str, policy: ResizePolicy) -> FolderDataset:
                 data = file.read_bytes()
             except OSError as exc:
                 raise ImageDecodeError("unreadable_file", f"cannot read the file: {exc}") from exc
-            _probe(data)
+            max_side = max(max_side, _probe(data))
         except ImageDecodeError as exc:
             skipped.append(SkippedFile(rel, exc.code, str(exc)))
             continue
@@ -328,7 +429,7 @@ def _open_folder(root: Path, split: str, policy: ResizePolicy) -> FolderDataset:
         classes = sorted({parts[0] for parts in rel_parts})
         index = {name: i for i, name in enumerate(classes)}
         labels = np.array([index[parts[0]] for parts in rel_parts], dtype=np.int64)
-    return FolderDataset(base, chosen, files, labels, classes, digest.hexdigest(), skipped, policy)
+    return FolderDataset(base, chosen, files, labels, classes, digest.hexdigest(), skipped, policy, max_side)
 
 
 # --- arrays ----------------------------------------------------------------------------
@@ -400,5 +501,23 @@ def _open_npz(path: Path, split: str, policy: ResizePolicy) -> ArrayDataset:
             digest.update(f"{name}\0{arr.dtype.str}\0{arr.shape}\n".encode())
             digest.update(np.ascontiguousarray(arr).data)
     s = policy.size
-    resized = np.ascontiguousarray(images) if images.shape[1:] == (s, s, 3) else policy.batch(images)
-    return ArrayDataset(path, chosen, resized, labels, classes, digest.hexdigest(), policy)
+    if images.shape[1:] == (s, s, 3):
+        resized = frames = np.ascontiguousarray(images)
+    else:
+        resized, frames = policy.batch(images), _frames(images, s)
+    return ArrayDataset(path, chosen, resized, labels, classes, digest.hexdigest(), policy, frames)
+
+
+def _frames(images: np.ndarray, image_size: int) -> np.ndarray:
+    """uint8 [N, H, W, C] (C in 1, 3, 4) -> the whole RGB images at their working size [N, h, w, 3]."""
+    n, height, width, channels = images.shape
+    w, h = working_size(width, height, image_size)
+    if channels == 3 and (h, w) == (height, width):
+        return np.ascontiguousarray(images)
+    out = np.empty((n, h, w, 3), dtype=np.uint8)
+    for i, arr in enumerate(images):
+        mode = {1: "L", 3: "RGB", 4: "RGBA"}[channels]
+        out[i] = fit_frame(
+            to_rgb(Image.fromarray(np.ascontiguousarray(arr.squeeze(2) if channels == 1 else arr), mode)), image_size
+        )
+    return out

@@ -19,7 +19,6 @@ import os
 import random
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -34,6 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
+from service.contract.defaults import Resolution, RunShape, resolve_run
 from service.contract.ports import free_port
 from service.contract.train_config import TrainConfig
 from trainer import distributed
@@ -42,6 +42,7 @@ from trainer.data import ImageDataset, open_dataset
 from trainer.evaluate import KnnMonitor
 from trainer.methods import build_method
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.sync_bn import convert_sync_batchnorm
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 StopCallback = Callable[[], bool]
@@ -101,6 +102,24 @@ class GlobalBatchSampler(Sampler[list[int]]):
             yield perm[first : first + self.per_rank].tolist()
 
 
+def training_loader(
+    dataset: ImageDataset, cfg: TrainConfig, rank: int = 0, world: int = 1, cuda: bool = False
+) -> tuple[DataLoader, GlobalBatchSampler]:
+    """This rank's loader of training batches (frames uint8 [n, 3, Hc, Wc], sizes int64 [n, 2],
+    ok bool [n]: trainer/data.py `training_frames`) and the sampler that positions it."""
+    sampler = GlobalBatchSampler(len(dataset), cfg.batch_size, rank, world, cfg.seed)
+    loader = DataLoader(
+        dataset.training_frames(),
+        batch_sampler=sampler,
+        num_workers=cfg.num_workers,
+        pin_memory=cuda,
+        # worker seeds come from here, not from the global RNG, so creating an iterator
+        # mid-epoch on resume draws nothing from the state we restore
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    return loader, sampler
+
+
 def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     py_state = random.getstate()
@@ -139,8 +158,19 @@ def _world(cfg: TrainConfig) -> tuple[int, bool]:
 
 
 def _config_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """Fields whose value differs from the stored run's (a field the stored run predates is no change)."""
     now = cfg.model_dump(mode="json")
-    return sorted(k for k in now.keys() | saved.keys() if k not in RESUMABLE_CHANGES and now.get(k) != saved.get(k))
+    return sorted(k for k in saved if k in now and k not in RESUMABLE_CHANGES and now[k] != saved[k])
+
+
+def _resolution(cfg: TrainConfig, num_images: int, world: int, run_dir: Path, resume: bool) -> Resolution:
+    """The run's defaults, decided once: a resumed run keeps those its checkpoint stored, the rest
+    are decided for this run's data size and number of processes (service.contract.defaults)."""
+    ckpt = checkpoint_path(run_dir)
+    state = load_checkpoint(ckpt) if resume and ckpt.is_file() else None
+    stored = None if state is None else state["config"]
+    sources = None if state is None else state.get("defaults")
+    return resolve_run(cfg, RunShape(num_images, world), stored, sources)
 
 
 def train(
@@ -162,18 +192,21 @@ def train(
     `cpu_processes` are then torchrun's to decide) and every rank returns the run's result;
     `run_dir` must then be one folder that all nodes share.
     """
-    cfg = cfg.resolved()
     run_dir = Path(run_dir)
     dataset = open_dataset(data, cfg.image_size)
     launch = distributed.torchrun_launch()
     world, cuda = _world(cfg) if launch is None else _launched_world(launch)
+    resolution = _resolution(cfg, len(dataset), world, run_dir, resume)
+    cfg = resolution.config
+    if launch is None or launch.rank == 0:
+        print("training defaults decided for this run:", *resolution.describe(), sep="\n  ", file=sys.stderr)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} training processes")
     if len(dataset) < cfg.batch_size:
         raise ValueError(f"the dataset has {len(dataset)} images, fewer than one batch ({cfg.batch_size})")
     knn = KnnMonitor(data, cfg.image_size) if cfg.knn_every_epochs else None  # unlabeled data fails here
     args = (world, cuda, cfg, dataset, knn, str(run_dir), on_progress, should_stop)
-    prepare = partial(_prepare_run_dir, cfg, data, dataset, run_dir, resume)
+    prepare = partial(_prepare_run_dir, resolution, data, dataset, run_dir, resume)
     if launch is not None:
         return _run(launch.rank, *args, init_method="env://", processes_here=launch.local_world, prepare=prepare)
     prepare()
@@ -197,8 +230,12 @@ def _launched_world(launch: distributed.Launch) -> tuple[int, bool]:
     return launch.world, True
 
 
-def _prepare_run_dir(cfg: TrainConfig, data: str | Path, dataset: ImageDataset, run_dir: Path, resume: bool) -> None:
-    """Check a checkpoint to resume against `cfg` (or drop it), and record the run's config."""
+def _prepare_run_dir(
+    resolution: Resolution, data: str | Path, dataset: ImageDataset, run_dir: Path, resume: bool
+) -> None:
+    """Check a checkpoint to resume against the run's config (or drop it), and record the config
+    with the source of each default it decided."""
+    cfg = resolution.config
     ckpt = checkpoint_path(run_dir)
     if resume and ckpt.is_file():
         changed = _config_changes(load_checkpoint(ckpt)["config"], cfg)
@@ -213,7 +250,12 @@ def _prepare_run_dir(cfg: TrainConfig, data: str | Path, dataset: ImageDataset, 
         (run_dir / "result.json").unlink(missing_ok=True)
     atomic_write_json(
         run_dir / "config.json",
-        {"config": cfg.model_dump(mode="json"), "data": str(data), "dataset": dataset.describe()},
+        {
+            "config": cfg.model_dump(mode="json"),
+            "defaults": resolution.sources,
+            "data": str(data),
+            "dataset": dataset.describe(),
+        },
     )
 
 
@@ -290,32 +332,20 @@ class _Trainer:
         if self.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
         if cfg.sync_bn and world > 1:
-            if cuda:
-                self.method = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
-            elif self.is_main:
-                warnings.warn("sync_bn needs GPUs; on CPU BatchNorm stays per process", stacklevel=2)
+            self.method = convert_sync_batchnorm(self.method, cuda)
         model: nn.Module = self.method
         if world > 1:
             model = DistributedDataParallel(self.method, device_ids=[self.device.index] if cuda else None)
         self.model = torch.compile(model) if cfg.compile else model
 
-        self.sampler = GlobalBatchSampler(len(dataset), cfg.batch_size, rank, world, cfg.seed)
+        self.loader, self.sampler = training_loader(dataset, cfg, rank, world, cuda)
         self.steps_per_epoch = self.sampler.batches_per_epoch
         self.total_steps = self.steps_per_epoch * cfg.epochs
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
-        self.loader = DataLoader(
-            dataset,
-            batch_sampler=self.sampler,
-            num_workers=cfg.num_workers,
-            pin_memory=cuda,
-            # worker seeds come from here, not from the global RNG, so creating an iterator
-            # mid-epoch on resume draws nothing from the state we restore
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
         self.optimizer = build_optimizer(self.method, cfg)
         self.scheduler = build_scheduler(
-            self.optimizer, self.total_steps, round(cfg.warmup_epochs * self.steps_per_epoch)
+            self.optimizer, self.total_steps, round((cfg.warmup_epochs or 0.0) * self.steps_per_epoch)
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)  # bf16 needs no loss scaling
         aug_device = self.device if cfg.augment.device == "auto" else torch.device(cfg.augment.device)
@@ -324,7 +354,15 @@ class _Trainer:
 
         _seed_all(cfg.seed * 1_000_003 + 1 + rank)  # each rank draws its own augmentations
         self.step = 0
+        self.masked_images = 0  # slots of images that failed to decode, over all ranks and workers
+        self.defaults = self._decided_defaults() if self.is_main else {}
         self._resume()
+
+    def _decided_defaults(self) -> dict[str, dict[str, Any]]:
+        """{field: {"value", "source"}} of the defaults decided for this run (its config.json)."""
+        sources = json.loads((self.run_dir / "config.json").read_text()).get("defaults", {})
+        resolution = Resolution(self.cfg, sources)
+        return {name: {"value": resolution.value(name), "source": src} for name, src in sources.items()}
 
     # --- checkpoints ---------------------------------------------------------------------
 
@@ -349,6 +387,7 @@ class _Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        self.masked_images = int(state.get("masked_images", 0))
         if self.rank < len(state["rng"]):
             _set_rng_state(state["rng"][self.rank])
         self.step = int(state["step"])
@@ -375,7 +414,9 @@ class _Trainer:
                 "batch": self.step % self.steps_per_epoch,
                 "step": self.step,
                 "world_size": self.world,
+                "masked_images": self.masked_images,
                 "config": self.cfg.model_dump(mode="json"),
+                "defaults": {name: d["source"] for name, d in self.defaults.items()},
             },
         )
 
@@ -388,16 +429,18 @@ class _Trainer:
 
     # --- the loop ------------------------------------------------------------------------
 
-    def _train_step(self, images: torch.Tensor) -> torch.Tensor:
-        """One optimiser step on uint8 images [n, 3, S, S]; returns the detached local loss."""
+    def _train_step(self, frames: torch.Tensor, sizes: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+        """One optimiser step on uint8 frames [n, 3, Hc, Wc] of sizes [n, 2], `ok` [n] False for a
+        masked slot; returns the detached local loss."""
         self.method.on_before_step(self.step, self.total_steps)
         with torch.no_grad():
-            x = images.to(self.aug_device, non_blocking=True)
-            views = [aug(x).to(self.device, non_blocking=True) for aug in self.augments]  # 2 x [n, 3, S, S]
+            x = frames.to(self.aug_device, non_blocking=True)
+            views = [aug(x, sizes).to(self.device, non_blocking=True) for aug in self.augments]  # 2 x [n, 3, S, S]
             if self.channels_last:
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        valid = None if bool(ok.all()) else ok.to(self.device)
         with self.autocast:
-            loss = self.model(*views)
+            loss = self.model(*views, valid=valid)
         self.optimizer.zero_grad(set_to_none=True)
         self.lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
         self.scaler.scale(loss).backward()
@@ -426,13 +469,15 @@ class _Trainer:
         self.method.train()
         start_step, started = self.step, time.perf_counter()
         window_loss, window_steps, window_start = torch.zeros((), device=self.device), 0, started
+        window_masked = torch.zeros((), device=self.device)
         last_loss: float | None = None
         stopped = False
         try:
             while self.step < self.total_steps and not stopped:
                 self.sampler.set_epoch(self.step // spe, start=self.step % spe)
-                for images, _ in self.loader:
-                    window_loss += self._train_step(images)
+                for frames, sizes, ok in self.loader:
+                    window_loss += self._train_step(frames, sizes, ok)
+                    window_masked += int((~ok).sum())
                     window_steps += 1
                     self.step += 1
                     bar.update(1)
@@ -443,6 +488,8 @@ class _Trainer:
                         self._monitor_knn(writer)
                     if self.step % cfg.log_every_steps == 0 or done or stopped:
                         last_loss = float(distributed.all_reduce_mean(window_loss / window_steps))
+                        self.masked_images += round(float(distributed.all_reduce_mean(window_masked)) * self.world)
+                        window_masked.zero_()
                         now = time.perf_counter()
                         rate = window_steps * cfg.batch_size / (now - window_start)
                         record = {
@@ -454,6 +501,7 @@ class _Trainer:
                             "images_per_s": rate,
                             "eta_s": (self.total_steps - self.step) * cfg.batch_size / rate,
                             "knn_top1": self.knn_top1,
+                            "masked_images": self.masked_images,
                         }
                         self._report(record, writer, bar)
                         window_loss.zero_()
@@ -507,4 +555,4 @@ class _Trainer:
             loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}", img_s=f"{record['images_per_s']:.0f}", **knn
         )
         if self.on_progress is not None:
-            self.on_progress(record)
+            self.on_progress({**record, "defaults": self.defaults})

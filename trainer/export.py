@@ -263,6 +263,7 @@ def export_run(
         embedding_dim=encoder.feature_dim,
         resize_policy=policy.to_json(),
         train_config=cfg.model_dump(mode="json"),
+        train_defaults=run_info.get("defaults", {}),  # the source of each default decided for the run
         dataset_fingerprint=str(info["dataset"].get("fingerprint", "")),
         created_at=now.isoformat(timespec="seconds").replace("+00:00", "Z"),
         metrics={**_run_metrics(run_dir), **{k: v for k, v in (metrics or {}).items() if _finite_number(v)}},

@@ -82,7 +82,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """`cfg.optimizer` at the peak rate `cfg.learning_rate` (already scaled with the batch size)."""
+    """`cfg.optimizer` at the peak rate `cfg.learning_rate` (already scaled with the batch size);
+    `cfg` resolved (service.contract.defaults)."""
+    if cfg.weight_decay is None or cfg.optimizer is None:
+        raise ValueError("optimizer / weight_decay are not decided yet: use TrainConfig.resolved()")
     groups = param_groups(model, cfg.weight_decay)
     lr = cfg.learning_rate
     if cfg.optimizer == "lars":

@@ -8,6 +8,12 @@
        when `aug.blur`, off for small images as the paper does on CIFAR)
     -> solarisation (p, threshold 0.5; BYOL, Grill et al. 2020) -> normalise with PIXEL_MEAN/STD.
 
+The input is a batch of whole frames on one canvas [N, 3, Hc, Wc] with each frame's own
+(height, width) (trainer/data.py `training_frames`): each crop box is drawn inside its own
+frame, so crops cover the whole image, aspect kept, and the sampling grid is clamped to the
+frame, so no padding of the canvas ever reaches a view. Without sizes, each image fills the
+canvas.
+
 Everything runs on whole batches of tensors on the input's device (CPU or GPU): the crop and
 the flip are one affine grid per image through `F.affine_grid` + `F.grid_sample` (bilinear),
 colour ops are elementwise with per-image factors, the blur is one grouped separable
@@ -41,7 +47,8 @@ JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 class AugmentParams:
     """Per-image draws for a batch of n images (CPU tensors)."""
 
-    crop: torch.Tensor  # float [n, 4]: x0, y0, w, h in input pixels (continuous)
+    crop: torch.Tensor  # float [n, 4]: x0, y0, w, h in input pixels (continuous), inside the frame
+    frame: torch.Tensor  # float [n, 2]: height, width of each image's frame on the canvas
     flip: torch.Tensor  # bool [n]
     jitter: torch.Tensor  # bool [n]: colour jitter applied
     brightness: torch.Tensor  # float [n] multiplicative factors (1 = unchanged)
@@ -153,26 +160,39 @@ def blur_kernel_size(fraction: float, image_size: int) -> int:
 
 
 class SimCLRAugment(nn.Module):
-    """T: uint8 [N, 3, H, W] on any device -> normalised float32 views [N, 3, S, S].
+    """T: uint8 frames [N, 3, H, W] on any device (with per-image frame sizes [N, 2], or filling
+    the canvas) -> normalised float32 views [N, 3, S, S].
 
     One independent draw per image per call; call twice for SimCLR's two views. `aug` must be
-    resolved (`aug.blur` not None: see TrainConfig.resolved()).
+    resolved (no field None: see TrainConfig.resolved()).
     """
 
     def __init__(self, aug: AugmentConfig, image_size: int) -> None:
         super().__init__()
-        if aug.blur is None:
-            raise ValueError("AugmentConfig.blur is None: pass TrainConfig.resolved().augment")
+        undecided = [k for k in ("blur", "crop_min_scale", "color_strength") if getattr(aug, k) is None]
+        if undecided:
+            raise ValueError(f"AugmentConfig.{undecided[0]} is None: pass TrainConfig.resolved().augment")
         self.aug = aug
         self.image_size = int(image_size)
         self.blur_kernel = blur_kernel_size(aug.blur_kernel_fraction, self.image_size)
 
     def sample_params(
-        self, n: int, height: int | None = None, width: int | None = None, generator: torch.Generator | None = None
+        self,
+        n: int,
+        height: int | torch.Tensor | None = None,
+        width: int | torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> AugmentParams:
-        """Draw the parameters of n images of height x width (default image_size), on the CPU."""
+        """Draw the parameters of n images on the CPU; `height`, `width`: one size for all (default
+        image_size) or each image's own (tensors [n])."""
         a = self.aug
-        height, width = height or self.image_size, width or self.image_size
+        assert a.crop_min_scale is not None and a.color_strength is not None  # checked in __init__
+        height = (
+            torch.as_tensor(self.image_size if height is None else height, dtype=torch.float32).expand(n).reshape(n, 1)
+        )  # [n, 1]
+        width = (
+            torch.as_tensor(self.image_size if width is None else width, dtype=torch.float32).expand(n).reshape(n, 1)
+        )  # [n, 1]
 
         def uniform(lo: float, hi: float, *shape: int) -> torch.Tensor:
             return lo + (hi - lo) * torch.rand(*shape, generator=generator)
@@ -186,11 +206,11 @@ class SimCLRAugment(nn.Module):
         w, h = torch.sqrt(area * ratio), torch.sqrt(area / ratio)
         fits = (w <= width) & (h <= height)
         first = fits.int().argmax(dim=1, keepdim=True)  # [n, 1]
-        side = torch.sqrt(area[:, :1]).clamp(max=min(height, width))
+        side = torch.minimum(torch.sqrt(area[:, :1]), torch.minimum(height, width))
         w = torch.where(fits.any(1, keepdim=True), w.gather(1, first), side).squeeze(1)
         h = torch.where(fits.any(1, keepdim=True), h.gather(1, first), side).squeeze(1)
-        x0 = torch.rand(n, generator=generator) * (width - w)
-        y0 = torch.rand(n, generator=generator) * (height - h)
+        x0 = torch.rand(n, generator=generator) * (width.squeeze(1) - w)
+        y0 = torch.rand(n, generator=generator) * (height.squeeze(1) - h)
         flip = bernoulli(a.hflip_prob)
 
         s = a.color_strength
@@ -207,6 +227,7 @@ class SimCLRAugment(nn.Module):
         solarize = bernoulli(a.solarize_prob)
         return AugmentParams(
             crop=torch.stack((x0, y0, w, h), dim=1),
+            frame=torch.cat((height, width), dim=1),
             flip=flip,
             jitter=jitter,
             brightness=brightness,
@@ -239,6 +260,12 @@ class SimCLRAugment(nn.Module):
         theta[:, 1, 1] = h / height
         theta[:, 1, 2] = (2 * y0 + h) / height - 1
         grid = F.affine_grid(theta.to(dev), [n, 3, self.image_size, self.image_size], align_corners=False)
+        # Keep every sample inside its frame (pixel centres 0.5 .. side - 0.5): the canvas's
+        # padding never blends into an edge, as padding_mode="border" does for a full canvas.
+        canvas = torch.tensor([width, height], dtype=torch.float32)
+        low = (1.0 / canvas - 1.0).expand(n, 2)  # [n, 2] (x, y)
+        high = (2.0 * p.frame.flip(1) - 1.0) / canvas - 1.0  # [n, 2] (x, y)
+        grid = torch.maximum(torch.minimum(grid, high.to(dev).view(n, 1, 1, 2)), low.to(dev).view(n, 1, 1, 2))
         img = x.float().div_(255.0)  # [N, 3, H, W] in [0, 1]
         img = F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False)  # [N, 3, S, S]
 
@@ -262,10 +289,17 @@ class SimCLRAugment(nn.Module):
         return normalize_pixels(img)
 
     def forward(
-        self, x: torch.Tensor, generator: torch.Generator | None = None, return_params: bool = False
+        self,
+        x: torch.Tensor,
+        sizes: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        return_params: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, AugmentParams]:
+        """`x` uint8 [N, 3, H, W]; `sizes` int [N, 2] (height, width) of each frame on the canvas
+        (CPU), or None when every image fills it."""
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected uint8 images [N, 3, H, W], got {x.dtype} {tuple(x.shape)}")
-        params = self.sample_params(x.shape[0], x.shape[2], x.shape[3], generator=generator)
+        heights, widths = (x.shape[2], x.shape[3]) if sizes is None else sizes.cpu().unbind(1)
+        params = self.sample_params(x.shape[0], heights, widths, generator=generator)
         out = self.apply(x, params)
         return (out, params) if return_params else out

@@ -86,6 +86,7 @@ class ModelCard(BaseModel):
     embedding_dim: int = Field(..., ge=1)
     resize_policy: str
     train_config: dict[str, Any] = Field(default_factory=dict)
+    train_defaults: dict[str, str] = Field(default_factory=dict, description="train_config field -> its source")
     dataset_fingerprint: str = ""
     created_at: str
     metrics: dict[str, Any] = Field(default_factory=dict)

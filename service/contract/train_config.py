@@ -1,12 +1,13 @@
 """The training job schema: one pydantic model used by the CLI, the API and the worker.
 
-Defaults follow SimCLR (Chen et al., 2020, arXiv:2002.05709): LARS with
-lr = 0.3 x batch/256, weight decay 1e-6, 10 warm-up epochs then cosine decay, a 2-layer
-MLP head to 128 dims, and the paper's augmentation family. Per-method defaults (MoCo v2's
-temperature 0.2, BYOL's 4096-wide heads) are filled in by :meth:`TrainConfig.resolved`;
-per-method augmentation defaults (METHOD_AUGMENT_DEFAULTS) are filled in when a TrainConfig
-is validated, for the `augment` fields the caller did not set, so they travel with the
-config through JSON (the job store, run directories, model cards) as ordinary values.
+The method-dependent and run-dependent defaults (optimiser, learning rate and its scaling
+rule, weight decay, warm-up, temperature, heads, momentum networks, sync BN, colour strength
+and crop scale) are the fields left None here; `service.contract.defaults.resolve` decides
+them when a run starts, from the run's data size, batch, length and number of processes, and
+names each value's source. Per-method augmentation probabilities that do not depend on the
+run (METHOD_AUGMENT_DEFAULTS: BYOL's asymmetric blur and solarisation) are filled in when a
+TrainConfig is validated, for the `augment` fields the caller did not set, so they travel with
+the config through JSON (the job store, run directories, model cards) as ordinary values.
 """
 
 from __future__ import annotations
@@ -20,24 +21,14 @@ Backbone = Literal["resnet18", "resnet34", "resnet50"]
 Optimizer = Literal["lars", "sgd", "adamw"]
 Precision = Literal["auto", "fp32", "bf16"]
 
-# Per-method defaults for fields left unset (None) by the caller.
-METHOD_DEFAULTS: dict[str, dict[str, float | int]] = {
-    "simclr": {"temperature": 0.5, "proj_out_dim": 128},
-    "moco_v2": {"temperature": 0.2, "proj_out_dim": 128},
-    "byol": {"temperature": 1.0, "proj_out_dim": 256, "proj_hidden_dim": 4096, "pred_hidden_dim": 4096},
-}
-
-# Per-method defaults of AugmentConfig fields the caller did not set; AugmentConfig's own
-# defaults are SimCLR's. MoCo v2 (facebookresearch/moco, main_moco.py --aug-plus): crops of
-# at least 20% of the area, ColorJitter(0.4, 0.4, 0.4, 0.1) = strength 0.5. BYOL (Grill et
-# al. 2020, Table 6): jitter (0.4, 0.4, 0.2, 0.1), of which strength 0.5 is the nearest
-# (saturation 0.4, not 0.2); blur p = 1.0 / 0.1 and solarisation p = 0.0 / 0.2 on views a / b.
-# Blur itself stays on the size rule of `AugmentConfig.blur` for every method.
+# Per-method defaults of AugmentConfig fields the caller did not set that do not depend on
+# the run; AugmentConfig's own defaults are SimCLR's. BYOL (Grill et al. 2020, Table 6): blur
+# p = 1.0 / 0.1 and solarisation p = 0.0 / 0.2 on views a / b. Colour strength, crop scale and
+# blur depend on the run and are decided by service.contract.defaults.resolve.
 METHOD_AUGMENT_DEFAULTS: dict[str, dict[str, float]] = {
     "simclr": {},
-    "moco_v2": {"crop_min_scale": 0.2, "color_strength": 0.5},
+    "moco_v2": {},
     "byol": {
-        "color_strength": 0.5,
         "blur_prob": 1.0,
         "view_b_blur_prob": 0.1,
         "solarize_prob": 0.0,
@@ -57,13 +48,18 @@ class AugmentConfig(_Strict):
     """The paper's stochastic augmentation T, drawn twice per image (Appendix A).
 
     The defaults are SimCLR's; inside a TrainConfig, the fields left unset take the
-    method's values from METHOD_AUGMENT_DEFAULTS.
+    method's values from METHOD_AUGMENT_DEFAULTS, and those left None are decided for the run
+    (service.contract.defaults).
     """
 
-    crop_min_scale: float = Field(0.08, gt=0.0, le=1.0, description="RandomResizedCrop lower area fraction")
+    crop_min_scale: float | None = Field(
+        None, gt=0.0, le=1.0, description="RandomResizedCrop lower area fraction; None = decided for the run"
+    )
     crop_max_scale: float = Field(1.0, gt=0.0, le=1.0)
     hflip_prob: float = Field(0.5, ge=0.0, le=1.0)
-    color_strength: float = Field(1.0, ge=0.0, le=4.0, description="s: jitter (0.8s, 0.8s, 0.8s, 0.2s)")
+    color_strength: float | None = Field(
+        None, ge=0.0, le=4.0, description="s: jitter (0.8s, 0.8s, 0.8s, 0.2s); None = decided for the run"
+    )
     color_jitter_prob: float = Field(0.8, ge=0.0, le=1.0)
     grayscale_prob: float = Field(0.2, ge=0.0, le=1.0)
     blur: bool | None = Field(None, description="Gaussian blur; None = on for images larger than 64 px")
@@ -90,7 +86,7 @@ class AugmentConfig(_Strict):
 
     @model_validator(mode="after")
     def _ranges(self) -> AugmentConfig:
-        if self.crop_min_scale > self.crop_max_scale:
+        if self.crop_min_scale is not None and self.crop_min_scale > self.crop_max_scale:
             raise ValueError("crop_min_scale must not exceed crop_max_scale")
         if self.blur_sigma_min > self.blur_sigma_max:
             raise ValueError("blur_sigma_min must not exceed blur_sigma_max")
@@ -109,20 +105,29 @@ class TrainConfig(_Strict):
     epochs: int = Field(100, ge=1, le=10_000)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps")
     batch_size: int = Field(256, ge=2, le=65_536, description="global batch, over all processes")
-    optimizer: Optimizer = "lars"
-    base_lr: float = Field(0.3, gt=0.0, le=100.0, description="lr = base_lr x batch_size / 256")
-    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
-    weight_decay: float = Field(1e-6, ge=0.0, le=1.0)
+    optimizer: Optimizer | None = Field(None, description="None = the method's paper optimiser")
+    base_lr: float | None = Field(
+        None,
+        gt=0.0,
+        le=100.0,
+        description="the rate at batch 256, scaled by lr_scaling; None = decided for the run (service.contract.defaults)",
+    )
+    lr_scaling: Literal["linear", "sqrt", "none"] | None = Field(
+        None, description="linear: x B/256; sqrt: x sqrt(B/256); None = decided for the run (service.contract.defaults)"
+    )
+    weight_decay: float | None = Field(None, ge=0.0, le=1.0, description="None = the optimiser's paper value")
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    warmup_epochs: float = Field(10.0, ge=0.0)
-    temperature: float | None = Field(None, gt=0.0, le=10.0)
+    warmup_epochs: float | None = Field(None, ge=0.0, description="None = 10 epochs, at most 10% of the run")
+    temperature: float | None = Field(None, gt=0.0, le=10.0, description="None = the method's, for the run")
     proj_hidden_dim: int | None = Field(None, ge=8, le=16_384, description="None = feature dim (SimCLR)")
     proj_out_dim: int | None = Field(None, ge=8, le=8_192)
     pred_hidden_dim: int | None = Field(None, ge=8, le=16_384, description="BYOL predictor width")
-    moco_momentum: float = Field(0.999, ge=0.0, lt=1.0)
-    queue_size: int = Field(65_536, ge=1, le=1_048_576)
-    byol_tau_base: float = Field(0.996, ge=0.0, le=1.0)
-    sync_bn: bool = Field(False, description="SyncBatchNorm across processes (the paper's global BN)")
+    moco_momentum: float | None = Field(None, ge=0.0, lt=1.0, description="None = follows the run's length")
+    queue_size: int | None = Field(None, ge=1, le=1_048_576, description="None = follows the run's length")
+    byol_tau_base: float | None = Field(None, ge=0.0, le=1.0, description="None = follows the run's length")
+    sync_bn: bool | None = Field(
+        None, description="BatchNorm over all processes (the paper's global BN); None = on with >1 process"
+    )
     precision: Precision = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU")
     channels_last: bool = True
     compile: bool = False
@@ -160,7 +165,7 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _method_fits(self) -> TrainConfig:
-        if self.method == "moco_v2" and self.queue_size % self.batch_size:
+        if self.method == "moco_v2" and self.queue_size is not None and self.queue_size % self.batch_size:
             raise ValueError(
                 f"queue_size ({self.queue_size}) must be a multiple of batch_size ({self.batch_size}) for moco_v2"
             )
@@ -169,18 +174,18 @@ class TrainConfig(_Strict):
             raise ValueError(f"augment.{view_b[0]} applies to byol only; {self.method} draws the same T for both views")
         return self
 
-    def resolved(self) -> TrainConfig:
-        """The config with every method- and size-dependent default made explicit."""
-        fill: dict[str, object] = {k: v for k, v in METHOD_DEFAULTS[self.method].items() if getattr(self, k) is None}
-        if self.small_stem is None:
-            fill["small_stem"] = self.image_size <= 64
-        if self.augment.blur is None:
-            fill["augment"] = self.augment.model_copy(update={"blur": self.image_size > 64})
-        return self.model_copy(update=fill)
+    def resolved(self, num_images: int | None = None, world_size: int = 1) -> TrainConfig:
+        """The config with every default decided (service.contract.defaults.resolve); without
+        `num_images`, the step-dependent ones take the papers' long-run values."""
+        from service.contract.defaults import RunShape, resolve
+
+        return resolve(self, RunShape(num_images, world_size)).config
 
     @property
     def learning_rate(self) -> float:
-        """Peak learning rate after the paper's batch-size scaling."""
+        """Peak learning rate: base_lr scaled from batch 256 to batch_size by lr_scaling."""
+        if self.base_lr is None or self.lr_scaling is None:
+            raise ValueError("base_lr / lr_scaling are not decided yet: use TrainConfig.resolved()")
         scale = {"linear": self.batch_size / 256, "sqrt": (self.batch_size / 256) ** 0.5, "none": 1.0}
         return self.base_lr * scale[self.lr_scaling]
 

@@ -58,6 +58,8 @@ class JobProgress(BaseModel):
     images_per_s: float | None = None
     eta_s: float | None = None
     knn_top1: float | None = None  # the last kNN monitor reading (config knn_every_epochs)
+    masked_images: int = 0  # batch slots of images whose pixels failed to decode, so far
+    defaults: dict[str, Any] = {}  # the defaults decided for the run: {field: {"value", "source"}}
 
 
 class JobRecord(BaseModel):

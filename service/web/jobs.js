@@ -62,6 +62,18 @@ async function refreshList() {
 
 // -- one job ------------------------------------------------------------------------------
 
+// The defaults the run decided at its start (service/contract/defaults.py), each with its source.
+function decidedDefaults(defaults) {
+  const names = Object.keys(defaults);
+  if (!names.length) return el("p", { class: "muted", id: "job-defaults" }, "Defaults: decided when the run starts.");
+  return el("table", { id: "job-defaults" },
+    el("caption", {}, "Defaults decided for this run"),
+    el("thead", {}, el("tr", {}, el("th", {}, "Setting"), el("th", {}, "Value"), el("th", {}, "Source"))),
+    el("tbody", {}, ...names.map((name) => el("tr", {},
+      el("td", {}, name), el("td", {}, String(defaults[name].value)), el("td", { class: "muted" }, defaults[name].source)))),
+  );
+}
+
 function renderJob(job) {
   const p = job.progress || {};
   const title = job.name ? `${job.name} (${job.id})` : job.id;
@@ -90,9 +102,10 @@ function renderJob(job) {
       ["Started", when(job.started_at)],
       ["Finished", when(job.finished_at)],
       ["Model", job.model_id ? el("a", { href: "#/models" }, job.model_id) : "–"],
+      ["Skipped images", p.masked_images ? `${p.masked_images} batch slots masked (files that failed to decode)` : "none"],
     ]),
     el("figure", {}, el("figcaption", {}, "Loss by step"), lossChart(job.loss_history || [])),
-  ));
+  ), decidedDefaults(p.defaults || {}));
   view.dataset.state = job.state;
 }
 

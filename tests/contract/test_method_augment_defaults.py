@@ -16,12 +16,23 @@ BYOL = {"crop_min_scale": 0.08, "color_strength": 0.5, "blur_prob": 1.0, "solari
         "view_b_blur_prob": 0.1, "view_b_solarize_prob": 0.2}  # fmt: skip
 
 
+# Crop scale and colour strength depend on the run: left None at validation, decided at its start.
+RUN_DEPENDENT = {"crop_min_scale": None, "color_strength": None}
+
+
 def _picked(aug: AugmentConfig) -> dict[str, object]:
     return {k: getattr(aug, k) for k in SIMCLR}
 
 
 @pytest.mark.parametrize(("method", "expected"), [("simclr", SIMCLR), ("moco_v2", MOCO_V2), ("byol", BYOL)])
+def test_a_long_run_on_large_images_gets_the_papers_augmentations(method: str, expected: dict[str, object]) -> None:
+    cfg = TrainConfig(method=method, batch_size=256, image_size=224, epochs=200)
+    assert _picked(cfg.resolved(num_images=1_281_167).augment) == expected
+
+
+@pytest.mark.parametrize(("method", "expected"), [("simclr", SIMCLR), ("moco_v2", MOCO_V2), ("byol", BYOL)])
 def test_unset_fields_take_the_method_defaults(method: str, expected: dict[str, object]) -> None:
+    expected = {**expected, **RUN_DEPENDENT}
     assert _picked(TrainConfig(method=method, batch_size=256).augment) == expected
     # A partly given augment still fills the rest, and keeps what was given.
     cfg = TrainConfig(method=method, batch_size=256, augment={"hflip_prob": 0.0})

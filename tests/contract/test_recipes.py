@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.contract.recipes import SHORT_RUN_SETTINGS, SMALL_GRAYSCALE, Recipe, recipe_for_images
+from service.contract.defaults import RESOLVED_FIELDS
+from service.contract.recipes import SMALL_GRAYSCALE, Recipe, recipe_for_images
 from service.contract.train_config import TrainJobRequest
 from service.up import DEMO_JOB
 
@@ -28,15 +29,18 @@ def test_the_recipe_follows_the_images(
         grey_prob,
         batch,
     )
-    # Both kinds train at the same peak rate: base_lr x batch / 256 = 0.5.
-    assert recipe.base_lr * recipe.batch_size / 256 == pytest.approx(0.5)
+    # The learning rate is the run's default, not the recipe's: the square-root rule 0.075 x sqrt(B).
+    cfg = recipe.config()
+    assert cfg.base_lr is None and cfg.resolved(num_images=5000).learning_rate == pytest.approx(0.075 * batch**0.5)
 
 
 def test_overrides_win_and_augment_merges() -> None:
     cfg = SMALL_GRAYSCALE.config(epochs=5, seed=7, augment={"color_strength": 1.0})
-    assert (cfg.epochs, cfg.seed, cfg.warmup_epochs) == (5, 7, 0.5)  # warm-up: a tenth of the run, at most 1 epoch
+    assert (cfg.epochs, cfg.seed) == (5, 7)
     assert (cfg.augment.color_strength, cfg.augment.crop_min_scale, cfg.augment.hflip_prob) == (1.0, 0.6, 0.0)
-    assert SMALL_GRAYSCALE.config().warmup_epochs == 1.0
+    # The warm-up is the defaults' tenth of the run (at most 10 epochs), decided for the data.
+    assert cfg.warmup_epochs is None and cfg.resolved(num_images=1437).warmup_epochs == 0.5
+    assert SMALL_GRAYSCALE.config().resolved(num_images=1437).warmup_epochs == 3.0
 
 
 def test_the_demo_job_is_the_recipe_at_ten_epochs() -> None:
@@ -46,13 +50,26 @@ def test_the_demo_job_is_the_recipe_at_ten_epochs() -> None:
 
 
 @pytest.mark.parametrize("method", ["simclr", "moco_v2", "byol"])
-@pytest.mark.parametrize("recipe", [SMALL_GRAYSCALE, recipe_for_images(32, False)], ids=["grey", "colour"])
-def test_every_method_gets_the_recipe_with_its_short_run_settings(method: str, recipe: Recipe) -> None:
-    cfg = recipe.config(method=method).resolved()  # MoCo's validation: K a multiple of the batch
-    assert (cfg.method, cfg.image_size, cfg.batch_size, cfg.base_lr, cfg.epochs) == (
-        method, recipe.image_size, recipe.batch_size, recipe.base_lr, recipe.epochs)  # fmt: skip
-    assert (cfg.augment.crop_min_scale, cfg.augment.hflip_prob) == (recipe.crop_min_scale, recipe.hflip_prob)
-    assert {k: getattr(cfg, k) for k in SHORT_RUN_SETTINGS[method]} == SHORT_RUN_SETTINGS[method]
+@pytest.mark.parametrize(
+    ("recipe", "num_images"), [(SMALL_GRAYSCALE, 1437), (recipe_for_images(32, False), 5000)], ids=["grey", "colour"]
+)
+def test_every_method_gets_the_recipe_and_the_defaults_for_its_run(
+    method: str, recipe: Recipe, num_images: int
+) -> None:
+    cfg = recipe.config(method=method)
+    assert (cfg.method, cfg.image_size, cfg.batch_size, cfg.epochs, cfg.small_stem) == (
+        method, recipe.image_size, recipe.batch_size, recipe.epochs, False)  # fmt: skip
+    # No second set of defaults: everything but the data's choices is left to the run's defaults.
+    left = {"optimizer", "base_lr", "lr_scaling", "weight_decay", "warmup_epochs", "temperature", "sync_bn"}
+    assert all(getattr(cfg, k) is None for k in left | {"moco_momentum", "queue_size", "byol_tau_base"})
+    assert left <= set(RESOLVED_FIELDS)
+    run = cfg.resolved(num_images=num_images)
+    steps = num_images // recipe.batch_size * recipe.epochs  # 660 steps for digits, 78 for the colour one
+    assert (run.augment.hflip_prob, run.augment.crop_min_scale) == (recipe.hflip_prob, recipe.crop_min_scale or 0.2)
+    if method == "moco_v2":  # the key encoder's horizon a tenth of the run, its queue those keys
+        assert run.moco_momentum == pytest.approx(max(0.9, 1 - 10 / steps), abs=1e-6)
+        assert run.queue_size % recipe.batch_size == 0 and run.queue_size <= num_images - recipe.batch_size
     if method == "byol":  # its own 4096-wide heads and one-sided solarisation stay
-        assert (cfg.proj_hidden_dim, cfg.pred_hidden_dim, cfg.augment.view_b_solarize_prob) == (4096, 4096, 0.2)
+        assert (run.proj_hidden_dim, run.pred_hidden_dim, run.augment.view_b_solarize_prob) == (4096, 4096, 0.2)
+        assert run.byol_tau_base == 0.99
     assert recipe.config(method=method, temperature=0.1, byol_tau_base=0.9).resolved().byol_tau_base == 0.9

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from service.contract import defaults
 from service.contract.train_config import TrainConfig
 from trainer.checkpoint import checkpoint_path, load_checkpoint, load_encoder
 from trainer.cli import main as cli_main
@@ -91,8 +92,13 @@ def test_stop_then_resume_and_run_dir_contract(tiny_npz: Path, tmp_path: Path) -
     assert load_checkpoint(checkpoint_path(tmp_path))["step"] == 3
     assert not (tmp_path / "result.json").exists()
     assert [p["step"] for p in progress] == [1, 2, 3]
-    assert set(progress[0]) == {"epoch", "step", "total_steps", "loss", "lr", "images_per_s", "eta_s", "knn_top1"}
+    assert set(progress[0]) == {
+        "epoch", "step", "total_steps", "loss", "lr", "images_per_s", "eta_s", "knn_top1", "masked_images", "defaults"
+    }  # fmt: skip
     assert progress[0]["knn_top1"] is None  # the monitor is off by default
+    assert progress[0]["masked_images"] == 0
+    assert progress[0]["defaults"]["base_lr"] == {"value": 1.2, "source": progress[0]["defaults"]["base_lr"]["source"]}
+    assert "B.1" in progress[0]["defaults"]["base_lr"]["source"] and "warmup_epochs" not in progress[0]["defaults"]
 
     done = train(cfg, tiny_npz, tmp_path, on_progress=progress.append)
     assert not done.stopped and done.step == 12 and done.epoch == 2
@@ -102,13 +108,15 @@ def test_stop_then_resume_and_run_dir_contract(tiny_npz: Path, tmp_path: Path) -
     assert {"event": "resume", "step": 3} in records
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == list(range(1, 13))
-    # The warm-up (1 epoch = 6 steps) rises linearly to the peak lr = 0.3 * 8 / 256, then decays.
+    # The warm-up (1 epoch = 6 steps) rises linearly to the peak lr, the square-root rule's
+    # 0.075 * sqrt(8) at batch 8 (the default), then decays.
     lrs = {r["step"]: r["lr"] for r in records if "lr" in r}
-    peak = 0.3 * 8 / 256
+    peak = 0.075 * 8**0.5
     assert lrs[1] == pytest.approx(peak / 6) and lrs[6] == pytest.approx(peak) == lrs[7]
     assert lrs[12] < lrs[8] < peak
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["config"] == cfg.resolved().model_dump(mode="json")
+    assert config["config"] == cfg.resolved(num_images=48).model_dump(mode="json")
+    assert config["defaults"] == {k: v["source"] for k, v in progress[0]["defaults"].items()}
     assert config["dataset"]["num_images"] == 48 and config["data"] == str(tiny_npz)
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
 
@@ -116,7 +124,7 @@ def test_stop_then_resume_and_run_dir_contract(tiny_npz: Path, tmp_path: Path) -
     assert {"method", "optimizer", "scheduler", "scaler", "rng", "epoch", "step", "config", "encoder"} <= set(state)
     assert (state["epoch"], state["step"]) == (2, 12)
     encoder, loaded_cfg, info = load_encoder(tmp_path)
-    assert loaded_cfg == cfg.resolved() and info["completed"] and info["step"] == 12
+    assert loaded_cfg == cfg.resolved(num_images=48) and info["completed"] and info["step"] == 12
     for key, value in encoder.state_dict().items():
         assert torch.equal(value, state["method"][f"encoder.{key}"])
 
@@ -155,10 +163,43 @@ def test_knn_monitor_on_unlabeled_data_fails_before_training(tmp_path: Path) -> 
 
 def test_resume_rejects_a_different_config(tiny_npz: Path, tmp_path: Path) -> None:
     train(TrainConfig(epochs=1, max_steps=1, **TINY), tiny_npz, tmp_path)
-    with pytest.raises(ValueError, match="temperature"):
-        train(TrainConfig(epochs=1, temperature=0.2, **TINY), tiny_npz, tmp_path)
+    with pytest.raises(ValueError, match="temperature"):  # the run decided 0.2
+        train(TrainConfig(epochs=1, temperature=0.3, **TINY), tiny_npz, tmp_path)
     # epochs and max_steps may change: the run goes on longer.
     assert train(TrainConfig(epochs=1, max_steps=2, **TINY), tiny_npz, tmp_path).step == 2
+
+
+def test_a_three_epoch_run_reaches_its_peak_rate_and_decays_to_near_zero(tiny_npz: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(epochs=3, **{k: v for k, v in TINY.items() if k != "warmup_epochs"})  # warm-up: the default
+    train(cfg, tiny_npz, tmp_path)
+    lrs = [r["lr"] for r in _read_jsonl(tmp_path / "metrics.jsonl") if "lr" in r]  # one per step
+    peak = 0.075 * 8**0.5  # the square-root rule at batch 8
+    assert len(lrs) == 18  # 6 steps an epoch
+    # Warm-up: 10% of the run (0.3 epochs = 2 steps), not the paper's 10 epochs; then cosine to ~0.
+    assert lrs[0] == pytest.approx(peak / 2) and lrs[1] == pytest.approx(peak) == max(lrs)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False))
+    assert lrs[-1] < 0.01 * peak
+
+
+def test_a_resumed_run_keeps_its_stored_defaults_after_the_rules_change(
+    tiny_npz: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = TrainConfig(epochs=2, **TINY)  # base_lr, lr_scaling, temperature, ... left to the defaults
+    assert train(cfg, tiny_npz, tmp_path, should_stop=StopAfter(3)).stopped
+    started = load_checkpoint(checkpoint_path(tmp_path))["config"]
+    assert (started["lr_scaling"], started["base_lr"], started["temperature"]) == ("sqrt", 1.2, 0.2)
+    # New rules: the linear rule at every batch size, and another temperature.
+    monkeypatch.setattr(defaults, "SQRT_RULE_MAX_BATCH", 1)
+    monkeypatch.setattr(defaults, "LONG_RUN_EPOCHS", 1)
+    fresh = cfg.resolved(num_images=48)
+    assert (fresh.lr_scaling, fresh.base_lr, fresh.temperature) == ("linear", 0.3, 0.5)
+    done = train(cfg, tiny_npz, tmp_path)  # not refused
+    assert (done.step, done.stopped) == (12, False)
+    state = load_checkpoint(checkpoint_path(tmp_path))
+    assert state["config"] == started
+    assert state["defaults"]["base_lr"].startswith("SimCLR App. B.1")
+    lrs = [r["lr"] for r in _read_jsonl(tmp_path / "metrics.jsonl") if "lr" in r]
+    assert max(lrs) == pytest.approx(1.2 * (8 / 256) ** 0.5)  # the stored peak, never the new rule's
 
 
 def test_cli_config_file_and_overwrite_guard(tiny_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -252,7 +293,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_npz: Path, tmp_path
 @pytest.mark.integration
 @pytest.mark.slow
 def test_two_cpu_processes_train_with_ddp(tiny_npz: Path, tmp_path: Path) -> None:
-    cfg = TrainConfig(epochs=1, max_steps=2, cpu_processes=2, sync_bn=True, **TINY)
+    cfg = TrainConfig(epochs=1, max_steps=2, cpu_processes=2, **TINY)  # global BN: the default with 2 processes
     result = train(cfg, tiny_npz, tmp_path, should_stop=StopAfter(100))
     assert (result.step, result.stopped) == (2, False)
     state = load_checkpoint(checkpoint_path(tmp_path))

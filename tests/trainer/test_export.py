@@ -22,6 +22,7 @@ import pytest
 import torch
 from torch import nn
 
+from service.contract.defaults import RunShape, resolve
 from service.contract.imaging import ResizePolicy
 from service.contract.registry import ModelCard, ModelRegistry
 from service.contract.train_config import TrainConfig
@@ -251,7 +252,16 @@ def test_cli_export_of_a_trained_run(tmp_path, photos_path):
     registry = ModelRegistry(models)
     assert registry.active() == "cli-model"
     card, _ = registry.verify("cli-model")
-    assert card.train_config == cfg.resolved().model_dump(mode="json") and card.embedding_dim == 512
+    assert card.train_config == cfg.resolved(num_images=5000).model_dump(mode="json") and card.embedding_dim == 512
+    # Every default decided for the run is in the card: its value in train_config, its source beside.
+    decided = json.loads((run_dir / "config.json").read_text())["defaults"]
+    assert card.train_defaults == decided and len(decided) == 11  # small_stem is given
+    resolution = resolve(cfg, RunShape(5000))
+    assert decided == resolution.sources
+    for name in decided:
+        parent, _, leaf = name.rpartition(".")
+        stored = (card.train_config[parent] if parent else card.train_config)[leaf]
+        assert stored is not None and stored == resolution.value(name), name
     assert card.dataset_fingerprint == json.loads((run_dir / "config.json").read_text())["dataset"]["fingerprint"]
     assert card.metrics.keys() == {"train_loss"}
 

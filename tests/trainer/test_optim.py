@@ -68,7 +68,7 @@ def test_lars_trust_ratio_is_one_for_a_zero_weight() -> None:
 
 @pytest.mark.parametrize("name", ["lars", "sgd", "adamw"])
 def test_build_optimizer_excludes_biases_and_bn(name: str) -> None:
-    cfg = TrainConfig(optimizer=name, image_size=16, batch_size=512, weight_decay=1e-4)
+    cfg = TrainConfig(optimizer=name, image_size=16, batch_size=512, weight_decay=1e-4).resolved(num_images=5000)
     method = build_method(cfg)
     opt = build_optimizer(method, cfg)
     weights, excluded = opt.param_groups
@@ -82,7 +82,10 @@ def test_build_optimizer_excludes_biases_and_bn(name: str) -> None:
     assert excluded["lars_exclude"] and excluded["weight_decay"] == 0.0
     assert not weights["lars_exclude"] and weights["weight_decay"] == 1e-4
     assert len(weights["params"]) + len(excluded["params"]) == len(list(method.parameters()))
-    assert weights["lr"] == pytest.approx(0.3 * 512 / 256)  # the paper's linear scaling
+    # Each optimiser's default rate and rule: SimCLR's square-root rule for LARS below a batch of
+    # 4096, MoCo v2's 0.03 x B/256 for SGD, DINO's 5e-4 x B/256 for AdamW.
+    expected = {"lars": 0.075 * 512**0.5, "sgd": 0.03 * 512 / 256, "adamw": 5e-4 * 512 / 256}[name]
+    assert weights["lr"] == pytest.approx(expected)
     assert type(opt).__name__ == {"lars": "LARS", "sgd": "SGD", "adamw": "AdamW"}[name]
 
 

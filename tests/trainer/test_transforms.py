@@ -28,6 +28,11 @@ MEAN = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
 
 
+def _aug(**fields: object) -> AugmentConfig:
+    """An AugmentConfig with the paper's crop scale and colour strength unless given."""
+    return AugmentConfig.model_validate({"crop_min_scale": 0.08, "color_strength": 1.0, **fields})
+
+
 def _images(n: int, seed: int = 0, size: int = S) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
@@ -42,7 +47,7 @@ def _within_5_sigma(count: int, n: int, p: float) -> bool:
 
 
 def test_parameter_statistics_match_the_config() -> None:
-    aug_cfg = AugmentConfig(
+    aug_cfg = _aug(
         crop_min_scale=0.08,
         hflip_prob=0.5,
         color_strength=0.5,
@@ -81,7 +86,7 @@ def test_parameter_statistics_match_the_config() -> None:
 
 
 def test_crop_scale_range_and_blur_switch() -> None:
-    cfg = AugmentConfig(crop_min_scale=0.3, crop_max_scale=0.6, blur=False, blur_prob=1.0)
+    cfg = _aug(crop_min_scale=0.3, crop_max_scale=0.6, blur=False, blur_prob=1.0)
     p = SimCLRAugment(cfg, 24).sample_params(5000, generator=torch.Generator().manual_seed(1))
     area = p.crop[:, 2] * p.crop[:, 3] / 24**2
     assert area.min() >= 0.3 - 1e-5 and area.max() <= 0.6 + 1e-5
@@ -90,8 +95,8 @@ def test_crop_scale_range_and_blur_switch() -> None:
 
 def test_output_shape_dtype_and_normalisation() -> None:
     x = _images(6, size=20)
-    aug = SimCLRAugment(AugmentConfig(crop_min_scale=1.0, **OFF), S)
-    same = SimCLRAugment(AugmentConfig(crop_min_scale=1.0, **OFF), 20)
+    aug = SimCLRAugment(_aug(crop_min_scale=1.0, **OFF), S)
+    same = SimCLRAugment(_aug(crop_min_scale=1.0, **OFF), 20)
     y = aug(x)
     assert y.shape == (6, 3, S, S) and y.dtype == torch.float32
     # Whole-image crop at the input size is the identity: only the normalisation remains.
@@ -105,7 +110,7 @@ def test_output_shape_dtype_and_normalisation() -> None:
 
 def test_forced_flip_equals_torch_flip() -> None:
     x = _images(5)
-    y = SimCLRAugment(AugmentConfig(crop_min_scale=1.0, **{**OFF, "hflip_prob": 1.0}), S)(x)
+    y = SimCLRAugment(_aug(crop_min_scale=1.0, **{**OFF, "hflip_prob": 1.0}), S)(x)
     expected = (torch.flip(x, dims=[3]).double() / 255 - MEAN.double()) / STD.double()
     assert torch.allclose(y.double(), expected, atol=1e-5)
 
@@ -114,7 +119,7 @@ def test_crop_matches_torchvision_resized_crop() -> None:
     """Integer boxes, compared with TF.resized_crop (bilinear, no antialias) away from the
     box edge, where grid_sample reads the image beyond the box and resize clamps inside it."""
     x = _images(3, seed=4, size=32)
-    aug = SimCLRAugment(AugmentConfig(**OFF), S)
+    aug = SimCLRAugment(_aug(**OFF), S)
     p = aug.sample_params(3, 32, 32, generator=torch.Generator().manual_seed(0))
     boxes = [(3, 5, 12, 10), (0, 0, 20, 26), (10, 2, 22, 16)]  # x0, y0, w, h
     p.crop = torch.tensor(boxes, dtype=torch.float32)
@@ -147,7 +152,7 @@ def test_colour_ops_match_torchvision() -> None:
 
 def test_pipeline_applies_each_image_its_own_params_in_order() -> None:
     """The batched pipeline against a per-image torchvision chain with the same draws."""
-    cfg = AugmentConfig(color_strength=1.0, blur=True, blur_prob=0.5, blur_kernel_fraction=0.2, solarize_prob=0.3)
+    cfg = _aug(color_strength=1.0, blur=True, blur_prob=0.5, blur_kernel_fraction=0.2, solarize_prob=0.3)
     aug = SimCLRAugment(cfg, S)
     x = _images(24, seed=6)
     y, p = aug(x, generator=torch.Generator().manual_seed(2), return_params=True)
@@ -178,13 +183,13 @@ def test_pipeline_applies_each_image_its_own_params_in_order() -> None:
 
 
 def test_forced_grayscale_has_equal_channels() -> None:
-    cfg = AugmentConfig(**{**OFF, "grayscale_prob": 1.0, "color_jitter_prob": 1.0})
+    cfg = _aug(**{**OFF, "grayscale_prob": 1.0, "color_jitter_prob": 1.0})
     y = _unnormalise(SimCLRAugment(cfg, S)(_images(8)))
     assert torch.allclose(y[:, 0], y[:, 1], atol=1e-6) and torch.allclose(y[:, 1], y[:, 2], atol=1e-6)
 
 
 def test_seeded_generator_is_deterministic_and_draws_differ_per_image() -> None:
-    aug = SimCLRAugment(AugmentConfig(blur=True), S)
+    aug = SimCLRAugment(_aug(blur=True), S)
     x = _images(1).expand(16, -1, -1, -1).contiguous()  # the same image 16 times
     a = aug(x, generator=torch.Generator().manual_seed(7))
     b = aug(x, generator=torch.Generator().manual_seed(7))
@@ -202,7 +207,7 @@ def test_seeded_generator_is_deterministic_and_draws_differ_per_image() -> None:
 def test_gpu_matches_cpu_for_the_same_draws() -> None:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device on this machine")
-    aug = SimCLRAugment(AugmentConfig(blur=True, solarize_prob=0.2), 32)
+    aug = SimCLRAugment(_aug(blur=True, solarize_prob=0.2), 32)
     x = _images(64, size=32)
     cpu = aug(x, generator=torch.Generator().manual_seed(0))
     gpu = aug.cuda()(x.cuda(), generator=torch.Generator().manual_seed(0))

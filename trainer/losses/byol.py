@@ -10,7 +10,12 @@ import torch
 import torch.nn.functional as F
 
 
-def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """mean_i (2 - 2 cos(p_i, sg(z'_i))); prediction, target: [N, D] -> scalar in [0, 4]."""
+def byol_loss(prediction: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """mean_i (2 - 2 cos(p_i, sg(z'_i))) over the rows i not masked out by `valid` (bool [N]);
+    prediction, target: [N, D] -> scalar in [0, 4]."""
     cos = F.cosine_similarity(prediction.float(), target.detach().float(), dim=1)  # [N]
-    return (2 - 2 * cos).mean()
+    loss = 2 - 2 * cos  # [N]
+    if valid is None:
+        return loss.mean()
+    valid = valid.to(loss.device)
+    return loss[valid].mean() if bool(valid.any()) else loss.sum() * 0.0

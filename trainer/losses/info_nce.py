@@ -28,9 +28,19 @@ def info_nce_logits(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor,
 
 
 def info_nce_loss(
-    query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, temperature: float = 0.2
+    query: torch.Tensor,
+    key: torch.Tensor,
+    queue: torch.Tensor,
+    temperature: float = 0.2,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy of :func:`info_nce_logits` with the positive at index 0; a scalar."""
-    logits = info_nce_logits(query, key, queue, temperature)
+    """Mean cross-entropy of :func:`info_nce_logits` with the positive at index 0, over the
+    queries not masked out by `valid` (bool [N]); a scalar."""
+    logits = info_nce_logits(query, key, queue, temperature).float()  # [N, 1 + K]
+    if valid is not None:
+        valid = valid.to(logits.device)
+        if not bool(valid.any()):
+            return logits.sum() * 0.0
+        logits = logits[valid]
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-    return F.cross_entropy(logits.float(), labels)
+    return F.cross_entropy(logits, labels)

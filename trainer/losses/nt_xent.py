@@ -24,11 +24,19 @@ from trainer import distributed
 _SELF_MASK = -1e9
 
 
-def nt_xent_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, *, gather: bool = True) -> torch.Tensor:
+def nt_xent_loss(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    temperature: float,
+    *,
+    gather: bool = True,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Mean NT-Xent over the 2N local anchors; z_a, z_b: [N, D], row i of each the views of image i.
 
     With `gather` and an initialised process group of more than one rank, the negatives are
     the views of every rank's images (global batch), with gradients flowing back to each rank.
+    `valid` (bool [N]) masks slots out: a masked image is neither an anchor nor a candidate.
     """
     if z_a.shape != z_b.shape or z_a.ndim != 2:
         raise ValueError(f"z_a and z_b must both be [N, D]; got {tuple(z_a.shape)} and {tuple(z_b.shape)}")
@@ -38,12 +46,14 @@ def nt_xent_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, *, ga
         z_a = F.normalize(z_a.to(dtype), dim=1)  # [N, D]
         z_b = F.normalize(z_b.to(dtype), dim=1)  # [N, D]
         n = z_a.shape[0]
+        local_valid = torch.ones(n, dtype=torch.bool, device=z_a.device) if valid is None else valid.to(z_a.device)
         if gather and distributed.world_size() > 1:
             keys_a = distributed.gather_with_grad(z_a)  # [M, D], M = N * world
             keys_b = distributed.gather_with_grad(z_b)  # [M, D]
+            keys_valid = distributed.gather_with_grad(local_valid.to(dtype)) > 0.5  # [M]
             offset = distributed.rank() * n
         else:
-            keys_a, keys_b, offset = z_a, z_b, 0
+            keys_a, keys_b, keys_valid, offset = z_a, z_b, local_valid, 0
         m = keys_a.shape[0]
         anchors = torch.cat([z_a, z_b])  # [2N, D]
         keys = torch.cat([keys_a, keys_b])  # [2M, D]
@@ -52,5 +62,9 @@ def nt_xent_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, *, ga
         self_cols = torch.cat([idx, idx + m])  # [2N]: where each anchor meets itself
         pos_cols = torch.cat([idx + m, idx])  # [2N]: the other view of the same image
         self_mask = F.one_hot(self_cols, 2 * m).to(torch.bool)  # [2N, 2M]
+        self_mask |= ~torch.cat([keys_valid, keys_valid]).view(1, 2 * m)  # masked slots are no candidates
         logits = logits.masked_fill(self_mask, _SELF_MASK)
-        return F.cross_entropy(logits, pos_cols)  # log-sum-exp inside: stable
+        anchors_valid = torch.cat([local_valid, local_valid])  # [2N]
+        if not bool(anchors_valid.any()):
+            return logits.sum() * 0.0  # every slot masked: no loss, the graph kept for DDP
+        return F.cross_entropy(logits[anchors_valid], pos_cols[anchors_valid])  # log-sum-exp inside: stable

@@ -26,12 +26,13 @@ class Method(nn.Module):
         """The augmentation of view a and of view b; the same T twice unless a method overrides it."""
         return self.cfg.augment, self.cfg.augment
 
-    def training_step(self, x_a: torch.Tensor, x_b: torch.Tensor) -> torch.Tensor:
-        """Two augmented batches [N, 3, S, S] of the same N images -> scalar loss."""
+    def training_step(self, x_a: torch.Tensor, x_b: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Two augmented batches [N, 3, S, S] of the same N images -> scalar loss; `valid` (bool
+        [N], None = all) masks out the slots of images that failed to decode (trainer/data.py)."""
         raise NotImplementedError
 
-    def forward(self, x_a: torch.Tensor, x_b: torch.Tensor) -> torch.Tensor:
-        return self.training_step(x_a, x_b)
+    def forward(self, x_a: torch.Tensor, x_b: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        return self.training_step(x_a, x_b, valid)
 
     def on_before_step(self, step: int, total_steps: int) -> None:
         """Called before the forward pass of optimiser step `step` (0-based)."""

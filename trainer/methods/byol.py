@@ -32,20 +32,23 @@ class BYOL(Method):
         dim, out = self.encoder.feature_dim, int(self.cfg.proj_out_dim)
         self.projector = ProjectionHead(dim, int(self.cfg.proj_hidden_dim or dim), out)
         self.predictor = ProjectionHead(out, int(self.cfg.pred_hidden_dim or dim), out)
+        if self.cfg.byol_tau_base is None:
+            raise ValueError("byol_tau_base is not decided: pass TrainConfig.resolved()")
+        self.tau_base = self.cfg.byol_tau_base
         self.target_encoder = momentum_copy(self.encoder)
         self.target_projector = momentum_copy(self.projector)
 
     def views_augment(self) -> tuple[AugmentConfig, AugmentConfig]:
         return self.cfg.augment, self.cfg.augment.view_b()
 
-    def training_step(self, x_a: torch.Tensor, x_b: torch.Tensor) -> torch.Tensor:
+    def training_step(self, x_a: torch.Tensor, x_b: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         x = torch.cat([x_a, x_b])  # [2N, 3, S, S]: one batch, BN statistics over both views
         p_a, p_b = self.predictor(self.projector(self.encoder(x))).chunk(2)  # [N, 256] each
         with torch.no_grad():
             z_a, z_b = self.target_projector(self.target_encoder(x)).chunk(2)  # [N, 256] each
-        return (byol_loss(p_a, z_b) + byol_loss(p_b, z_a)) / 2
+        return (byol_loss(p_a, z_b, valid) + byol_loss(p_b, z_a, valid)) / 2
 
     def on_after_optimizer_step(self, step: int, total_steps: int) -> None:
-        tau = cosine_tau(step, total_steps, self.cfg.byol_tau_base)
+        tau = cosine_tau(step, total_steps, self.tau_base)
         ema_update(self.encoder, self.target_encoder, tau)
         ema_update(self.projector, self.target_projector, tau)

@@ -42,6 +42,7 @@ from trainer.losses.info_nce import info_nce_loss
 from trainer.methods.base import Method
 from trainer.methods.momentum import ema_update, momentum_copy
 from trainer.models import ProjectionHead
+from trainer.sync_bn import SYNC_BATCHNORM_TYPES
 
 BN_GROUP_MIN = 32  # images a BatchNorm group holds at least when one process emulates shuffle BN
 BN_GROUPS_MAX = 8
@@ -80,6 +81,9 @@ class MoCoV2(Method):
         self.projector = ProjectionHead(dim, hidden, out, last_bn=True)
         self.key_encoder = momentum_copy(self.encoder)
         self.key_projector = momentum_copy(self.projector)
+        if self.cfg.queue_size is None or self.cfg.moco_momentum is None:
+            raise ValueError("queue_size / moco_momentum are not decided: pass TrainConfig.resolved()")
+        self.key_momentum = self.cfg.moco_momentum
         self.queue = KeyQueue(self.cfg.queue_size, out)
         self.symmetric = symmetric
         self.bn_groups = max(1, min(BN_GROUPS_MAX, self.cfg.batch_size // BN_GROUP_MIN))
@@ -90,7 +94,7 @@ class MoCoV2(Method):
     def _key(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.key_projector(self.key_encoder(x)), dim=1)
 
-    def training_step(self, x_a: torch.Tensor, x_b: torch.Tensor) -> torch.Tensor:
+    def training_step(self, x_a: torch.Tensor, x_b: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         views_q = [x_a, x_b] if self.symmetric else [x_a]  # V views [N, 3, S, S]
         views_k = [x_b, x_a] if self.symmetric else [x_b]  # the key of view b is query a's positive
         split = self.bn_groups > 1 and world_size() == 1
@@ -98,7 +102,11 @@ class MoCoV2(Method):
         k = self._shuffled_keys(views_k)  # V x [N, P], unit rows
         negatives = self.queue.keys.clone()  # [K, P]; the enqueue below must not touch the graph
         temperature = float(self.cfg.temperature)
-        loss = torch.stack([info_nce_loss(q_v, k_v, negatives, temperature) for q_v, k_v in zip(q, k, strict=True)])
+        loss = torch.stack(
+            [info_nce_loss(q_v, k_v, negatives, temperature, valid) for q_v, k_v in zip(q, k, strict=True)]
+        )
+        if valid is not None:  # a masked slot's key enqueues as zeros: logit 0 for every query, no gradient
+            k = [k_v * valid.to(k_v).view(-1, 1) for k_v in k]
         self.queue.enqueue(gather_with_grad(torch.cat(k)))  # [world * V * N, P], under no_grad
         return loss.mean()
 
@@ -124,7 +132,7 @@ class MoCoV2(Method):
         n, device, world = len(views[0]), views[0].device, world_size()
         if world == 1:
             return self._encode(self._key, views, torch.randperm(n, device=device) if self.bn_groups > 1 else None)
-        if any(isinstance(m, nn.SyncBatchNorm) for m in self.key_encoder.modules()):
+        if any(isinstance(m, SYNC_BATCHNORM_TYPES) for m in self.key_encoder.modules()):
             return self._encode(self._key, views, None)  # global BN statistics: nothing to hide
         every = [gather_with_grad(v) for v in views]  # V x [W * N, 3, S, S]; no graph under no_grad
         perm = torch.randperm(world * n, device=device)
@@ -135,6 +143,6 @@ class MoCoV2(Method):
         return list(keys.view(world, n, *keys.shape[1:])[rank()].unbind(1))  # this rank's images
 
     def on_after_optimizer_step(self, step: int, total_steps: int) -> None:
-        m = self.cfg.moco_momentum
+        m = self.key_momentum
         ema_update(self.encoder, self.key_encoder, m)
         ema_update(self.projector, self.key_projector, m)

@@ -22,7 +22,7 @@ class SimCLR(Method):
         dim = self.encoder.feature_dim
         self.projector = ProjectionHead(dim, self.cfg.proj_hidden_dim or dim, int(self.cfg.proj_out_dim))
 
-    def training_step(self, x_a: torch.Tensor, x_b: torch.Tensor) -> torch.Tensor:
+    def training_step(self, x_a: torch.Tensor, x_b: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         z = self.projector(self.encoder(torch.cat([x_a, x_b])))  # [2N, 128]
         z_a, z_b = z.chunk(2)  # [N, 128] each
-        return nt_xent_loss(z_a, z_b, float(self.cfg.temperature))
+        return nt_xent_loss(z_a, z_b, float(self.cfg.temperature), valid=valid)
