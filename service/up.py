@@ -186,7 +186,8 @@ def run_demo(settings: Settings, api: str, stop: StopFlag) -> None:
         with np.load(dataset) as data:
             images, labels = data["x_train"][:300], data["y_train"][:300]
         for start in range(0, len(images), 50):
-            files, form = [], {"ids": [], "metadata": []}
+            files: list[tuple[str, tuple[str, bytes, str]]] = []
+            form: dict[str, list[str]] = {"ids": [], "metadata": []}
             for i in range(start, min(start + 50, len(images))):
                 buf = io.BytesIO()
                 Image.fromarray(images[i][..., 0]).save(buf, format="PNG")

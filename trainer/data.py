@@ -334,9 +334,11 @@ def open_labeled(path: str | Path, split: str, image_size: int) -> ImageDataset:
 def labeled_arrays(data: ImageDataset) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 [N, S, S, 3], int64 [N]) of a labeled dataset, without the images whose pixels
     failed to decode (their slot would hold a neighbour's image under the wrong label)."""
-    images = data.to_array()
+    images, labels = data.to_array(), data.labels
+    if labels is None:
+        raise DatasetError("no_labels", f"{data.path} has no labels")
     keep = np.array([i not in data.failed_on_decode for i in range(len(data))], dtype=bool)
-    return (images, data.labels) if keep.all() else (images[keep], data.labels[keep])
+    return (images, labels) if keep.all() else (images[keep], labels[keep])
 
 
 def load_split(path: str | Path, split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:

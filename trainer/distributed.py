@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -102,14 +103,14 @@ class _GatherWithGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # x: [N, ...] -> [N * world, ...]
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # x: [N, ...] -> [N * world, ...]
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, x.contiguous())
         ctx.n = x.shape[0]
         return torch.cat(parts)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # [N * world, ...] -> [N, ...]
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # [N * world, ...] -> [N, ...]
         grad = grad.contiguous()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = dist.get_rank() * ctx.n

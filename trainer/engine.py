@@ -121,7 +121,7 @@ def training_loader(
 
 
 def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     py_state = random.getstate()
     return {
         "torch": torch.get_rng_state(),
@@ -316,7 +316,8 @@ class _Trainer:
         self.rank, self.world, self.cfg, self.run_dir = rank, world, cfg, run_dir
         self.is_main = rank == 0
         self.on_progress, self.should_stop = on_progress, should_stop
-        self.knn, self.knn_top1 = knn, None  # the monitor runs on rank 0 only
+        self.knn = knn
+        self.knn_top1: float | None = None  # the monitor runs on rank 0 only
         self.device = (
             torch.device("cuda", torch.cuda.current_device() if world > 1 else 0) if cuda else torch.device("cpu")
         )
@@ -395,7 +396,7 @@ class _Trainer:
 
     def _save(self) -> None:
         rng = _rng_state()
-        rngs = [rng]
+        rngs: list[Any] = [rng]
         if self.world > 1:
             rngs = [None] * self.world
             dist.all_gather_object(rngs, rng)
@@ -550,7 +551,7 @@ class _Trainer:
         self._log({k: v for k, v in record.items() if v is not None} | {"time": time.time()})
         for key in ("loss", "lr", "images_per_s"):
             writer.add_scalar(f"train/{key}", record[key], record["step"])
-        knn = {} if self.knn_top1 is None else {"knn": f"{self.knn_top1:.3f}"}
+        knn: dict[str, str] = {} if self.knn_top1 is None else {"knn": f"{self.knn_top1:.3f}"}
         bar.set_postfix(
             loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}", img_s=f"{record['images_per_s']:.0f}", **knn
         )

@@ -242,7 +242,7 @@ class SimCLRAugment(nn.Module):
         )
 
     @torch.no_grad()
-    def apply(self, x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
+    def apply_params(self, x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
         """Apply given params: uint8 [N, 3, H, W] -> float32 normalised [N, 3, S, S]."""
         n, _, height, width = x.shape
         dev = x.device
@@ -301,5 +301,5 @@ class SimCLRAugment(nn.Module):
             raise ValueError(f"expected uint8 images [N, 3, H, W], got {x.dtype} {tuple(x.shape)}")
         heights, widths = (x.shape[2], x.shape[3]) if sizes is None else sizes.cpu().unbind(1)
         params = self.sample_params(x.shape[0], heights, widths, generator=generator)
-        out = self.apply(x, params)
+        out = self.apply_params(x, params)
         return (out, params) if return_params else out

@@ -123,7 +123,7 @@ def test_crop_matches_torchvision_resized_crop() -> None:
     p = aug.sample_params(3, 32, 32, generator=torch.Generator().manual_seed(0))
     boxes = [(3, 5, 12, 10), (0, 0, 20, 26), (10, 2, 22, 16)]  # x0, y0, w, h
     p.crop = torch.tensor(boxes, dtype=torch.float32)
-    y = _unnormalise(aug.apply(x, p))
+    y = _unnormalise(aug.apply_params(x, p))
     for i, (left, top, w, h) in enumerate(boxes):
         ref = TF.resized_crop(x[i].float() / 255, top, left, h, w, [S, S], antialias=False)
         assert torch.allclose(y[i, :, 1:-1, 1:-1], ref[:, 1:-1, 1:-1], atol=1e-5)
@@ -160,14 +160,14 @@ def test_pipeline_applies_each_image_its_own_params_in_order() -> None:
     tv_ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
     for i in range(24):
         one = p.select(torch.tensor([i]))
-        img = _unnormalise(aug.apply(x[i : i + 1], one))[0]  # crop+flip as in the batch
+        img = _unnormalise(aug.apply_params(x[i : i + 1], one))[0]  # crop+flip as in the batch
         assert torch.allclose(img, y[i], atol=1e-5)
         # The reference starts from the same crop with every colour op off, then runs
         # torchvision's functional ops one image at a time in the drawn order.
         plain = p.select(torch.tensor([i]))
         for flag in ("jitter", "grayscale", "blur", "solarize"):
             setattr(plain, flag, torch.zeros(1, dtype=torch.bool))
-        ref = _unnormalise(aug.apply(x[i : i + 1], plain))[0]
+        ref = _unnormalise(aug.apply_params(x[i : i + 1], plain))[0]
         if one.jitter[0]:
             for op in one.jitter_order[0].tolist():
                 factor = float((one.brightness, one.contrast, one.saturation, one.hue)[op][0])

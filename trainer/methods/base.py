@@ -7,11 +7,23 @@ calls the hooks around it, where MoCo and BYOL move their momentum networks.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 from torch import nn
 
 from service.contract.train_config import AugmentConfig, TrainConfig
 from trainer.models import Encoder
+
+T = TypeVar("T")
+
+
+def decided(value: T | None, name: str) -> T:
+    """A config field that the run's defaults decide (service.contract.defaults) before any
+    method is built; None here means the config was not resolved."""
+    if value is None:
+        raise ValueError(f"{name} is undecided: build methods from a resolved TrainConfig")
+    return value
 
 
 class Method(nn.Module):

@@ -21,7 +21,7 @@ import torch
 
 from service.contract.train_config import AugmentConfig, TrainConfig
 from trainer.losses.byol import byol_loss
-from trainer.methods.base import Method
+from trainer.methods.base import Method, decided
 from trainer.methods.momentum import cosine_tau, ema_update, momentum_copy
 from trainer.models import ProjectionHead
 
@@ -29,7 +29,7 @@ from trainer.models import ProjectionHead
 class BYOL(Method):
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
-        dim, out = self.encoder.feature_dim, int(self.cfg.proj_out_dim)
+        dim, out = self.encoder.feature_dim, int(decided(self.cfg.proj_out_dim, "proj_out_dim"))
         self.projector = ProjectionHead(dim, int(self.cfg.proj_hidden_dim or dim), out)
         self.predictor = ProjectionHead(out, int(self.cfg.pred_hidden_dim or dim), out)
         if self.cfg.byol_tau_base is None:

@@ -39,7 +39,7 @@ from torch import nn
 from service.contract.train_config import TrainConfig
 from trainer.distributed import gather_with_grad, rank, world_size
 from trainer.losses.info_nce import info_nce_loss
-from trainer.methods.base import Method
+from trainer.methods.base import Method, decided
 from trainer.methods.momentum import ema_update, momentum_copy
 from trainer.models import ProjectionHead
 from trainer.sync_bn import SYNC_BATCHNORM_TYPES
@@ -76,7 +76,7 @@ class KeyQueue(nn.Module):
 class MoCoV2(Method):
     def __init__(self, cfg: TrainConfig, symmetric: bool = True) -> None:
         super().__init__(cfg)
-        dim, out = self.encoder.feature_dim, int(self.cfg.proj_out_dim)
+        dim, out = self.encoder.feature_dim, int(decided(self.cfg.proj_out_dim, "proj_out_dim"))
         hidden = self.cfg.proj_hidden_dim or dim
         self.projector = ProjectionHead(dim, hidden, out, last_bn=True)
         self.key_encoder = momentum_copy(self.encoder)
@@ -101,7 +101,7 @@ class MoCoV2(Method):
         q = self._encode(self._query, views_q, torch.arange(len(x_a), device=x_a.device) if split else None)
         k = self._shuffled_keys(views_k)  # V x [N, P], unit rows
         negatives = self.queue.keys.clone()  # [K, P]; the enqueue below must not touch the graph
-        temperature = float(self.cfg.temperature)
+        temperature = float(decided(self.cfg.temperature, "temperature"))
         loss = torch.stack(
             [info_nce_loss(q_v, k_v, negatives, temperature, valid) for q_v, k_v in zip(q, k, strict=True)]
         )

@@ -12,7 +12,7 @@ import torch
 
 from service.contract.train_config import TrainConfig
 from trainer.losses.nt_xent import nt_xent_loss
-from trainer.methods.base import Method
+from trainer.methods.base import Method, decided
 from trainer.models import ProjectionHead
 
 
@@ -20,9 +20,11 @@ class SimCLR(Method):
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
         dim = self.encoder.feature_dim
-        self.projector = ProjectionHead(dim, self.cfg.proj_hidden_dim or dim, int(self.cfg.proj_out_dim))
+        self.projector = ProjectionHead(
+            dim, self.cfg.proj_hidden_dim or dim, int(decided(self.cfg.proj_out_dim, "proj_out_dim"))
+        )
 
     def training_step(self, x_a: torch.Tensor, x_b: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         z = self.projector(self.encoder(torch.cat([x_a, x_b])))  # [2N, 128]
         z_a, z_b = z.chunk(2)  # [N, 128] each
-        return nt_xent_loss(z_a, z_b, float(self.cfg.temperature), valid=valid)
+        return nt_xent_loss(z_a, z_b, float(decided(self.cfg.temperature, "temperature")), valid=valid)
