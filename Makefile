@@ -38,6 +38,7 @@ up: install
 	$(VENV)/bin/simclr-embed up
 
 test: install-test browser
+	$(MAKE) --no-print-directory lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # ruff (lint and format check) and mypy (configured in pyproject.toml); `make test` runs it too.
