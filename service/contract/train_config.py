@@ -123,7 +123,10 @@ class TrainConfig(_Strict):
     queue_size: int = Field(65_536, ge=1, le=1_048_576)
     byol_tau_base: float = Field(0.996, ge=0.0, le=1.0)
     sync_bn: bool = Field(False, description="SyncBatchNorm across processes (the paper's global BN)")
-    precision: Precision = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU")
+    precision: Precision = Field(
+        "auto",
+        description="auto = bf16 autocast on CUDA and on CPUs with AMX or AVX512_BF16, else fp32; resolved at the run's start",
+    )
     channels_last: bool = True
     compile: bool = False
     num_workers: int = Field(4, ge=0, le=64)

@@ -57,6 +57,8 @@ class JobProgress(BaseModel):
     images_per_s: float | None = None
     eta_s: float | None = None
     knn_top1: float | None = None  # the last kNN monitor reading (config knn_every_epochs)
+    precision: str | None = None  # what the run trains in: "fp32" or "bf16" (trainer/precision.py)
+    warning: str | None = None  # e.g. a bf16 run resumed in fp32 on a machine without native bf16
 
 
 class JobRecord(BaseModel):
