@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--test-folder", type=Path, default=Path("/tmp/cifar10-jpeg"), help="holds test/<class>/")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=Path, default=Path("/tmp/precision-parity"), help="run directories kept here")
     parser.add_argument("--json", type=Path, default=None, help="results, rewritten after every run")
@@ -53,7 +54,7 @@ def main() -> None:
     print(f"memory {len(x_train)} images, queries {len(x_test)} images", file=sys.stderr, flush=True)
     results: list[dict[str, object]] = []
     for seed in args.seeds:
-        for precision in PRECISIONS:
+        for precision in args.precisions:
             cfg = recipe_for_images(32, grayscale=False).config(epochs=args.epochs, seed=seed, precision=precision)
             run_dir = args.runs / f"{precision}-seed{seed}"
             result = train(cfg, args.data, run_dir, resume=False)
