@@ -5,6 +5,11 @@ and in a Celery worker (`index` queue). It embeds the originals of items that ha
 for the model yet, in batches, until none is left, then flags the model complete in the
 store (atomically with adds, so an item added meanwhile is never missed) and writes the
 index snapshot. An API in another process notices the flag and swaps to the new index.
+
+Vectors are keyed by vector space (service.contract.variants.vector_space: the model and the
+variant that wrote them), never by bare model: `space_of` gives the space this deployment
+writes a model's vectors in, so a worker and the API hosts fill the same one, and a change of
+variant is a new space, re-embedded like a new model, never mixed into the old index.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 
 from service.contract.imaging import ImageDecodeError, ResizePolicy, decode_image
 from service.contract.registry import ModelCard, ModelRegistry
+from service.contract.variants import split_vector_space
 from service.items.blobs import BlobStore
 from service.items.index import SnapshotError, VectorIndex
 from service.items.store import ItemStore
@@ -79,11 +85,19 @@ def load_or_build_index(settings: Settings, store: ItemStore, model_id: str, dim
     return index, changes, f"rebuilt: {reason}"
 
 
-def load_encoder(settings: Settings, registry: ModelRegistry, model_id: str) -> Encoder:
-    """A fresh, verified ONNX Runtime encoder for `model_id` (worker side)."""
+def space_of(settings: Settings, registry: ModelRegistry, model_id: str) -> str:
+    """The vector space this deployment writes `model_id`'s vectors in (service.runtime.space_for)."""
+    from service.runtime import space_for  # onnxruntime only where it is needed
+
+    return space_for(registry.get(model_id), settings)
+
+
+def load_encoder(settings: Settings, registry: ModelRegistry, space: str) -> Encoder:
+    """A fresh, verified ONNX Runtime encoder writing vector space `space` (worker side)."""
     from service.runtime import EncoderRuntime  # onnxruntime only where it is needed
 
-    return EncoderRuntime.load(registry, model_id, settings)
+    model_id, variant = split_vector_space(space)
+    return EncoderRuntime.load(registry, model_id, settings, variant)
 
 
 def reembed_all(
@@ -96,7 +110,8 @@ def reembed_all(
     should_stop: Callable[[], bool] | threading.Event | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Embed every item lacking a `model_id` vector, flag the model complete, snapshot its index.
+    """Embed every item lacking a vector in space `model_id` (a `vector_space` key: the bare id
+    is the fp32 one; see `space_of`), flag it complete, snapshot its index.
 
     Returns how many vectors were written; returns early (not complete) when `should_stop`."""
     encoder = encoder or load_encoder(settings, registry, model_id)

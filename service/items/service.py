@@ -26,8 +26,9 @@ from PIL import Image
 
 from service.api.errors import ApiError
 from service.contract.registry import ModelRegistry
+from service.contract.variants import split_vector_space
 from service.items.index import VectorIndex
-from service.items.reindex import Encoder, load_or_build_index, open_store, reembed_all, snapshot_path
+from service.items.reindex import Encoder, load_or_build_index, open_store, reembed_all, snapshot_path, space_of
 from service.items.store import DuplicateItemError, Item, NewItem
 from service.settings import Settings
 
@@ -88,15 +89,18 @@ class ItemService:
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Pick the served model (the active one when complete) and load its index."""
-        active = self.registry.active()
+        """Pick the served model (the active one when complete) and load its index.
+
+        Models are held as vector spaces (model and variant, `space_of`) from here on."""
+        active_id = self.registry.active()
+        active = space_of(self.settings, self.registry, active_id) if active_id else None
         completed = self.store.completed_models()
         if active and (active in completed or (self.store.count() == 0 and self._mark_complete(active))):
             self._install(active)
         elif completed:
             self._install(completed[0])
-        if active and active != self.served:
-            self.on_activate(active)
+        if active_id and active != self.served:
+            self.on_activate(active_id)
         self.runtime.add_listener(self.on_activate)
 
     def close(self) -> None:
@@ -108,8 +112,8 @@ class ItemService:
             self._snapshot()
             self.store.close()
 
-    def _dim(self, model_id: str) -> int:
-        return self.registry.get(model_id).embedding_dim
+    def _dim(self, space: str) -> int:
+        return self.registry.get(split_vector_space(space)[0]).embedding_dim
 
     def _mark_complete(self, model_id: str) -> bool:
         return self.store.mark_complete(model_id, self._dim(model_id))
@@ -135,6 +139,7 @@ class ItemService:
 
     def on_activate(self, model_id: str) -> None:
         """RuntimeManager listener: re-embed everything with `model_id`, then swap."""
+        model_id = space_of(self.settings, self.registry, model_id)  # at this deployment's variant
         with self._mutex:
             if self._job and self._job[0] != model_id:
                 self._job[2].set()
@@ -316,7 +321,7 @@ class ItemService:
             for s, p in zip(scores[0], pks[0], strict=True)
             if int(p) in items
         ]
-        return served, hits
+        return split_vector_space(served)[0], hits
 
     def search_item(self, item_id: str, k: int) -> tuple[str, list[Hit]]:
         served, _ = self._served_index()

@@ -10,13 +10,17 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import RuntimeDep, require_read_key, require_write_key
 from service.api.errors import error_responses
+from service.runtime import variant_for
 
 router = APIRouter(prefix="/models", tags=["models"])
 
 
 class ModelList(BaseModel):
     active: str | None
-    models: list[dict[str, Any]]  # ModelCard fields plus `active: bool`, newest first
+    active_variant: str | None = None  # which variant of the active model embeds: fp32 or int8
+    # ModelCard fields (its `variants` with their verification figures) plus `active: bool` and
+    # `serving_variant`: the variant this deployment embeds that model with; newest first
+    models: list[dict[str, Any]]
 
 
 class Activated(BaseModel):
@@ -28,7 +32,15 @@ class Activated(BaseModel):
 async def list_models(runtime: RuntimeDep) -> ModelList:
     cards = await run_in_threadpool(runtime.registry.list)
     active = runtime.active_id
-    return ModelList(active=active, models=[{**c.model_dump(), "active": c.model_id == active} for c in cards])
+    settings = runtime.settings
+    return ModelList(
+        active=active,
+        active_variant=runtime.active_variant,
+        models=[
+            {**c.model_dump(), "active": c.model_id == active, "serving_variant": variant_for(c, settings)}
+            for c in cards
+        ],
+    )
 
 
 @router.post(
