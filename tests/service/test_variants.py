@@ -22,7 +22,7 @@ from service.app import create_app
 from service.contract.registry import ModelRegistry, VariantCard
 from service.contract.variants import FP32, INT8, serving_variant, vector_space
 from service.items.store import ItemStore
-from tests.service.conftest import SIZE, TinyEncoder, _card, make_settings, multipart, png
+from tests.service.conftest import TinyEncoder, _card, make_settings, multipart, png
 from trainer.export import export_encoder, quantize_int8
 
 MODEL_Q = "tiny-q"
