@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 from statistics import mean
+from typing import Any
 
 import torch
 
@@ -52,7 +53,7 @@ def main() -> None:
     x_train, y_train = labeled_arrays(open_labeled(args.data, "train", 32))  # uint8 [5000, 32, 32, 3]
     x_test, y_test = labeled_arrays(open_labeled(args.test_folder, "test", 32))  # uint8 [10000, 32, 32, 3]
     print(f"memory {len(x_train)} images, queries {len(x_test)} images", file=sys.stderr, flush=True)
-    results: list[dict[str, object]] = []
+    results: list[dict[str, Any]] = []
     for seed in args.seeds:
         for precision in args.precisions:
             cfg = recipe_for_images(32, grayscale=False).config(epochs=args.epochs, seed=seed, precision=precision)
@@ -83,12 +84,12 @@ def main() -> None:
     for r in results:
         print(
             f"| {r['seed']} | {r['precision']} | {r['steps']} | {r['train_s']:.0f} | {r['images_per_s']:.1f} | "
-            f"{r['loss_last_window']:.3f} | {100 * float(r['knn_top1']):.2f}% |"  # type: ignore[arg-type]
+            f"{r['loss_last_window']:.3f} | {100 * r['knn_top1']:.2f}% |"
         )
     for precision in PRECISIONS:
-        top1 = [float(r["knn_top1"]) for r in results if r["precision"] == precision]  # type: ignore[arg-type]
-        if top1:
-            print(f"{precision}: mean kNN top-1 {100 * mean(top1):.2f}% over {len(top1)} seed(s)")
+        scores = [r["knn_top1"] for r in results if r["precision"] == precision]
+        if scores:
+            print(f"{precision}: mean kNN top-1 {100 * mean(scores):.2f}% over {len(scores)} seed(s)")
 
 
 if __name__ == "__main__":
