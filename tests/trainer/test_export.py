@@ -152,7 +152,8 @@ def test_metadata_round_trip(exported):
     run_dir, registry, card, _, size = exported
     _, path = registry.verify(card.model_id)
     props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
-    assert ModelCard.from_onnx_metadata(props, sha256=card.sha256, size_bytes=card.size_bytes) == card
+    registry_facts = {k: getattr(card, k) for k in ("sha256", "size_bytes", "variants", "refused_variants")}
+    assert ModelCard.from_onnx_metadata(props, **registry_facts) == card  # the rest is in the ONNX file
     assert registry.get(card.model_id) == card and registry.active() == card.model_id
     info = json.loads((run_dir / "config.json").read_text())
     assert card.train_config == info["config"]
