@@ -62,7 +62,7 @@ def bench_ours(cfg: TrainConfig, data: str, warmup: int, steps: int, cuda: bool,
     """The engine's DataLoader alone, the data pipeline (load + both views), and a full step
     (load, then the engine's own `_train_step`: augment, forward, backward, optimiser)."""
     dataset = open_dataset(data, cfg.image_size)
-    trainer = _Trainer(0, 1, cuda, cfg, dataset, tmp, None, None)
+    trainer = _Trainer(0, 1, cuda, cfg, dataset, None, tmp, None, None)  # no kNN monitor
     trainer.method.train()
     batches = (images for images, _ in _cycle(trainer.loader))  # uint8 [B, 3, S, S]
 
