@@ -29,6 +29,7 @@ from trainer import export
 from trainer.checkpoint import save_checkpoint
 from trainer.export import ExportError, export_encoder, export_run, ort_session, reference_embed
 from trainer.models import Encoder
+from trainer.precision import resolve_precision
 
 REPO = Path(__file__).resolve().parents[2]
 BATCH_SIZES = (1, 7, 64)
@@ -252,7 +253,8 @@ def test_cli_export_of_a_trained_run(tmp_path, cifar5k_path):
     registry = ModelRegistry(models)
     assert registry.active() == "cli-model"
     card, _ = registry.verify("cli-model")
-    assert card.train_config == cfg.resolved().model_dump(mode="json") and card.embedding_dim == 512
+    ran = cfg.resolved().model_copy(update={"precision": resolve_precision("auto", cuda=False)})
+    assert card.train_config == ran.model_dump(mode="json") and card.embedding_dim == 512  # precision resolved
     assert card.dataset_fingerprint == json.loads((run_dir / "config.json").read_text())["dataset"]["fingerprint"]
     assert card.metrics.keys() == {"train_loss"}
 
