@@ -12,6 +12,10 @@
 4. Rounds: raw ORT at its best batch size and /embed alternate `--rounds` times, so that load
    from other processes drifting over the run hits both alike; the ratio of each round and the
    median ratio are reported.
+5. Variants (`--variants fp32,int8`, the default): the model is published with its int8
+   variant (trainer.export.quantize_int8, calibrated on 256 of the images; random weights, so
+   not verified: speed does not depend on them), one server per variant
+   (SIMCLR_EMBED_EMBED_VARIANT), and every round measures raw ORT and /embed of each variant.
 
     .venv/bin/python bench/embed_throughput.py --seconds 10 --clients 32 --per-request 8 --rounds 5
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import os
 import sys
@@ -36,7 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the tests' server fixture and the helpers it imports
 
 from service.contract.imaging import ResizePolicy
-from service.contract.registry import ModelCard, ModelRegistry
+from service.contract.registry import ModelCard, ModelRegistry, VariantCard
+from service.contract.variants import FP32, INT8
 from service.runtime import default_providers
 from tests.service.conftest import live_server
 
@@ -55,7 +61,7 @@ def load_images(count: int, size: int) -> np.ndarray:
 def publish_model(root: Path, backbone: str, size: int, images: np.ndarray) -> str:
     import torch
 
-    from trainer.export import export_encoder
+    from trainer.export import export_encoder, quantize_int8
     from trainer.models import Encoder
 
     torch.manual_seed(0)
@@ -72,7 +78,11 @@ def publish_model(root: Path, backbone: str, size: int, images: np.ndarray) -> s
     )
     onnx_path = root / "model.onnx"
     export_encoder(encoder, onnx_path, card=card, parity_images=images[:8])
-    ModelRegistry(root / "models").publish(onnx_path, card, activate=True)
+    int8_path = root / "model.int8.onnx"
+    quantize_int8(onnx_path, int8_path, images[:256])
+    variant = VariantCard(file="model.int8.onnx", verification={"bench": "random weights, not verified"})
+    card = card.model_copy(update={"variants": {INT8: variant}})
+    ModelRegistry(root / "models").publish(onnx_path, card, variants={INT8: int8_path}, activate=True)
     return model_id
 
 
@@ -142,6 +152,14 @@ def multipart_bodies(images: np.ndarray, per_request: int) -> list[tuple[bytes, 
     return bodies
 
 
+def mean_batch(metrics: str) -> float:
+    """Mean server batch size from a /metrics text."""
+    lines = metrics.splitlines()
+    sums = [float(line.split()[-1]) for line in lines if line.startswith("simclr_embed_batch_size_sum")]
+    counts = [float(line.split()[-1]) for line in lines if line.startswith("simclr_embed_batch_size_count")]
+    return sum(sums) / max(sum(counts), 1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="resnet18")
@@ -154,57 +172,69 @@ def main() -> int:
     parser.add_argument("--batch-max-wait-ms", type=float, default=2.0)
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
     parser.add_argument("--rounds", type=int, default=3, help="alternations of raw ORT and /embed")
+    parser.add_argument("--variants", default="fp32,int8", help="comma list of the variants to serve and time")
     args = parser.parse_args()
 
+    variants = args.variants.split(",")
     images = load_images(1024, args.size)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as servers:
         root = Path(tmp)
         model_id = publish_model(root, args.backbone, args.size, images)
-        model_path = root / "models" / model_id / "model.onnx"
-        session = raw_session(model_path, args.threads)
-        raw = {int(b): raw_ort(session, images, int(b), args.seconds / 2) for b in args.batch_sizes.split(",")}
-        best_b = max(raw, key=raw.__getitem__)
-
+        files = {FP32: "model.onnx", INT8: "model.int8.onnx"}
+        sessions = {v: raw_session(root / "models" / model_id / files[v], args.threads) for v in variants}
+        raw = {
+            v: {int(b): raw_ort(sessions[v], images, int(b), args.seconds / 2) for b in args.batch_sizes.split(",")}
+            for v in variants
+        }
+        best = {v: max(raw[v], key=raw[v].__getitem__) for v in variants}
         env = {
             "SIMCLR_EMBED_ORT_INTRA_OP_THREADS": str(args.threads),
             "SIMCLR_EMBED_BATCH_MAX_SIZE": str(args.batch_max_size),
             "SIMCLR_EMBED_BATCH_MAX_WAIT_MS": str(args.batch_max_wait_ms),
             "SIMCLR_EMBED_MAX_IMAGES_PER_REQUEST": str(max(64, args.per_request)),
         }
-        with live_server(root, **env) as server:  # answers once its lifespan has loaded the model
-            bodies = multipart_bodies(images, args.per_request)
-            rounds = []  # (raw ORT at best_b, /embed) images/s
-            for _ in range(args.rounds):
-                reference = raw_ort(session, images, best_b, args.seconds)
+        # One server per variant on the same data dir; each answers once its model is loaded.
+        urls = {v: servers.enter_context(live_server(root, **env, SIMCLR_EMBED_EMBED_VARIANT=v)).url for v in variants}
+        bodies = multipart_bodies(images, args.per_request)
+        rounds = []  # {variant: (raw ORT at its best batch, /embed)} images/s
+        for _ in range(args.rounds):
+            measured = {}
+            for v in variants:
+                reference = raw_ort(sessions[v], images, best[v], args.seconds)
                 served, count = asyncio.run(
-                    http_throughput(server.url, bodies, args.per_request, args.clients, args.seconds)
+                    http_throughput(urls[v], bodies, args.per_request, args.clients, args.seconds)
                 )
-                rounds.append((reference, served))
-            metrics = httpx.get(server.url + "/metrics").text
+                measured[v] = (reference, served)
+            rounds.append(measured)
+        metrics = {v: httpx.get(urls[v] + "/metrics").text for v in variants}
 
-    sums = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("simclr_embed_batch_size_sum")]
-    counts = [
-        float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("simclr_embed_batch_size_count")
-    ]
-    mean_batch = sum(sums) / max(sum(counts), 1)
     print(
         f"model {model_id} ({args.backbone}, {args.size}x{args.size}), {os.cpu_count()} CPUs, "
         f"ORT {ort.__version__} {default_providers()[0]}, threads={args.threads or 'default'}"
     )
     print("\nBatch-size scan of raw ONNX Runtime (half-length windows):\n")
-    print("| batch | images/s |\n|---:|---:|")
-    for b, v in raw.items():
-        print(f"| {b} | {v:.0f} |")
+    print("| batch | " + " | ".join(f"{v} images/s" for v in variants) + " |\n|---:|" + "---:|" * len(variants))
+    for b in raw[variants[0]]:
+        print(f"| {b} | " + " | ".join(f"{raw[v][b]:.0f}" for v in variants) + " |")
+    batches = ", ".join(f"{v} {mean_batch(metrics[v]):.1f}" for v in variants)
     print(
         f"\nAlternating rounds, {args.seconds:.0f} s each; /embed: {args.clients} clients x {args.per_request} "
-        f"images/request, mean server batch {mean_batch:.1f}:\n"
+        f"images/request, mean server batch {batches}:\n"
     )
-    print(f"| round | raw ORT batch {best_b} images/s | POST /embed images/s | /embed / raw |\n|---:|---:|---:|---:|")
-    ratios = []
-    for i, (reference, served) in enumerate(rounds, 1):
-        ratios.append(served / reference)
-        print(f"| {i} | {reference:.0f} | {served:.0f} | {ratios[-1]:.3f} |")
-    print(f"\nmedian /embed / raw ORT = {float(np.median(ratios)):.3f} (last round: {count} images served)")
+    head = " | ".join(f"raw {v} (batch {best[v]}) | /embed {v} | /embed / raw {v}" for v in variants)
+    print(f"| round | {head} |\n|---:|" + "---:|---:|---:|" * len(variants))
+    for i, measured in enumerate(rounds, 1):
+        cells = " | ".join(
+            f"{measured[v][0]:.0f} | {measured[v][1]:.0f} | {measured[v][1] / measured[v][0]:.3f}" for v in variants
+        )
+        print(f"| {i} | {cells} |")
+    for v in variants:
+        ratio = float(np.median([m[v][1] / m[v][0] for m in rounds]))
+        print(f"median /embed / raw ORT, {v} = {ratio:.3f}")
+    if {FP32, INT8} <= set(variants):
+        raw_ratio = float(np.median([m[INT8][0] / m[FP32][0] for m in rounds]))
+        embed_ratio = float(np.median([m[INT8][1] / m[FP32][1] for m in rounds]))
+        print(f"median int8 / fp32: raw ORT {raw_ratio:.2f}x, /embed {embed_ratio:.2f}x (last round: {count} images)")
     return 0
 
 

@@ -4,7 +4,9 @@ Both sides run the same thing: uint8 [N, S, S, 3] in, unit-norm embedding out (t
 graph, trainer.export.EmbeddingGraph, in torch eager under inference_mode). Both get the same
 thread count (torch.set_num_threads and ORT intra_op_num_threads). Each encoder is exported
 with trainer.export.export_encoder, so the parity check on real CIFAR-10 images runs first.
-Torch and ORT calls are interleaved so load from other processes hits both alike.
+The int8 variant export publishes (trainer.export.quantize_int8, calibrated on 64 CIFAR-10
+images) runs in the same loop, with its cosine to the fp32 ORT output on the timed images.
+Torch, ORT fp32 and ORT int8 calls are interleaved so load from other processes hits all alike.
 
     .venv/bin/python bench/onnx_vs_torch.py --threads 2 [--models r18s32,r18_224,r50_224]
 
@@ -19,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from service.contract.imaging import ResizePolicy
 from service.contract.registry import ModelCard
-from trainer.export import EmbeddingGraph, export_encoder
+from trainer.export import EmbeddingGraph, export_encoder, quantize_int8
 from trainer.models import Encoder
 
 MODELS = {  # name -> (backbone, small_stem, input size)
@@ -50,20 +53,18 @@ def _session(path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def _time_pair(run_torch, run_ort, min_time: float, min_iters: int) -> tuple[float, float]:
-    """Median seconds per call of each, calls interleaved, after one warm-up call each."""
-    run_torch(), run_ort()
-    t_torch, t_ort = [], []
+def _time_interleaved(runs: list[Callable[[], object]], min_time: float, min_iters: int) -> list[float]:
+    """Median seconds per call of each of `runs`, calls interleaved, after one warm-up call each."""
+    for run in runs:
+        run()
+    times: list[list[float]] = [[] for _ in runs]
     start = time.perf_counter()
-    while len(t_torch) < min_iters or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        run_torch()
-        t1 = time.perf_counter()
-        run_ort()
-        t2 = time.perf_counter()
-        t_torch.append(t1 - t0)
-        t_ort.append(t2 - t1)
-    return statistics.median(t_torch), statistics.median(t_ort)
+    while len(times[0]) < min_iters or time.perf_counter() - start < min_time * len(runs) / 2:
+        for run, spent in zip(runs, times, strict=True):
+            t0 = time.perf_counter()
+            run()
+            spent.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def bench_model(name: str, images: np.ndarray, batches: list[int], threads: int, min_time: float) -> list[str]:
@@ -79,7 +80,9 @@ def bench_model(name: str, images: np.ndarray, batches: list[int], threads: int,
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         diff = export_encoder(encoder, path, card=card, parity_images=policy.batch(images[:16]))
+        quantize_int8(path, Path(tmp) / "model.int8.onnx", policy.batch(images[:64]))
         session = _session(path, threads)
+        int8 = _session(Path(tmp) / "model.int8.onnx", threads)
         graph = EmbeddingGraph(encoder).eval()
         for batch in batches:
             x = policy.batch(images[:batch])  # [B, S, S, 3] uint8, real images
@@ -92,10 +95,16 @@ def bench_model(name: str, images: np.ndarray, batches: list[int], threads: int,
             def run_ort() -> None:
                 session.run(["embedding"], {"images": x})
 
-            s_torch, s_ort = _time_pair(run_torch, run_ort, min_time, min_iters=3)
+            def run_int8() -> None:
+                int8.run(["embedding"], {"images": x})
+
+            s_torch, s_ort, s_int8 = _time_interleaved([run_torch, run_ort, run_int8], min_time, min_iters=3)
+            ref, got = session.run(["embedding"], {"images": x})[0], int8.run(["embedding"], {"images": x})[0]
+            cosine = float(np.min(np.sum(ref.astype(np.float64) * got, axis=1)))
             rows.append(
                 f"| {backbone}{' small stem' if small_stem else ''} | {size} | {batch} | {batch / s_torch:.1f} "
-                f"| {batch / s_ort:.1f} | {s_torch / s_ort:.2f}x | {diff:.1e} |"
+                f"| {batch / s_ort:.1f} | {batch / s_int8:.1f} | {s_torch / s_ort:.2f}x | {s_ort / s_int8:.2f}x "
+                f"| {diff:.1e} | {cosine:.4f} |"
             )
             print(rows[-1], flush=True)
     return rows
@@ -115,8 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}, onnxruntime {ort.__version__}, {platform.processor() or platform.machine()}, "
         f"{args.threads} threads both sides, ORT_ENABLE_ALL, CPUExecutionProvider\n"
     )
-    print("| encoder | S | batch | torch eager img/s | ONNX Runtime img/s | ORT / torch | parity max diff |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| encoder | S | batch | torch eager img/s | ORT fp32 img/s | ORT int8 img/s | ORT / torch | int8 / fp32 "
+        "| parity max diff | int8 cosine min |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     batches = [int(b) for b in args.batches.split(",")]
     for name in args.models.split(","):
         bench_model(name, images, batches, args.threads, args.min_time)

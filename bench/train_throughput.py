@@ -7,7 +7,12 @@ LARS, schedule (the engine's own `_train_step`, not a copy). With `lightly` impo
 PIL SimCLRTransform in a DataLoader, SimCLRProjectionHead, NTXentLoss, its LARS) is timed in
 the same run, both its data pipeline alone and its full step. On a GPU, ResNet-50 at 224 px too.
 
+Ours runs at each of `--precisions` as `train()` resolves it (trainer/precision.py: `auto` is
+bf16 autocast with channels-last on CUDA and on CPUs with AMX / AVX512_BF16, else fp32); lightly
+runs fp32, as its users run it on a CPU. `--threads 1,2` repeats everything at each count.
+
     python bench/train_throughput.py --threads 1 --num-workers 0   # CPU: ResNet-18, 32 px, batch 256
+    python bench/train_throughput.py --threads 1,2 --num-workers 0 --stems small --precisions auto
     python bench/train_throughput.py --data ../shared/data/cifar10-5k.npz
 """
 
@@ -27,6 +32,7 @@ from torch.utils.data import DataLoader
 from service.contract.train_config import TrainConfig
 from trainer.data import open_dataset
 from trainer.engine import _Trainer
+from trainer.precision import resolve_precision
 
 
 def _timed(fn: Callable[[], object], warmup: int, steps: int, sync: bool) -> float:
@@ -56,7 +62,7 @@ def bench_ours(cfg: TrainConfig, data: str, warmup: int, steps: int, cuda: bool,
     """The engine's DataLoader alone, the data pipeline (load + both views), and a full step
     (load, then the engine's own `_train_step`: augment, forward, backward, optimiser)."""
     dataset = open_dataset(data, cfg.image_size)
-    trainer = _Trainer(0, 1, cuda, cfg, dataset, tmp, None, None)
+    trainer = _Trainer(0, 1, cuda, cfg, dataset, None, tmp, None, None)  # no kNN monitor
     trainer.method.train()
     batches = (images for images, _ in _cycle(trainer.loader))  # uint8 [B, 3, S, S]
 
@@ -120,7 +126,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    parser.add_argument("--threads", default="0", help="torch CPU thread counts, comma list; 0 = torch's default")
+    parser.add_argument("--precisions", default="auto", help="ours: comma list of auto, fp32, bf16")
     parser.add_argument(
         "--stems",
         default="small,standard",
@@ -128,8 +135,14 @@ def main() -> None:
     )
     parser.add_argument("--skip-lightly", action="store_true")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    for threads in (int(t) for t in args.threads.split(",")):
+        if threads:
+            torch.set_num_threads(threads)
+        run_settings(args)
+
+
+def run_settings(args: argparse.Namespace) -> None:
+    """Every stem (and ResNet-50 on a GPU) at the current thread count: ours at each precision, lightly."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     settings = [("resnet18", 32, stem == "small") for stem in args.stems.split(",")]
@@ -151,15 +164,21 @@ def main() -> None:
                 compile=False,
             ).resolved()
             data = _dataset_path(args.data, size, 4 * args.batch_size, tmp)
-            row = {
+            row: dict[str, object] = {
                 "backbone": backbone,
                 "small_stem": small_stem,
                 "image_size": size,
                 "batch_size": args.batch_size,
                 "blur": cfg.augment.blur,
                 "device": device.type,
-                **bench_ours(cfg, data, args.warmup, args.steps, cuda, tmp),
+                "threads": torch.get_num_threads(),
             }
+            for requested in args.precisions.split(","):
+                precision = resolve_precision(requested, cuda)  # as train() resolves it
+                ours = bench_ours(
+                    cfg.model_copy(update={"precision": precision}), data, args.warmup, args.steps, cuda, tmp
+                )
+                row.update({f"{requested}={precision} {k}": v for k, v in ours.items()})
             if not args.skip_lightly:
                 theirs = bench_lightly(cfg, data, args.warmup, args.steps, device)
                 row.update(theirs or {"lightly": "not installed (pip install -e '.[bench]')"})

@@ -56,14 +56,17 @@ class Metrics:
         self.active_model = Gauge(
             "simclr_embed_active_model_info",
             "1 for the active model",
-            ("model_id", "method", "backbone", "embedding_dim"),
+            ("model_id", "method", "backbone", "embedding_dim", "variant"),
             registry=self.registry,
         )
 
-    def set_active_model(self, model_id: str | None, method: str = "", backbone: str = "", dim: int = 0) -> None:
+    def set_active_model(
+        self, model_id: str | None, method: str = "", backbone: str = "", dim: int = 0, variant: str = "fp32"
+    ) -> None:
+        """`variant`: which of the model's variants serves (fp32, int8)."""
         self.active_model.clear()
         if model_id is not None:
-            self.active_model.labels(model_id, method, backbone, str(dim)).set(1)
+            self.active_model.labels(model_id, method, backbone, str(dim), variant).set(1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,6 +11,12 @@
   a replaced model is closed once idle for `retired_model_ttl_s` (search keeps using it
   while items are re-embedded). A background task notices activations written to the
   registry by another process (the worker after training) within `active_poll_s`.
+
+Variants: a model may have an int8 variant beside its fp32 reference. Which one embeds is the
+deployment's choice (`Settings.embed_variant`, resolved per model by `variant_for`), the same
+in every process that writes vectors. Loaded runtimes are keyed by vector space
+(`service.contract.variants.vector_space`): `get` and `embed` take such a key, so the item
+layer can keep embedding queries with the variant its served index was built with.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from PIL import Image
 from service.contract.encoder_io import INPUT_NAME, OUTPUT_NAME, ort_session_options
 from service.contract.imaging import EncodedImages, ResizePolicy
 from service.contract.registry import ModelCard, ModelIntegrityError, ModelRegistry
+from service.contract.variants import FP32, serving_variant, split_vector_space, vector_space
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -71,13 +78,31 @@ def default_providers(requested: Sequence[str] = ()) -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+def on_cpu(settings: Settings) -> bool:
+    """Whether this deployment's ONNX Runtime runs on the CPU (its first provider)."""
+    return default_providers(settings.ort_providers)[0] == "CPUExecutionProvider"
+
+
+def variant_for(card: ModelCard, settings: Settings) -> str:
+    """The variant this deployment embeds `card`'s model with (serving_variant of the setting,
+    the card's verified variants and the provider): API hosts and workers agree on it."""
+    return serving_variant(settings.embed_variant, card.variants, on_cpu(settings))
+
+
+def space_for(card: ModelCard, settings: Settings) -> str:
+    """The vector space this deployment writes `card`'s model's vectors in."""
+    return vector_space(card.model_id, variant_for(card, settings))
+
+
 class EncoderRuntime:
     """One verified encoder: `embed(uint8 [N, S, S, 3]) -> float32 [N, D]` (unit rows)."""
 
-    def __init__(self, card: ModelCard, session: ort.InferenceSession) -> None:
+    def __init__(self, card: ModelCard, session: ort.InferenceSession, variant: str = FP32) -> None:
         self.card = card
         self.session = session
         self.model_id = card.model_id
+        self.variant = variant
+        self.space = vector_space(card.model_id, variant)  # the store key of the vectors it writes
         meta = session.get_modelmeta().custom_metadata_map
         try:
             self.policy = ResizePolicy.from_json(meta.get("resize_policy", card.resize_policy))
@@ -111,9 +136,14 @@ class EncoderRuntime:
             )
 
     @classmethod
-    def load(cls, registry: ModelRegistry, model_id: str, settings: Settings) -> EncoderRuntime:
-        """Verify the file against its card, open a session and warm it up (blocking: call off the loop)."""
-        card, path = registry.verify(model_id)  # ModelNotFoundError / ModelIntegrityError
+    def load(
+        cls, registry: ModelRegistry, model_id: str, settings: Settings, variant: str | None = None
+    ) -> EncoderRuntime:
+        """Verify `variant`'s file (default: the deployment's, `variant_for`) against its card,
+        open a session and warm it up (blocking: call off the loop)."""
+        if variant is None:
+            variant = variant_for(registry.get(model_id), settings)
+        card, path = registry.verify(model_id, variant)  # ModelNotFoundError / ModelIntegrityError
         options = ort_session_options(settings.ort_intra_op_threads, settings.ort_inter_op_threads)
         try:
             session = ort.InferenceSession(str(path), options, providers=default_providers(settings.ort_providers))
@@ -121,7 +151,7 @@ class EncoderRuntime:
             raise
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise ModelLoadError(f"ONNX Runtime cannot load model {model_id}: {exc}") from exc
-        runtime = cls(card, session)
+        runtime = cls(card, session, variant)
         runtime.warm_up()
         return runtime
 
@@ -260,7 +290,8 @@ class RuntimeManager:
         self.settings = settings
         self.metrics = metrics
         self._loaded: dict[str, _Loaded] = {}
-        self._active: str | None = None
+        self._active: str | None = None  # the active model id
+        self._active_space: str | None = None  # and the vector space it serves: vector_space(id, variant)
         self._load_locks: dict[str, asyncio.Lock] = {}
         self._swap_lock = asyncio.Lock()
         self._listeners: list[Listener] = []
@@ -282,8 +313,8 @@ class RuntimeManager:
             self._watcher.cancel()
         for task in list(self._background):
             task.cancel()
-        for model_id in list(self._loaded):
-            await self._unload(model_id)
+        for space in list(self._loaded):
+            await self._unload(space)
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -291,9 +322,14 @@ class RuntimeManager:
     def active_id(self) -> str | None:
         return self._active
 
+    @property
+    def active_variant(self) -> str | None:
+        return None if self._active_space is None else split_vector_space(self._active_space)[1]
+
     def get(self, model_id: str | None = None) -> EncoderRuntime:
-        """A loaded runtime: the active one by default. Raises NoActiveModelError when none."""
-        key = model_id or self._active
+        """A loaded runtime: the active one by default, else by vector space key (a bare model
+        id is its fp32 space). Raises NoActiveModelError when none."""
+        key = model_id or self._active_space
         if key is None or key not in self._loaded:
             if model_id is None:
                 raise NoActiveModelError(self.last_error or "")
@@ -311,7 +347,8 @@ class RuntimeManager:
     ) -> tuple[str, np.ndarray]:
         """Images (RGB PIL, encoded, or uint8 [N, S, S, 3] already resized) -> (model id, float32 [N, D]).
 
-        The model is pinned for the whole call, so a swap in between never mixes models:
+        `model_id`: a vector space key (vector_space(id, variant); a bare id is fp32), default
+        the active model at the deployment's variant. The model is pinned for the whole call, so a swap in between never mixes models:
         the resize policy and the vectors come from the model id returned.
         """
         entry = await self._acquire(model_id)
@@ -333,32 +370,39 @@ class RuntimeManager:
             entry.users -= 1
             entry.last_used = time.monotonic()
 
-    async def _acquire(self, model_id: str | None) -> _Loaded:
-        if model_id is None:
-            if self._active is None or self._active not in self._loaded:
+    async def _acquire(self, space: str | None) -> _Loaded:
+        if space is None:
+            if self._active_space is None or self._active_space not in self._loaded:
                 raise NoActiveModelError(self.last_error or "")
-            entry = self._loaded[self._active]
+            entry = self._loaded[self._active_space]
         else:
-            entry = self._loaded.get(model_id) or await self._load(model_id)
+            entry = self._loaded.get(space) or await self._load(space)
         entry.users += 1
         return entry
 
-    async def _load(self, model_id: str) -> _Loaded:
-        lock = self._load_locks.setdefault(model_id, asyncio.Lock())
+    async def _deployment_space(self, model_id: str) -> str:
+        """The vector space this deployment serves `model_id` in (ModelNotFoundError if absent)."""
+        card = await asyncio.to_thread(self.registry.get, model_id)
+        return space_for(card, self.settings)
+
+    async def _load(self, space: str) -> _Loaded:
+        lock = self._load_locks.setdefault(space, asyncio.Lock())
         async with lock:
-            if model_id in self._loaded:
-                return self._loaded[model_id]
-            runtime = await asyncio.to_thread(EncoderRuntime.load, self.registry, model_id, self.settings)
+            if space in self._loaded:
+                return self._loaded[space]
+            model_id, variant = split_vector_space(space)
+            runtime = await asyncio.to_thread(EncoderRuntime.load, self.registry, model_id, self.settings, variant)
             batcher = MicroBatcher(
                 runtime,
                 max_size=self.settings.batch_max_size,
                 max_wait_ms=self.settings.batch_max_wait_ms,
                 metrics=self.metrics,
             )
-            entry = self._loaded[model_id] = _Loaded(runtime, batcher)
+            entry = self._loaded[space] = _Loaded(runtime, batcher)
             log.info(
-                "loaded model %s (%s, dim %d, input %d, providers %s)",
+                "loaded model %s (%s, %s, dim %d, input %d, providers %s)",
                 model_id,
+                variant,
                 runtime.card.backbone,
                 runtime.dim,
                 runtime.size,
@@ -366,11 +410,11 @@ class RuntimeManager:
             )
             return entry
 
-    async def _unload(self, model_id: str) -> None:
-        entry = self._loaded.pop(model_id, None)
+    async def _unload(self, space: str) -> None:
+        entry = self._loaded.pop(space, None)
         if entry is not None:
             await entry.batcher.close()
-            log.info("released model %s", model_id)
+            log.info("released model %s", space)
 
     # -- activation ---------------------------------------------------------------------------
 
@@ -380,20 +424,22 @@ class RuntimeManager:
         Raises ModelNotFoundError / ModelIntegrityError (nothing changes) when it cannot load.
         """
         async with self._swap_lock:
-            entry = await self._acquire(model_id)  # pinned: not released while the pointer is written
+            space = await self._deployment_space(model_id)
+            entry = await self._acquire(space)  # pinned: not released while the pointer is written
             try:
                 await asyncio.to_thread(self.registry.activate, model_id)
                 self._pointer_seen = self._read_pointer()
-                self._swap(model_id)
+                self._swap(space)
             finally:
                 entry.users -= 1
             return entry.runtime.card
 
-    def _swap(self, model_id: str) -> None:
-        previous, self._active = self._active, model_id
+    def _swap(self, space: str) -> None:
+        model_id, variant = split_vector_space(space)
+        previous, self._active, self._active_space = self._active, model_id, space
         self.last_error = None
-        card = self._loaded[model_id].runtime.card
-        self.metrics.set_active_model(model_id, card.method, card.backbone, card.embedding_dim)
+        card = self._loaded[space].runtime.card
+        self.metrics.set_active_model(model_id, card.method, card.backbone, card.embedding_dim, variant)
         if previous != model_id:
             log.info("active model: %s (was %s)", model_id, previous)
             for callback in self._listeners:
@@ -422,14 +468,15 @@ class RuntimeManager:
                 self._pointer_seen = pointer
                 return
             try:
-                entry = await self._acquire(model_id)
+                space = await self._deployment_space(model_id)
+                entry = await self._acquire(space)
             except Exception as exc:  # a broken model must not take the server down
                 self._failed_pointer = pointer
                 self.last_error = f"model {model_id} could not be loaded: {exc}"
                 log.error("%s", self.last_error)
                 return
             self._pointer_seen = pointer
-            self._swap(model_id)
+            self._swap(space)
             entry.users -= 1
 
     async def _watch(self) -> None:
@@ -444,10 +491,10 @@ class RuntimeManager:
     async def _release_idle(self) -> None:
         """Close replaced models nobody used for `retired_model_ttl_s`."""
         now = time.monotonic()
-        for model_id, entry in list(self._loaded.items()):
+        for space, entry in list(self._loaded.items()):
             if (
-                model_id != self._active
+                space != self._active_space
                 and entry.users == 0
                 and now - entry.last_used >= self.settings.retired_model_ttl_s
             ):
-                await self._unload(model_id)
+                await self._unload(space)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     ort_intra_op_threads: int = Field(0, ge=0, description="0 = ONNX Runtime's default (all cores)")
     ort_inter_op_threads: int = Field(1, ge=0)
     ort_providers: CommaList = Field(default_factory=list, description="default: CUDA when present, else CPU")
+    embed_variant: Literal["auto", "fp32", "int8"] = Field(
+        "auto",
+        description="which variant of a model embeds, for every process of the deployment: auto = int8 on CPU "
+        "when the model has a verified one, else fp32; fp32 forces the reference; int8 wherever the model has it",
+    )
     active_poll_s: float = Field(
         1.0, gt=0.0, description="how often the server checks models/active for a swap made elsewhere"
     )

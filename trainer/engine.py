@@ -19,6 +19,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -42,6 +43,7 @@ from trainer.data import ImageDataset, open_dataset
 from trainer.evaluate import KnnMonitor
 from trainer.methods import build_method
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.precision import resolve_precision
 from trainer.sync_bn import convert_sync_batchnorm
 
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -60,6 +62,7 @@ RESUMABLE_CHANGES = frozenset(
         "log_every_steps",
         "compile",
         "knn_every_epochs",
+        "precision",  # a resumed run continues on whatever this machine computes (trainer/precision.py)
     }
 )
 
@@ -200,6 +203,7 @@ def train(
     cfg = resolution.config
     if launch is None or launch.rank == 0:
         print("training defaults decided for this run:", *resolution.describe(), sep="\n  ", file=sys.stderr)
+    cfg = cfg.model_copy(update={"precision": resolve_precision(cfg.precision, cuda)})  # recorded resolved
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} training processes")
     if len(dataset) < cfg.batch_size:
@@ -324,8 +328,11 @@ class _Trainer:
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = cuda and not cfg.deterministic
-        self.channels_last = cuda and cfg.channels_last
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+        bf16 = cfg.precision == "bf16"  # resolved by train(): "fp32" or "bf16"
+        # channels-last is where oneDNN's bf16 convolutions are fastest on CPU (2.6x fp32 with it,
+        # 2.2x without, issue 16); CPU fp32 keeps the contiguous layout.
+        self.channels_last = cfg.channels_last and (cuda or bf16)
+        self.precision_warning: str | None = None
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
 
         _seed_all(cfg.seed)  # identical initial weights on every rank
@@ -392,7 +399,15 @@ class _Trainer:
         if self.rank < len(state["rng"]):
             _set_rng_state(state["rng"][self.rank])
         self.step = int(state["step"])
-        self._log({"event": "resume", "step": self.step})
+        trained_in = state["config"].get("precision")
+        if trained_in != self.cfg.precision:
+            self.precision_warning = (
+                f"resumed at step {self.step} in {self.cfg.precision}; the steps before were trained in {trained_in} "
+                "(precision auto is bf16 only on CUDA or a CPU with AMX / AVX512_BF16)"
+            )
+            if self.is_main:
+                warnings.warn(self.precision_warning, stacklevel=2)
+        self._log({"event": "resume", "step": self.step, "precision": self.cfg.precision})
 
     def _save(self) -> None:
         rng = _rng_state()
@@ -503,6 +518,8 @@ class _Trainer:
                             "eta_s": (self.total_steps - self.step) * cfg.batch_size / rate,
                             "knn_top1": self.knn_top1,
                             "masked_images": self.masked_images,
+                            "precision": cfg.precision,
+                            "warning": self.precision_warning,
                         }
                         self._report(record, writer, bar)
                         window_loss.zero_()

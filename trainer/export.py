@@ -10,6 +10,13 @@ Every export is checked before anything is published: `onnx.checker`, then ONNX 
 against the torch encoder on real images (max abs difference of the unit-norm outputs under
 `PARITY_TOLERANCE`). A failed check raises `ExportError` and publishes nothing.
 
+Variants: beside the fp32 reference, an int8 model for CPUs (`quantize_int8`: ONNX Runtime
+static quantisation, QDQ format, per-channel int8 weights, uint8 activations calibrated on
+CALIBRATION_IMAGES images of the training data; the uint8 input and the preprocessing stay
+in the graph). It is published only when `verify_variant` passes INT8_THRESHOLDS on at least
+VERIFY_IMAGES other images of the training data that calibration did not see; otherwise the
+fp32 model is published alone and the card says why (`refused_variants`).
+
 Exporter: the TorchScript exporter (`dynamo=False`) with `dynamic_axes`. With torch 2.14.1
 both exporters pass parity and give ONNX Runtime graphs of the same speed; the TorchScript
 one exports in ~1 s instead of ~8 s and yields a plain graph (BatchNorm folded into Conv,
@@ -38,14 +45,30 @@ from torch import nn
 
 from service.contract.encoder_io import INPUT_NAME, OUTPUT_NAME, PIXEL_MEAN, PIXEL_STD, ort_session_options
 from service.contract.imaging import ResizePolicy
-from service.contract.registry import FORMAT_VERSION, ModelCard, ModelRegistry, RegistryError, valid_model_id
+from service.contract.registry import (
+    FORMAT_VERSION,
+    ModelCard,
+    ModelRegistry,
+    RegistryError,
+    VariantCard,
+    valid_model_id,
+)
 from service.contract.train_config import TrainConfig
+from service.contract.variants import INT8
 from trainer.checkpoint import load_encoder
 from trainer.models import Encoder, normalize_pixels
 
 PARITY_TOLERANCE = 1e-4
 PARITY_IMAGES = 64  # real images checked at export
 OPSET = 18
+CALIBRATION_IMAGES = 256  # training images the int8 activation ranges are calibrated on
+VERIFY_IMAGES = 1000  # other training images the int8 model is checked on against fp32
+NEIGHBOURS = 10
+# What an int8 variant must reach on the held-out images, against the fp32 reference (cosine of
+# the two unit embeddings of each image; mean share of each image's 10 nearest neighbours among
+# the held-out images that both models find). docs/benchmarks.md gives the figures trained
+# models reach (cosine ~0.999, agreement ~0.95) and what search recall@10 follows from them.
+INT8_THRESHOLDS = {"cosine_min": 0.98, "cosine_mean": 0.995, "top10_agreement": 0.85}
 
 
 class ExportError(RuntimeError):
@@ -179,6 +202,144 @@ def export_encoder(
         encoder.train(was_training)
 
 
+# --- variants ------------------------------------------------------------------------------
+
+
+class _Batches:
+    """onnxruntime.quantization's CalibrationDataReader: `images` in batches of 32."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self._batches = iter([{INPUT_NAME: images[i : i + 32]} for i in range(0, len(images), 32)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.ndarray) -> None:
+    """Static int8 quantisation of the fp32 encoder (QDQ, per-channel int8 weights, uint8
+    activations whose ranges are calibrated on `calibration`: uint8 [N, S, S, 3]). The
+    reference's metadata is carried over, plus `variant`."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out_path = Path(out_path)
+    prepared = out_path.with_suffix(".prepared.onnx")
+    try:
+        # Shape inference and graph optimisation first (ONNX Runtime's advice); the symbolic
+        # shape pass cannot follow the normalising Div's Expand, so the ONNX one is used.
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(out_path),
+            _Batches(calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8,
+            # 7-bit weights: AVX2 without VNNI multiplies u8 x s8 pairs into saturating int16
+            # (ONNX Runtime's quantisation guide); without it a CPU like this one loses accuracy.
+            reduce_range=True,
+        )
+    finally:
+        prepared.unlink(missing_ok=True)
+    reference = onnx.load(str(fp32_path), load_external_data=False)
+    model = onnx.load(str(out_path))
+    props = {p.key: p.value for p in reference.metadata_props} | {"variant": INT8}
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, props)
+    model.producer_name, model.doc_string = reference.producer_name, reference.doc_string + " (int8)"
+    onnx.save(model, str(out_path))
+
+
+def neighbour_agreement(reference: np.ndarray, variant: np.ndarray, k: int = NEIGHBOURS) -> float:
+    """Mean over images of |top-k(reference) & top-k(variant)| / k, each image's k nearest
+    others among the same images by inner product (unit rows [N, D])."""
+
+    def top_k(x: np.ndarray) -> np.ndarray:
+        sims = x.astype(np.float64) @ x.astype(np.float64).T  # [N, N]
+        np.fill_diagonal(sims, -np.inf)
+        return np.argpartition(-sims, k, axis=1)[:, :k]  # [N, k], unordered
+
+    ref, var = top_k(reference), top_k(variant)
+    return float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(ref, var, strict=True)]))
+
+
+def verify_variant(
+    reference_path: str | Path, variant_path: str | Path, images: np.ndarray, thresholds: Mapping[str, float]
+) -> tuple[bool, dict[str, Any]]:
+    """(passed, figures) of a variant against the fp32 reference on `images` (uint8 [N, S, S, 3],
+    none of them seen by calibration): per-image cosine (min, mean) and top-10 agreement."""
+    reference = ort_session(reference_path).run([OUTPUT_NAME], {INPUT_NAME: images})[0]  # [N, D]
+    variant = ort_session(variant_path).run([OUTPUT_NAME], {INPUT_NAME: images})[0]  # [N, D]
+    if variant.shape != reference.shape:
+        return False, {"error": f"output {list(variant.shape)}, the reference gives {list(reference.shape)}"}
+    cosine = np.sum(reference.astype(np.float64) * variant.astype(np.float64), axis=1)  # [N], unit rows
+    figures: dict[str, Any] = {
+        "images": len(images),
+        "cosine_min": float(np.min(cosine)),
+        "cosine_mean": float(np.mean(cosine)),
+        "top10_agreement": neighbour_agreement(reference, variant),
+    }
+    # NaN fails every comparison, so a variant that produces NaN fails too.
+    passed = all(figures[key] >= limit for key, limit in thresholds.items())
+    return passed, {**figures, "thresholds": dict(thresholds)}
+
+
+def int8_variant(
+    fp32_path: Path, out_path: Path, calibration: np.ndarray, held_out: np.ndarray
+) -> tuple[VariantCard | None, str]:
+    """Quantise and verify; (card entry, "") when it passes, (None, why) when it is refused."""
+    if len(held_out) < VERIFY_IMAGES:
+        return None, (
+            f"needs {VERIFY_IMAGES} held-out images to verify (and {CALIBRATION_IMAGES} to calibrate); "
+            f"the training data gave {len(held_out)}"
+        )
+    try:
+        quantize_int8(fp32_path, out_path, calibration)
+        passed, figures = verify_variant(fp32_path, out_path, held_out, INT8_THRESHOLDS)
+    except Exception as exc:  # a quantiser or session failure refuses the variant, not the export
+        out_path.unlink(missing_ok=True)
+        return None, f"quantisation failed: {type(exc).__name__}: {exc}"
+    figures["calibration_images"] = len(calibration)
+    if not passed:
+        out_path.unlink(missing_ok=True)
+        shown = ", ".join(f"{k} {figures[k]:.4f} (needs >= {v})" for k, v in INT8_THRESHOLDS.items() if k in figures)
+        return None, f"verification against fp32 failed on {len(held_out)} held-out images: {shown}"
+    card = VariantCard(
+        file=f"model.{INT8}.onnx",
+        providers=["CPUExecutionProvider"],
+        method=f"static QDQ, per-channel int8 weights, uint8 activations calibrated on {len(calibration)} images",
+        verification=figures,
+    )
+    return card, ""
+
+
+def export_and_publish(
+    encoder: Encoder,
+    card: ModelCard,
+    registry: ModelRegistry,
+    *,
+    parity_images: np.ndarray,
+    calibration: np.ndarray | None,
+    held_out: np.ndarray | None,
+    activate: bool = False,
+) -> ModelCard:
+    """Export the fp32 reference, build the int8 variant from `calibration` and verify it on
+    `held_out` (both uint8 [N, S, S, 3]; None: no variant), publish what passed, atomically."""
+    with tempfile.TemporaryDirectory(prefix="simclr-export-") as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        export_encoder(encoder, onnx_path, card=card, parity_images=parity_images)
+        if calibration is None or held_out is None:
+            return registry.publish(onnx_path, card, activate=activate)
+        int8_path = Path(tmp) / f"model.{INT8}.onnx"
+        variant, refusal = int8_variant(onnx_path, int8_path, calibration, held_out)
+        if variant is None:
+            card = card.model_copy(update={"refused_variants": {INT8: refusal}})
+            return registry.publish(onnx_path, card, activate=activate)
+        card = card.model_copy(update={"variants": {INT8: variant}})
+        return registry.publish(onnx_path, card, variants={INT8: int8_path}, activate=activate)
+
+
 # --- runs ----------------------------------------------------------------------------------
 
 
@@ -208,17 +369,23 @@ def _finite_number(value: object) -> bool:
 
 
 def _dataset_images(data_path: str | None, size: int, count: int) -> np.ndarray | None:
-    """Up to `count` images of the run's dataset, spread over it; None if it is unreadable."""
+    """Up to `count` distinct images of the run's dataset, spread over it; None if it is unreadable."""
     if not data_path:
         return None
     from trainer.data import DatasetError, open_dataset
 
     try:
         data = open_dataset(data_path, size)
-        picks = np.linspace(0, len(data) - 1, num=min(count, len(data))).round().astype(int)
+        picks = np.unique(np.linspace(0, len(data) - 1, num=min(count, len(data))).round().astype(int))
         return np.stack([data.image(int(i)) for i in picks])  # [n, S, S, 3]
     except (DatasetError, OSError, ValueError):
         return None
+
+
+def calibration_split(images: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration, held out): CALIBRATION_IMAGES images drawn at random, and all the others."""
+    order = np.random.default_rng(seed).permutation(len(images))
+    return images[order[:CALIBRATION_IMAGES]], images[order[CALIBRATION_IMAGES:]]
 
 
 def export_run(
@@ -268,10 +435,17 @@ def export_run(
         created_at=now.isoformat(timespec="seconds").replace("+00:00", "Z"),
         metrics={**_run_metrics(run_dir), **{k: v for k, v in (metrics or {}).items() if _finite_number(v)}},
     )
-    with tempfile.TemporaryDirectory(prefix="simclr-export-") as tmp:
-        onnx_path = Path(tmp) / "model.onnx"
-        export_encoder(encoder, onnx_path, card=card, parity_images=images)
-        return registry.publish(onnx_path, card, activate=activate)
+    variant_images = _dataset_images(run_info.get("data"), policy.size, CALIBRATION_IMAGES + VERIFY_IMAGES)
+    calibration, held_out = calibration_split(variant_images) if variant_images is not None else (None, None)
+    return export_and_publish(
+        encoder,
+        card,
+        registry,
+        parity_images=images,
+        calibration=calibration,
+        held_out=held_out,
+        activate=activate,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,5 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"simclr-embed export: {args.run_dir} is not a run directory: {exc}", file=sys.stderr)
         return 1
     state = "active" if args.activate else "published"
-    print(json.dumps({"model_id": card.model_id, "state": state, "sha256": card.sha256, "metrics": card.metrics}))
+    variants = {name: v.verification for name, v in card.variants.items()}
+    summary = {"model_id": card.model_id, "state": state, "sha256": card.sha256, "metrics": card.metrics}
+    print(json.dumps({**summary, "variants": variants, "refused_variants": card.refused_variants}))
     return 0

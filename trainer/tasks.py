@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 
 from service.contract.registry import ModelNotFoundError, ModelRegistry
 from service.contract.train_config import TrainConfig, TrainJobRequest
-from service.items.reindex import reembed_all
+from service.items.reindex import reembed_all, space_of
 from service.jobs.celery_app import INDEX_TASK, TRAIN_TASK, app
 from service.jobs.store import TERMINAL, JobState, JobStore, model_id_for
 from service.settings import Settings
@@ -222,4 +222,5 @@ def _stopped(store: JobStore, job_id: str, heartbeat: _Heartbeat) -> str:
 def reindex(model_id: str) -> int:
     """Re-embed the stored items lacking a `model_id` vector; stops early (resumable) on shutdown."""
     settings = Settings()
-    return reembed_all(settings, ModelRegistry(settings.models_dir), model_id, should_stop=_shutting_down.is_set)
+    registry = ModelRegistry(settings.models_dir)
+    return reembed_all(settings, registry, space_of(settings, registry, model_id), should_stop=_shutting_down.is_set)

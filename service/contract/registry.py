@@ -5,6 +5,7 @@ Layout under `root` (``<data_dir>/models``)::
 
     <model_id>/model.onnx   the encoder f, contract in docs/architecture.md
     <model_id>/card.json    ModelCard: the ONNX metadata plus sha256 and size of model.onnx
+    <model_id>/model.<variant>.onnx   verified variants of the same encoder (int8), listed in the card
     active                  the active model id, replaced atomically
     .staging/               half-written publishes and pointers; never listed, swept on start
 
@@ -21,14 +22,17 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.contract import atomic
+from service.contract.variants import FP32
 
 FORMAT_VERSION = "1"
+VARIANT_NAME_RE = re.compile(r"[a-z][a-z0-9]{0,15}")
 MODEL_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # use fullmatch: "$" admits a trailing newline
 # Names the registry itself uses at its root; never model ids.
 RESERVED_IDS = frozenset({"active"})
@@ -73,6 +77,20 @@ def valid_model_id(model_id: object) -> bool:
     return isinstance(model_id, str) and MODEL_ID_RE.fullmatch(model_id) is not None and model_id not in RESERVED_IDS
 
 
+class VariantCard(BaseModel):
+    """A verified variant of a model (int8 for CPUs): its file beside model.onnx and the figures
+    it passed at export against the fp32 reference (trainer/export.py, `verify_variant`)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    file: str  # under <model_id>/, e.g. model.int8.onnx
+    providers: list[str] = Field(default_factory=list, description="execution providers it is meant for")
+    method: str = ""  # how it was made, e.g. static QDQ quantisation and its calibration
+    verification: dict[str, Any] = Field(default_factory=dict)  # figures, thresholds, image counts
+    sha256: str = ""
+    size_bytes: int = 0
+
+
 class ModelCard(BaseModel):
     """What a model is; written beside model.onnx as card.json."""
 
@@ -92,6 +110,9 @@ class ModelCard(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     sha256: str = ""
     size_bytes: int = 0
+    # Cards written before variants existed have neither field: they load as fp32-only models.
+    variants: dict[str, VariantCard] = Field(default_factory=dict)
+    refused_variants: dict[str, str] = Field(default_factory=dict, description="variant -> why export refused it")
 
     def onnx_metadata(self) -> dict[str, str]:
         """The card as ONNX metadata_props (strings only; dicts as JSON)."""
@@ -132,9 +153,25 @@ class ModelRegistry:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def publish(self, onnx_path: str | Path, card: ModelCard, *, activate: bool = False) -> ModelCard:
-        """Copy `onnx_path` in as `card.model_id`; visible only once complete."""
+    def publish(
+        self,
+        onnx_path: str | Path,
+        card: ModelCard,
+        *,
+        variants: Mapping[str, str | Path] | None = None,
+        activate: bool = False,
+    ) -> ModelCard:
+        """Copy `onnx_path` (and the file of every variant `card.variants` lists, from
+        `variants`: name -> path) in as `card.model_id`; visible only once complete."""
         model_id = card.model_id
+        variants = dict(variants or {})
+        if set(variants) != set(card.variants):
+            raise RegistryError(
+                f"model {model_id}: the card lists variants {sorted(card.variants)}, files were given for {sorted(variants)}"
+            )
+        for name, variant in card.variants.items():
+            if name == FP32 or not VARIANT_NAME_RE.fullmatch(name) or variant.file != f"model.{name}.onnx":
+                raise RegistryError(f"model {model_id}: invalid variant {name!r} (file {variant.file!r})")
         if not valid_model_id(model_id):
             raise RegistryError(
                 f"invalid model id {model_id!r}: 1-128 letters, digits, '.', '_' and '-', starting with a letter "
@@ -146,16 +183,12 @@ class ModelRegistry:
         self._staging.mkdir(exist_ok=True)
         stage = Path(tempfile.mkdtemp(dir=self._staging, prefix=f"{model_id}."))
         try:
-            shutil.copyfile(onnx_path, stage / "model.onnx")
-            with open(stage / "model.onnx", "rb+") as fh:
-                os.fchmod(fh.fileno(), FILE_MODE)
-                os.fsync(fh.fileno())
-            card = card.model_copy(
-                update={
-                    "sha256": sha256_file(stage / "model.onnx"),
-                    "size_bytes": (stage / "model.onnx").stat().st_size,
-                }
-            )
+            sha256, size_bytes = _copy_in(onnx_path, stage / "model.onnx")
+            listed = {}
+            for name, variant in card.variants.items():
+                v_sha, v_size = _copy_in(variants[name], stage / variant.file)
+                listed[name] = variant.model_copy(update={"sha256": v_sha, "size_bytes": v_size})
+            card = card.model_copy(update={"sha256": sha256, "size_bytes": size_bytes, "variants": listed})
             atomic.write_atomic(stage / "card.json", card.model_dump_json(indent=2), mode=FILE_MODE)
             os.chmod(stage, DIR_MODE)
             atomic.fsync_dir(stage)
@@ -251,16 +284,31 @@ class ModelRegistry:
         self.get(model_id)
         return self.root / model_id / "model.onnx"
 
-    def verify(self, model_id: str) -> tuple[ModelCard, Path]:
-        """The card and model path after checking model.onnx against the card's sha256."""
+    def verify(self, model_id: str, variant: str = FP32) -> tuple[ModelCard, Path]:
+        """The card and the path of `variant`'s file after checking it against the card's sha256."""
         card = self.get(model_id)
-        path = self.root / model_id / "model.onnx"
+        if variant == FP32:
+            name, expected = "model.onnx", card.sha256
+        elif variant in card.variants:
+            name, expected = card.variants[variant].file, card.variants[variant].sha256
+        else:
+            raise ModelNotFoundError(f"model {model_id} has no {variant} variant (it has {sorted(card.variants)})")
+        path = self.root / model_id / name
         if not path.is_file():
-            raise ModelIntegrityError(f"model {model_id} has no model.onnx; re-publish it")
+            raise ModelIntegrityError(f"model {model_id} has no {name}; re-publish it")
         actual = sha256_file(path)
-        if actual != card.sha256:
+        if actual != expected:
             raise ModelIntegrityError(
-                f"model {model_id}: model.onnx has sha256 {actual[:12]}..., its card says {card.sha256[:12]}...; "
+                f"model {model_id}: {name} has sha256 {actual[:12]}..., its card says {expected[:12]}...; "
                 "the file is corrupt or was replaced: re-publish the model"
             )
         return card, path
+
+
+def _copy_in(source: str | Path, dest: Path) -> tuple[str, int]:
+    """Copy `source` to `dest` (readable by other users, fsynced); its sha256 and size."""
+    shutil.copyfile(source, dest)
+    with open(dest, "rb+") as fh:
+        os.fchmod(fh.fileno(), FILE_MODE)
+        os.fsync(fh.fileno())
+    return sha256_file(dest), dest.stat().st_size

@@ -128,7 +128,10 @@ class TrainConfig(_Strict):
     sync_bn: bool | None = Field(
         None, description="BatchNorm over all processes (the paper's global BN); None = on with >1 process"
     )
-    precision: Precision = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU")
+    precision: Precision = Field(
+        "auto",
+        description="auto = bf16 autocast on CUDA and on CPUs with AMX or AVX512_BF16, else fp32; resolved at the run's start",
+    )
     channels_last: bool = True
     compile: bool = False
     num_workers: int = Field(4, ge=0, le=64)

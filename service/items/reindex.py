@@ -7,6 +7,11 @@ activation whoever asks. It embeds the originals of items that have no vector in
 yet, in batches, until none is left, then flags the space complete in the store (atomically
 with adds, so an item added meanwhile is never missed) and writes the index snapshot. An API
 in another process notices the flag and swaps to the new index.
+
+Vectors are keyed by vector space (service.contract.variants.vector_space: the model and the
+variant that wrote them), never by bare model: `space_of` gives the space this deployment
+writes a model's vectors in, so a worker and the API hosts fill the same one, and a change of
+variant is a new space, re-embedded like a new model, never mixed into the old index.
 """
 
 from __future__ import annotations
@@ -124,11 +129,19 @@ def write_snapshot(settings: Settings, follower: LogFollower) -> None:
     follower.store.compact_log(follower.space, follower.position, settings.index_log_retention_s)
 
 
-def load_encoder(settings: Settings, registry: ModelRegistry, model_id: str) -> Encoder:
-    """A fresh, verified ONNX Runtime encoder for `model_id` (worker side)."""
+def space_of(settings: Settings, registry: ModelRegistry, model_id: str) -> str:
+    """The vector space this deployment writes `model_id`'s vectors in (service.runtime.space_for)."""
+    from service.runtime import space_for  # onnxruntime only where it is needed
+
+    return space_for(registry.get(model_id), settings)
+
+
+def load_encoder(settings: Settings, registry: ModelRegistry, space: str) -> Encoder:
+    """A fresh, verified ONNX Runtime encoder writing vector space `space` (worker side)."""
     from service.runtime import EncoderRuntime  # onnxruntime only where it is needed
 
-    return EncoderRuntime.load(registry, model_id, settings)
+    model_id, variant = split_vector_space(space)
+    return EncoderRuntime.load(registry, model_id, settings, variant)
 
 
 def reembed_owner() -> str:
@@ -146,7 +159,8 @@ def reembed_all(
     should_stop: Callable[[], bool] | threading.Event | None = None,
     lease_s: float = REEMBED_LEASE_S,
 ) -> int:
-    """Embed every item lacking a `space` vector, flag the space complete, snapshot its index.
+    """Embed every item lacking a vector in `space` (a `vector_space` key: the bare id is the
+    fp32 one; see `space_of`), flag the space complete, snapshot its index.
 
     Runs once per activation whichever processes ask (the API's thread, the worker's task):
     the first claims the job in the store and renews the claim each batch; another asker

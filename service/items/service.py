@@ -45,6 +45,7 @@ from service.items.reindex import (
     load_or_build_index,
     open_store,
     reembed_all,
+    space_of,
     write_snapshot,
 )
 from service.settings import Settings
@@ -102,15 +103,18 @@ class ItemService:
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Pick the served space (the active model's when complete), load its index, follow the log."""
-        active = self.registry.active()
+        """Pick the served space (the active model's when complete), load its index, follow the log.
+
+        Models are held as vector spaces (model and variant, `space_of`) from here on."""
+        active_id = self.registry.active()
+        active = space_of(self.settings, self.registry, active_id) if active_id else None
         completed = self.store.completed_models()
         if active and (active in completed or (self.store.count() == 0 and self._mark_complete(active))):
             self._install(active)
         elif completed:
             self._install(completed[0])
-        if active and active != self.served:
-            self.on_activate(active)
+        if active_id and active != self.served:
+            self.on_activate(active_id)
         self.runtime.add_listener(self.on_activate)
         self._poller.start()
 
@@ -155,7 +159,7 @@ class ItemService:
 
     def on_activate(self, model_id: str) -> None:
         """RuntimeManager listener: re-embed everything with `model_id`, then swap."""
-        space = model_id  # the fp32 vector space of the model
+        space = space_of(self.settings, self.registry, model_id)  # at this deployment's variant
         with self._mutex:
             if self._job and self._job[0] != space:
                 self._job[2].set()

@@ -60,6 +60,8 @@ class JobProgress(BaseModel):
     knn_top1: float | None = None  # the last kNN monitor reading (config knn_every_epochs)
     masked_images: int = 0  # batch slots of images whose pixels failed to decode, so far
     defaults: dict[str, Any] = {}  # the defaults decided for the run: {field: {"value", "source"}}
+    precision: str | None = None  # what the run trains in: "fp32" or "bf16" (trainer/precision.py)
+    warning: str | None = None  # e.g. a bf16 run resumed in fp32 on a machine without native bf16
 
 
 class JobRecord(BaseModel):

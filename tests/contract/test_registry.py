@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import shutil
@@ -22,6 +23,7 @@ from service.contract.registry import (
     ModelNotFoundError,
     ModelRegistry,
     RegistryError,
+    VariantCard,
     sha256_file,
 )
 
@@ -334,3 +336,51 @@ def test_card_survives_onnx_metadata(tmp_path, registry, make_card):
         ModelCard.from_onnx_metadata({**props, "train_config": "{not json"})
     with pytest.raises(ModelIntegrityError, match="malformed"):
         ModelCard.from_onnx_metadata({**props, "input_size": "thirty-two"})
+
+
+def _variant_file(tmp_path: Path) -> Path:
+    path = tmp_path / "src" / "model.int8.onnx"
+    path.write_bytes(b"int8 stand-in " * 1000)
+    return path
+
+
+def test_variants_publish_with_the_model_and_are_verified(registry, make_card, model_file, tmp_path):
+    variant = VariantCard(file="model.int8.onnx", providers=["CPUExecutionProvider"], verification={"cosine_min": 0.99})
+    card = registry.publish(
+        model_file, make_card("m", variants={"int8": variant}), variants={"int8": _variant_file(tmp_path)}
+    )
+    assert card.variants["int8"].sha256 == sha256_file(registry.root / "m" / "model.int8.onnx")
+    assert card.variants["int8"].size_bytes == 14_000 and card.variants["int8"].verification == {"cosine_min": 0.99}
+    assert registry.get("m") == card
+    assert registry.verify("m", "int8") == (card, registry.root / "m" / "model.int8.onnx")
+    assert registry.verify("m")[1] == registry.root / "m" / "model.onnx"
+    (registry.root / "m" / "model.int8.onnx").write_bytes(b"tampered")
+    with pytest.raises(ModelIntegrityError, match="model.int8.onnx has sha256"):
+        registry.verify("m", "int8")
+    registry.verify("m")  # the reference is unaffected
+
+
+def test_variant_files_must_match_the_card(registry, make_card, model_file, tmp_path):
+    variant = VariantCard(file="model.int8.onnx")
+    with pytest.raises(RegistryError, match="lists variants"):
+        registry.publish(model_file, make_card("a", variants={"int8": variant}))  # no file given
+    with pytest.raises(RegistryError, match="lists variants"):
+        registry.publish(model_file, make_card("b"), variants={"int8": _variant_file(tmp_path)})
+    for name, file in (("fp32", "model.fp32.onnx"), ("../x", "model.../x.onnx"), ("int8", "../model.onnx")):
+        with pytest.raises(RegistryError, match="invalid variant"):
+            registry.publish(
+                model_file, make_card("c", variants={name: VariantCard(file=file)}), variants={name: model_file}
+            )
+    assert registry.list() == []
+    assert not registry._staging.exists() or not any(registry._staging.iterdir())
+
+
+def test_a_card_written_before_variants_loads_as_fp32_only(registry, make_card, model_file):
+    card = registry.publish(model_file, make_card("old"))
+    legacy = {k: v for k, v in card.model_dump().items() if k not in ("variants", "refused_variants")}
+    (registry.root / "old" / "card.json").write_text(json.dumps(legacy))
+    loaded = registry.get("old")
+    assert loaded.variants == {} and loaded.refused_variants == {}
+    registry.verify("old")
+    with pytest.raises(ModelNotFoundError, match="has no int8 variant"):
+        registry.verify("old", "int8")

@@ -68,7 +68,7 @@ def test_metrics_show_routes_batches_and_active_model(client: TestClient, photos
     assert 'route="<unmatched>"' in text and "nope" not in text
     assert f'simclr_embed_batch_size_sum{{model_id="{MODEL_A}"}} 3.0' in text
     assert (
-        f'simclr_embed_active_model_info{{backbone="tiny-cnn",embedding_dim="24",method="simclr",model_id="{MODEL_A}"}} 1.0'
+        f'simclr_embed_active_model_info{{backbone="tiny-cnn",embedding_dim="24",method="simclr",model_id="{MODEL_A}",variant="fp32"}} 1.0'
         in text
     )
     assert f'simclr_embed_index_size{{model_id="{MODEL_A}"}} 0.0' in text

@@ -22,6 +22,7 @@ from trainer.cli import main as cli_main
 from trainer.data import DatasetError
 from trainer.engine import GlobalBatchSampler, train
 from trainer.evaluate import evaluate_encoder
+from trainer.precision import resolve_precision
 
 REPO = Path(__file__).resolve().parents[2]
 # 48 images / batch 8 = 6 steps an epoch; the standard stem keeps a 16 px ResNet-18 step cheap.
@@ -93,19 +94,22 @@ def test_stop_then_resume_and_run_dir_contract(tiny_npz: Path, tmp_path: Path) -
     assert not (tmp_path / "result.json").exists()
     assert [p["step"] for p in progress] == [1, 2, 3]
     assert set(progress[0]) == {
-        "epoch", "step", "total_steps", "loss", "lr", "images_per_s", "eta_s", "knn_top1", "masked_images", "defaults"
-    }  # fmt: skip
+        *("epoch", "step", "total_steps", "loss", "lr", "images_per_s", "eta_s", "knn_top1"),
+        *("masked_images", "defaults", "precision", "warning"),
+    }
     assert progress[0]["knn_top1"] is None  # the monitor is off by default
     assert progress[0]["masked_images"] == 0
     assert progress[0]["defaults"]["base_lr"] == {"value": 1.2, "source": progress[0]["defaults"]["base_lr"]["source"]}
     assert "B.1" in progress[0]["defaults"]["base_lr"]["source"] and "warmup_epochs" not in progress[0]["defaults"]
+    ran_in = resolve_precision("auto", cuda=False)  # this machine's resolution of precision auto
+    assert progress[0]["precision"] == ran_in and progress[0]["warning"] is None
 
     done = train(cfg, tiny_npz, tmp_path, on_progress=progress.append)
     assert not done.stopped and done.step == 12 and done.epoch == 2
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["step"] == 12 and result["stopped"] is False
     records = _read_jsonl(tmp_path / "metrics.jsonl")
-    assert {"event": "resume", "step": 3} in records
+    assert {"event": "resume", "step": 3, "precision": ran_in} in records
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == list(range(1, 13))
     # The warm-up (1 epoch = 6 steps) rises linearly to the peak lr, the square-root rule's
@@ -115,7 +119,8 @@ def test_stop_then_resume_and_run_dir_contract(tiny_npz: Path, tmp_path: Path) -
     assert lrs[1] == pytest.approx(peak / 6) and lrs[6] == pytest.approx(peak) == lrs[7]
     assert lrs[12] < lrs[8] < peak
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["config"] == cfg.resolved(num_images=48).model_dump(mode="json")
+    resolved = cfg.resolved(num_images=48).model_copy(update={"precision": ran_in})  # recorded resolved, not "auto"
+    assert config["config"] == resolved.model_dump(mode="json")
     assert config["defaults"] == {k: v["source"] for k, v in progress[0]["defaults"].items()}
     assert config["dataset"]["num_images"] == 48 and config["data"] == str(tiny_npz)
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
@@ -124,7 +129,7 @@ def test_stop_then_resume_and_run_dir_contract(tiny_npz: Path, tmp_path: Path) -
     assert {"method", "optimizer", "scheduler", "scaler", "rng", "epoch", "step", "config", "encoder"} <= set(state)
     assert (state["epoch"], state["step"]) == (2, 12)
     encoder, loaded_cfg, info = load_encoder(tmp_path)
-    assert loaded_cfg == cfg.resolved(num_images=48) and info["completed"] and info["step"] == 12
+    assert loaded_cfg == resolved and info["completed"] and info["step"] == 12
     for key, value in encoder.state_dict().items():
         assert torch.equal(value, state["method"][f"encoder.{key}"])
 
@@ -280,7 +285,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_npz: Path, tmp_path
 
     resumed = run(killed_dir, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert {"event": "resume", "step": killed_at} in _read_jsonl(killed_dir / "metrics.jsonl")
+    resumes = [r for r in _read_jsonl(killed_dir / "metrics.jsonl") if r.get("event") == "resume"]
+    assert [r["step"] for r in resumes] == [killed_at]
     expected, got = load_checkpoint(checkpoint_path(tmp_path / "full")), load_checkpoint(ckpt)
     assert got["step"] == expected["step"] == 12
     assert expected["method"].keys() == got["method"].keys()
@@ -299,3 +305,26 @@ def test_two_cpu_processes_train_with_ddp(tiny_npz: Path, tmp_path: Path) -> Non
     state = load_checkpoint(checkpoint_path(tmp_path))
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # ranks draw their own views
+
+
+def test_auto_precision_is_recorded_and_a_resume_without_bf16_continues_in_fp32(
+    tiny_npz: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The CPU's flags decide `auto`; these runs present a Sapphire Rapids' flags, then an EPYC's.
+    monkeypatch.setattr("trainer.precision.host_cpu_flags", lambda: frozenset({"avx2", "avx512_bf16", "amx_bf16"}))
+    cfg = TrainConfig(epochs=1, **TINY)
+    progress: list[dict] = []
+    train(cfg, tiny_npz, tmp_path, on_progress=progress.append, should_stop=StopAfter(2))
+    assert json.loads((tmp_path / "config.json").read_text())["config"]["precision"] == "bf16"
+    assert load_checkpoint(checkpoint_path(tmp_path))["config"]["precision"] == "bf16"
+    assert [(p["precision"], p["warning"]) for p in progress] == [("bf16", None)] * 2
+
+    monkeypatch.setattr("trainer.precision.host_cpu_flags", lambda: frozenset({"avx2"}))
+    with pytest.warns(UserWarning, match="resumed at step 2 in fp32; the steps before were trained in bf16"):
+        done = train(cfg, tiny_npz, tmp_path, on_progress=progress.append)  # not refused
+    assert done.step == 6 and not done.stopped
+    assert {p["precision"] for p in progress[2:]} == {"fp32"}
+    assert all(p["warning"] and "trained in bf16" in p["warning"] for p in progress[2:])
+    assert load_checkpoint(checkpoint_path(tmp_path))["config"]["precision"] == "fp32"
+    _, loaded_cfg, _ = load_encoder(tmp_path)
+    assert loaded_cfg.precision == "fp32"  # what the model card's train_config will say

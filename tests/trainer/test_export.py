@@ -30,6 +30,7 @@ from trainer import export
 from trainer.checkpoint import save_checkpoint
 from trainer.export import ExportError, export_encoder, export_run, ort_session, reference_embed
 from trainer.models import Encoder
+from trainer.precision import resolve_precision
 
 REPO = Path(__file__).resolve().parents[2]
 BATCH_SIZES = (1, 7, 64)
@@ -153,7 +154,8 @@ def test_metadata_round_trip(exported):
     run_dir, registry, card, _, size = exported
     _, path = registry.verify(card.model_id)
     props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
-    assert ModelCard.from_onnx_metadata(props, sha256=card.sha256, size_bytes=card.size_bytes) == card
+    registry_facts = {k: getattr(card, k) for k in ("sha256", "size_bytes", "variants", "refused_variants")}
+    assert ModelCard.from_onnx_metadata(props, **registry_facts) == card  # the rest is in the ONNX file
     assert registry.get(card.model_id) == card and registry.active() == card.model_id
     info = json.loads((run_dir / "config.json").read_text())
     assert card.train_config == info["config"]
@@ -252,7 +254,8 @@ def test_cli_export_of_a_trained_run(tmp_path, photos_path):
     registry = ModelRegistry(models)
     assert registry.active() == "cli-model"
     card, _ = registry.verify("cli-model")
-    assert card.train_config == cfg.resolved(num_images=5000).model_dump(mode="json") and card.embedding_dim == 512
+    ran = cfg.resolved(num_images=5000).model_copy(update={"precision": resolve_precision("auto", cuda=False)})
+    assert card.train_config == ran.model_dump(mode="json") and card.embedding_dim == 512  # precision resolved
     # Every default decided for the run is in the card: its value in train_config, its source beside.
     decided = json.loads((run_dir / "config.json").read_text())["defaults"]
     assert card.train_defaults == decided and len(decided) == 11  # small_stem is given

@@ -11,13 +11,17 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import RuntimeDep, require_read_key, require_write_key
 from service.api.errors import error_responses
+from service.runtime import variant_for
 
 router = APIRouter(prefix="/models", tags=["models"])
 
 
 class ModelList(BaseModel):
     active: str | None
-    models: list[dict[str, Any]]  # ModelCard fields plus `active: bool`, newest first
+    active_variant: str | None = None  # which variant of the active model embeds: fp32 or int8
+    # ModelCard fields (its `variants` with their verification figures) plus `active: bool` and
+    # `serving_variant`: the variant this deployment embeds that model with; newest first
+    models: list[dict[str, Any]]
     reembedding: dict[str, Any] | None = Field(
         None, description="the re-embedding job of the pending (or served) model: state, done, total, owner"
     )
@@ -34,9 +38,14 @@ async def list_models(request: Request, runtime: RuntimeDep) -> ModelList:
     active = runtime.active_id
     items = getattr(request.app.state, "items", None)
     progress = await run_in_threadpool(items.reembedding) if items is not None else None
+    settings = runtime.settings
     return ModelList(
         active=active,
-        models=[{**c.model_dump(), "active": c.model_id == active} for c in cards],
+        active_variant=runtime.active_variant,
+        models=[
+            {**c.model_dump(), "active": c.model_id == active, "serving_variant": variant_for(c, settings)}
+            for c in cards
+        ],
         reembedding=asdict(progress) if progress else None,
     )
 
