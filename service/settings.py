@@ -76,6 +76,13 @@ class Settings(BaseSettings):
     index_min_train_vectors: int = Field(10_000, ge=1, description="trainable indexes wait for this many vectors")
     index_snapshot_every: int = Field(1000, ge=1, description="adds between FAISS snapshots")
 
+    # -- classifiers ------------------------------------------------------------------------
+    classifier_max_examples: int = Field(
+        5000,
+        ge=4,
+        description="most labeled examples POST /classifiers fits synchronously (cross-validation: ~20 s at 5000 x 512-d on one core)",
+    )
+
     # -- jobs -------------------------------------------------------------------------------
     broker_url: str | None = Field(None, description="Redis URL; unset = `up` starts an embedded server")
     demo_on_empty: bool = Field(True, description="`up` trains a small demo encoder when the registry is empty")
