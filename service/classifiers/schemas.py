@@ -11,7 +11,7 @@ from service.classifiers.service import Prediction
 from service.classifiers.storage import ClassifierRecord, Fit
 from service.items.schemas import MAX_ID_CHARS
 
-LABEL_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "integer"}]}
+LABEL_SCHEMA: dict[str, Any] = {"anyOf": [{"type": "string"}, {"type": "integer"}]}
 
 
 class Example(BaseModel):

@@ -198,16 +198,17 @@ def fit_examples(method: str, x: np.ndarray, labels: Sequence[Label], model_id: 
     if method == "logreg":
         cv = cross_validate_logreg(x, y, len(classes))
         assert cv.C is not None
-        model = fit_logreg(x, y, len(classes), cv.C)
-        params = {"weights": model.weights, "bias": model.bias, "C": np.float64(cv.C)}
+        # The served fit to a tighter tolerance than the CV grid's: it is one fit, and it is what answers.
+        model = fit_logreg(x, y, len(classes), cv.C, tol=1e-9, max_iter=5000)
+        params = {"weights": model.weights, "bias": model.bias, "C": np.asarray(cv.C)}
     else:
         cv = cross_validate_knn(x, y, len(classes))
         knn = fit_knn(x, y, len(classes))
         params = {
             "vectors": knn.vectors,
             "labels": knn.labels,
-            "k": np.int64(knn.k),
-            "temperature": np.float64(knn.temperature),
+            "k": np.asarray(knn.k),
+            "temperature": np.asarray(knn.temperature),
         }
     summary = {
         "accuracy": cv.accuracy,
@@ -349,7 +350,10 @@ class ClassifierService:
 
     def _fit(self, method: str, pairs: list[tuple[str, Label]], model_id: str, *, drop_missing: bool) -> Fit:
         """Fit `pairs` on their stored `model_id` vectors. A refit (`drop_missing`) skips items deleted since."""
-        rows, labels, unknown, unembedded = [], [], [], []
+        rows: list[np.ndarray] = []
+        labels: list[Label] = []
+        unknown: list[str] = []
+        unembedded: list[str] = []
         for item_id, label in pairs:
             vector = self.items.vector(item_id, model_id)
             if vector is None:
@@ -364,8 +368,8 @@ class ClassifierService:
         x = np.stack(rows) if rows else np.zeros((0, 1), dtype=np.float32)  # [N, D]
         return fit_examples(method, x, labels, model_id)
 
-    def list(self) -> list[ClassifierRecord]:
-        return self.store.list()
+    def all(self) -> list[ClassifierRecord]:
+        return self.store.all()
 
     def get(self, classifier_id: str) -> ClassifierRecord:
         record = self.store.get(classifier_id)
@@ -389,12 +393,15 @@ class ClassifierService:
     ) -> tuple[ClassifierRecord, Fit, list[Prediction]]:
         record = self.get(classifier_id)
         fit = self.answering_fit(record)
-        vectors, unknown, unembedded = [], [], []
+        vectors: list[np.ndarray] = []
+        unknown: list[str] = []
+        unembedded: list[str] = []
         for item_id in item_ids:
             vector = self.items.vector(item_id, fit.model_id)
             if vector is None:
                 (unembedded if self.items.exists(item_id) else unknown).append(item_id)
-            vectors.append(vector)
+            else:
+                vectors.append(vector)
         if unknown:
             raise UnknownItemsError(unknown)
         if unembedded:

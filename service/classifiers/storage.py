@@ -82,7 +82,8 @@ class ClassifierRecord:
 
 def _pack(params: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, **params)
+    arrays: dict[str, Any] = dict(params)  # numpy's stubs type **kwds like its allow_pickle flag
+    np.savez(buf, allow_pickle=False, **arrays)
     return buf.getvalue()
 
 
@@ -196,7 +197,7 @@ class ClassifierStore:
         records = self._select("WHERE id = ?", (classifier_id,))
         return records[0] if records else None
 
-    def list(self) -> list[ClassifierRecord]:
+    def all(self) -> list[ClassifierRecord]:
         """All classifiers, oldest first."""
         return self._select("", ())
 

@@ -34,7 +34,6 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import SettingsDep, read_images, require_read_key, require_write_key
 from service.api.errors import ApiError, error_responses
-from service.api.routes.embed import IMAGE_BODY
 from service.classifiers.schemas import (
     MAX_TOP_K,
     ClassifierCreate,
@@ -101,7 +100,7 @@ async def create_classifier(body: ClassifierCreate, classifiers: ClassifiersDep)
 
 @router.get("", response_model=ClassifierList, dependencies=[Depends(require_read_key)], responses=error_responses(401))
 async def list_classifiers(classifiers: ClassifiersDep) -> ClassifierList:
-    records = await run_in_threadpool(classifiers.list)
+    records = await run_in_threadpool(classifiers.all)
     return ClassifierList(classifiers=[ClassifierOut.of(r, classifiers.answering_fit(r)) for r in records])
 
 
@@ -133,7 +132,16 @@ _PREDICT_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "multipart/form-data": IMAGE_BODY["requestBody"]["content"]["multipart/form-data"],
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["files"],
+                    "properties": {
+                        "files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}},
+                        "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K, "default": 3},
+                    },
+                }
+            },
             "application/json": {
                 "schema": {
                     "oneOf": [
