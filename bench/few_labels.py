@@ -111,7 +111,7 @@ def main() -> None:
     if args.test_limit:
         pick = np.random.default_rng(0).permutation(len(x_test))[: args.test_limit]
         x_test, y_test = x_test[pick], y_test[pick]
-    log = lambda *a: print(f"[{time.perf_counter() - started:6.0f} s]", *a, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda *a: print(f"[{time.perf_counter() - started:6.0f} s]", *a, file=sys.stderr, flush=True)
     log(f"train {x_train.shape}, test {x_test.shape}")
 
     recipe = recipe_for_images(32, False)

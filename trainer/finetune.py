@@ -55,7 +55,7 @@ MOMENTUM = 0.9
 def epochs_for(labels_per_class: float) -> int:
     """60 epochs at ~13 labels a class (ImageNet 1%), 30 at ~128 (10%), log-linear between."""
     t = (math.log(max(labels_per_class, 1.0)) - math.log(12.8)) / math.log(10.0)
-    return int(round(60 - 30 * min(1.0, max(0.0, t))))
+    return round(60 - 30 * min(1.0, max(0.0, t)))
 
 
 class FinetunedClassifier(nn.Module):
