@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -68,6 +68,12 @@ class ModelIntegrityError(RegistryError):
     code = "model_integrity_error"
 
 
+class ModelKindError(RegistryError):
+    """A classifier model (a fine-tuning job's) asked to serve as the encoder that embeds items."""
+
+    code = "not_an_encoder"
+
+
 def valid_model_id(model_id: object) -> bool:
     """Whether `model_id` can name a model: one path component, no dot first, not reserved."""
     return isinstance(model_id, str) and MODEL_ID_RE.fullmatch(model_id) is not None and model_id not in RESERVED_IDS
@@ -91,6 +97,10 @@ class ModelCard(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     sha256: str = ""
     size_bytes: int = 0
+    # "encoder": f, output `embedding`; "classifier": a fine-tuned f + head with outputs
+    # `embedding` and `probabilities` over `classes` (trainer/finetune.py). Only encoders activate.
+    kind: Literal["encoder", "classifier"] = "encoder"
+    classes: list[str | int] = Field(default_factory=list)
 
     def onnx_metadata(self) -> dict[str, str]:
         """The card as ONNX metadata_props (strings only; dicts as JSON)."""
@@ -177,6 +187,11 @@ class ModelRegistry:
     def activate(self, model_id: str) -> ModelCard:
         """Point `active` at a complete model; the pointer is replaced whole (rename)."""
         card = self.get(model_id)
+        if card.kind != "encoder":
+            raise ModelKindError(
+                f"model {model_id} is a {card.kind}, not an encoder: it cannot embed the items; "
+                "use it with POST /classifiers (method finetune)"
+            )
         if not (self.root / model_id / "model.onnx").is_file():
             raise ModelIntegrityError(f"model {model_id} has no model.onnx; re-publish it")
         self._staging.mkdir(exist_ok=True)

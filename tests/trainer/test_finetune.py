@@ -10,10 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from service.contract.imaging import ResizePolicy
+from service.contract.registry import ModelKindError, ModelRegistry
 from service.contract.train_config import TrainConfig
 from trainer.checkpoint import save_checkpoint
-from trainer.finetune import balanced_batches, build_classifier, epochs_for, finetune, predict_proba
+from trainer.finetune import balanced_batches, build_classifier, epochs_for, finetune, finetune_run, predict_proba
 from trainer.methods import build_method
 
 SIZE = 16
@@ -83,3 +86,40 @@ def test_short_finetune_learns_to_tell_two_kinds_of_image_apart(tmp_path: Path) 
     proba = predict_proba(result.model, images)
     assert proba.shape == (24, 2) and np.allclose(proba.sum(axis=1), 1, atol=1e-5)
     assert np.mean(proba.argmax(axis=1) == labels) >= 0.9
+
+
+def test_finetune_run_publishes_a_classifier_that_never_activates(tmp_path: Path, digits_path: Path) -> None:
+    """Real digits (3 classes): a classifier model in the registry, its ONNX outputs consistent
+    with the card's validation accuracy, refused as the encoder."""
+    import onnxruntime as ort
+
+    with np.load(digits_path) as data:
+        tr = np.concatenate([np.flatnonzero(data["y_train"] == c)[:8] for c in (0, 1, 2)])
+        te = np.concatenate([np.flatnonzero(data["y_test"] == c)[:5] for c in (0, 1, 2)])
+        npz = tmp_path / "few.npz"
+        np.savez(
+            npz,
+            x_train=data["x_train"][tr],
+            y_train=data["y_train"][tr],
+            x_test=data["x_test"][te],
+            y_test=data["y_test"][te],
+            classes=np.array(["0", "1", "2"]),
+        )
+        x_val, y_val = data["x_test"][te], data["y_test"][te]
+    run_dir, _ = simclr_run(tmp_path / "run")
+    registry = ModelRegistry(tmp_path / "models")
+    card = finetune_run(run_dir, npz, registry, model_id="ft-digits", epochs=2, batch_size=8)
+    assert card is not None and card.kind == "classifier" and card.classes == ["0", "1", "2"]
+    assert card.metrics["labels"] == 24 and card.metrics["val_images"] == 15
+    assert registry.get("ft-digits").kind == "classifier"
+    with pytest.raises(ModelKindError):
+        registry.activate("ft-digits")
+
+    session = ort.InferenceSession(str(registry.root / "ft-digits" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["embedding", "probabilities"]
+    images = ResizePolicy(SIZE).batch([Image.fromarray(x[..., 0]) for x in x_val])
+    h, proba = session.run(None, {"images": images})
+    np.testing.assert_allclose(np.linalg.norm(h, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(proba.sum(axis=1), 1, atol=1e-5)
+    assert card.metrics["val_accuracy"] == pytest.approx(np.mean(proba.argmax(axis=1) == y_val))
+    assert np.sum(card.model_dump()["val_confusion"]) == 15
