@@ -23,21 +23,27 @@ class Example(BaseModel):
 
 
 class ClassifierCreate(BaseModel):
-    """Exactly one of `examples` or `label_key`."""
+    """`logreg` / `knn`: exactly one of `examples` or `label_key`. `finetune`: `model_id` only."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=200)
-    method: Literal["logreg", "knn"] = "logreg"
+    method: Literal["logreg", "knn", "finetune"] = "logreg"
     examples: list[Example] | None = Field(None, description="labeled items: [{item_id, label}]")
     label_key: str | None = Field(
         None, min_length=1, max_length=200, description="a metadata field: every item that has it is an example"
     )
+    model_id: str | None = Field(
+        None, min_length=1, max_length=128, description="finetune: the classifier model a fine-tuning job published"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ClassifierCreate:
-        if (self.examples is None) == (self.label_key is None):
-            raise ValueError("give exactly one of 'examples' or 'label_key'")
+        if self.method == "finetune":
+            if self.model_id is None or self.examples is not None or self.label_key is not None:
+                raise ValueError("method 'finetune' takes 'model_id' (a fine-tuning job's model) and no examples")
+        elif self.model_id is not None or (self.examples is None) == (self.label_key is None):
+            raise ValueError("give exactly one of 'examples' or 'label_key' ('model_id' is for method 'finetune')")
         return self
 
 
@@ -47,8 +53,11 @@ class ClassCount(BaseModel):
 
 
 class CrossValidationOut(BaseModel):
-    accuracy: float = Field(description="mean out-of-fold accuracy at the chosen setting")
-    std: float = Field(description="standard deviation of the fold accuracies")
+    kind: Literal["cv", "validation"] = Field(
+        description="cv: stratified k-fold on the examples; validation: the fine-tuning job's held-out images"
+    )
+    accuracy: float = Field(description="mean out-of-fold accuracy at the chosen setting (or validation accuracy)")
+    std: float | None = Field(description="standard deviation of the fold accuracies (none for validation)")
     n_folds: int
     fold_accuracies: list[float]
     confusion: list[list[int]] = Field(description="[true class][predicted class], classes in `classes` order")
@@ -98,6 +107,7 @@ class ClassifierOut(BaseModel):
             fit_id=fit.fit_id,
             classes=[ClassCount(label=c, count=n) for c, n in zip(fit.classes, fit.counts, strict=True)],
             cv=CrossValidationOut(
+                kind=cv.get("kind", "cv"),
                 accuracy=cv["accuracy"],
                 std=cv["std"],
                 n_folds=cv["n_folds"],

@@ -15,6 +15,7 @@ Errors are this module's own (`ClassifierError` subclasses); the API layer maps 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+import onnxruntime as ort
 from PIL import Image
 
 from service.classifiers.fit import (
@@ -36,13 +38,17 @@ from service.classifiers.fit import (
     fit_logreg,
 )
 from service.classifiers.storage import ClassifierRecord, ClassifierStore, DuplicateNameError, Fit, Label
+from service.contract.imaging import ImageDecodeError, ResizePolicy, decode_image
+from service.contract.registry import ModelCard, ModelNotFoundError, ModelRegistry
 from service.items.service import ItemService
 from service.items.store import Item
+from service.runtime import default_providers
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-METHODS = ("logreg", "knn")
+METHODS = ("logreg", "knn", "finetune")
+FITTED_METHODS = ("logreg", "knn")  # fitted on stored vectors (and refitted); finetune is a registry model
 REFIT_POLL_S = 1.0
 SHOWN_IDS = 10
 
@@ -96,6 +102,10 @@ class ItemsNotEmbeddedError(ClassifierError):
         self.ids = ids
 
 
+class ModelNotFoundForClassifierError(ClassifierError):
+    code = "model_not_found"
+
+
 class TooManyExamplesError(ClassifierError):
     code = "too_many_examples"
 
@@ -126,6 +136,37 @@ class ItemSource:
 
     def exists(self, item_id: str) -> bool:
         return self._items.store.get(item_id) is not None
+
+    def image(self, item_id: str) -> Image.Image | None:
+        """The item's original, decoded; None when the item (or its original) is gone."""
+        item = self._items.store.get(item_id)
+        if item is None:
+            return None
+        try:
+            return decode_image(self._items.blobs.get(item.sha256), max_pixels=self._items.settings.max_image_pixels)
+        except (OSError, ImageDecodeError):
+            return None
+
+
+class ClassifierModel:
+    """A fine-tuned classifier from the registry (trainer/finetune.py): images -> probabilities."""
+
+    def __init__(self, card: ModelCard, session: ort.InferenceSession) -> None:
+        self.card = card
+        self.session = session
+        self.policy = ResizePolicy.from_json(card.resize_policy)
+
+    @classmethod
+    def load(cls, registry: ModelRegistry, model_id: str, settings: Settings) -> ClassifierModel:
+        card, path = registry.verify(model_id)  # sha256 checked
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = settings.ort_intra_op_threads
+        return cls(card, ort.InferenceSession(str(path), options, providers=default_providers(settings.ort_providers)))
+
+    def predict_proba(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """RGB images -> float32 [N, K] over the card's classes."""
+        (proba,) = self.session.run(["probabilities"], {"images": self.policy.batch(list(images))})
+        return proba
 
 
 class Runtime(Protocol):
@@ -225,7 +266,11 @@ def fit_examples(method: str, x: np.ndarray, labels: Sequence[Label], model_id: 
 
 def predict(method: str, fit: Fit, x: np.ndarray, top_k: int) -> list[Prediction]:
     """x float [M, D] under `fit.model_id` -> one prediction per row, top-k classes best first."""
-    proba = predictor(method, fit).predict_proba(x)  # [M, K]
+    return ranked(fit, predictor(method, fit).predict_proba(x), top_k)
+
+
+def ranked(fit: Fit, proba: np.ndarray, top_k: int) -> list[Prediction]:
+    """Probabilities [M, K] over `fit.classes` -> one prediction per row, top-k classes best first."""
     k = min(top_k, len(fit.classes))
     order = np.argsort(-proba, axis=1, kind="stable")[:, :k]  # [M, k]
     out = []
@@ -241,6 +286,9 @@ class ClassifierService:
         self.items = ItemSource(items)
         self.runtime = runtime
         self.store = ClassifierStore(settings.items_dir / "classifiers.sqlite3")
+        self.registry = ModelRegistry(settings.models_dir)
+        self._models: dict[str, ClassifierModel] = {}  # fine-tuned classifier sessions, loaded on first use
+        self._models_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._failed: set[tuple[str, str]] = set()  # (classifier, model) refits that could not run
@@ -276,7 +324,7 @@ class ClassifierService:
     def refit_all(self, model_id: str) -> int:
         """Fit every classifier without a `model_id` fit on its examples' `model_id` vectors."""
         done = 0
-        for classifier_id in self.store.without_fit(model_id):
+        for classifier_id in self.store.without_fit(model_id, FITTED_METHODS):
             if self._stop.is_set() or (classifier_id, model_id) in self._failed:
                 continue
             record = self.store.get(classifier_id)
@@ -317,11 +365,21 @@ class ClassifierService:
                 return out
 
     def create(
-        self, name: str, method: str, examples: list[tuple[str, object]] | None, label_key: str | None
+        self,
+        name: str,
+        method: str,
+        examples: list[tuple[str, object]] | None,
+        label_key: str | None,
+        model_id: str | None = None,
     ) -> ClassifierRecord:
-        """Fit on the served model's vectors and store (blocking: seconds; call off the event loop)."""
+        """Fit on the served model's vectors and store (blocking: seconds; call off the event loop).
+
+        `method` "finetune" takes no examples: it wraps `model_id`, a classifier model a
+        fine-tuning job published, with the validation accuracy the job measured."""
         if method not in METHODS:
             raise InvalidExamplesError(f"method must be one of {', '.join(METHODS)}", "invalid_method")
+        if method == "finetune":
+            return self._store_new(name, method, None, [], self._finetuned_fit(model_id or ""))
         model_id = self._served()
         if label_key is not None:
             pairs = self.examples_from_metadata(label_key)
@@ -342,11 +400,49 @@ class ClassifierService:
             if seen.setdefault(item_id, label) != label:
                 raise InvalidExamplesError(f"item {item_id!r} is given two labels", "conflicting_labels")
         pairs = list(dict.fromkeys(pairs))  # the same example twice counts once
-        fit = self._fit(method, pairs, model_id, drop_missing=False)
+        return self._store_new(name, method, label_key, pairs, self._fit(method, pairs, model_id, drop_missing=False))
+
+    def _store_new(
+        self, name: str, method: str, label_key: str | None, pairs: list[tuple[str, Label]], fit: Fit
+    ) -> ClassifierRecord:
         try:
             return self.store.create(uuid.uuid4().hex[:12], name, method, label_key, pairs, fit)
         except DuplicateNameError as exc:
             raise ClassifierExistsError(f"a classifier named {name!r} exists; pick another name or delete it") from exc
+
+    def _finetuned_fit(self, model_id: str) -> Fit:
+        """A fine-tuned classifier model as a fit: its classes, label counts and validation accuracy."""
+        try:
+            card = self.registry.get(model_id)
+        except ModelNotFoundError as exc:
+            raise ModelNotFoundForClassifierError(
+                f"no model {model_id!r} in the registry; a fine-tuning job publishes one (GET /models)"
+            ) from exc
+        if card.kind != "classifier":
+            raise InvalidExamplesError(
+                f"model {model_id} is an {card.kind}; method finetune takes a classifier model from a fine-tuning job",
+                "not_a_classifier_model",
+            )
+        extra = card.model_extra or {}
+        cv = {
+            "kind": "validation",
+            "accuracy": float(card.metrics["val_accuracy"]),
+            "std": None,
+            "fold_accuracies": [],
+            "n_folds": 0,
+            "confusion": extra.get("val_confusion", []),
+            "C": None,
+            "grid": [],
+            "examples": int(card.metrics.get("labels", 0)),
+        }
+        counts = list(extra.get("label_counts", [0] * len(card.classes)))
+        return Fit(uuid.uuid4().hex[:12], model_id, time.time(), list(card.classes), counts, cv, {})
+
+    def _classifier_model(self, model_id: str) -> ClassifierModel:
+        with self._models_lock:
+            if model_id not in self._models:
+                self._models[model_id] = ClassifierModel.load(self.registry, model_id, self.settings)
+            return self._models[model_id]
 
     def _fit(self, method: str, pairs: list[tuple[str, Label]], model_id: str, *, drop_missing: bool) -> Fit:
         """Fit `pairs` on their stored `model_id` vectors. A refit (`drop_missing`) skips items deleted since."""
@@ -393,6 +489,12 @@ class ClassifierService:
     ) -> tuple[ClassifierRecord, Fit, list[Prediction]]:
         record = self.get(classifier_id)
         fit = self.answering_fit(record)
+        if record.method == "finetune":
+            images = [self.items.image(i) for i in item_ids]
+            if missing := [i for i, im in zip(item_ids, images, strict=True) if im is None]:
+                raise UnknownItemsError(missing)
+            proba = self._classifier_model(fit.model_id).predict_proba([im for im in images if im is not None])
+            return record, fit, ranked(fit, proba, top_k)
         vectors: list[np.ndarray] = []
         unknown: list[str] = []
         unembedded: list[str] = []
@@ -414,6 +516,9 @@ class ClassifierService:
         """Embed with the answering fit's model (loaded again if it was replaced), then classify."""
         record = self.get(classifier_id)
         fit = self.answering_fit(record)
+        if record.method == "finetune":
+            model = await asyncio.to_thread(self._classifier_model, fit.model_id)
+            return record, fit, ranked(fit, await asyncio.to_thread(model.predict_proba, images), top_k)
         _, vectors = await self.runtime.embed(images, model_id=fit.model_id)  # [M, D]
         return record, fit, predict(record.method, fit, vectors, top_k)
 

@@ -19,7 +19,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,13 +179,14 @@ class ClassifierStore:
             self._insert_fit(db, classifier_id, fit)
         return True
 
-    def without_fit(self, model_id: str) -> list[str]:
-        """Ids of classifiers that have no fit for `model_id` yet (cheap: no parameters read)."""
+    def without_fit(self, model_id: str, methods: Sequence[str]) -> list[str]:
+        """Ids of classifiers of `methods` that have no fit for `model_id` yet (cheap: no parameters read)."""
+        marks = ",".join("?" * len(methods))
         with self._lock:
             rows = self._db.execute(
-                "SELECT id FROM classifiers c WHERE NOT EXISTS "
+                f"SELECT id FROM classifiers c WHERE method IN ({marks}) AND NOT EXISTS "
                 "(SELECT 1 FROM classifier_fits f WHERE f.classifier_id = c.id AND f.model_id = ?) ORDER BY created",
-                (model_id,),
+                (*methods, model_id),
             ).fetchall()
         return [r[0] for r in rows]
 

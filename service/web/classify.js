@@ -27,7 +27,7 @@ function parseLabels(text) {
 function confusionTable(c) {
   const labels = c.classes.map((k) => String(k.label));
   return el("table", { id: "confusion", class: "confusion", "aria-label": "confusion matrix (rows: true class, columns: predicted)" },
-    el("caption", {}, `Confusion matrix, out-of-fold predictions (${c.cv.n_folds}-fold): rows are the true class, columns the predicted one`),
+    el("caption", {}, `Confusion matrix, ${c.cv.kind === "validation" ? "validation images" : `out-of-fold predictions (${c.cv.n_folds}-fold)`}: rows are the true class, columns the predicted one`),
     el("thead", {}, el("tr", {}, el("th", { scope: "col" }, "true \\ predicted"), labels.map((l) => el("th", { scope: "col" }, l)))),
     el("tbody", {}, c.cv.confusion.map((row, i) => el("tr", {},
       el("th", { scope: "row" }, labels[i]),
@@ -47,11 +47,12 @@ function renderSelected() {
   const pct = (v) => `${(100 * v).toFixed(1)}%`;
   $("classifier-details").replaceChildren(
     details([
-      ["Method", c.method === "logreg" ? "logistic regression" : "kNN"],
+      ["Method", { logreg: "logistic regression", knn: "kNN", finetune: "fine-tuned network" }[c.method] || c.method],
       ["Examples", c.label_key ? `${c.examples} (metadata field "${c.label_key}")` : String(c.examples)],
       ["Model", c.model_id],
       ["Fitted", when(c.fits.find((f) => f.fit_id === c.fit_id)?.fitted_at)],
-      ["CV accuracy", el("span", { id: "cv-accuracy", dataset: { value: c.cv.accuracy } }, `${pct(c.cv.accuracy)} ± ${pct(c.cv.std)}`)],
+      [c.cv.kind === "validation" ? "Validation accuracy" : "CV accuracy",
+        el("span", { id: "cv-accuracy", dataset: { value: c.cv.accuracy } }, c.cv.std === null ? pct(c.cv.accuracy) : `${pct(c.cv.accuracy)} ± ${pct(c.cv.std)}`)],
       ["Regularisation C", c.cv.C === null ? "–" : fmt(c.cv.C, 3)],
       ["Classes", c.classes.map((k) => `${k.label} (${k.count})`).join(", ")],
     ]),

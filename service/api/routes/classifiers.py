@@ -18,6 +18,7 @@ store, and at that limit a class-balanced subset already gives the accuracy a fe
 | items without a vector under the bound model | 409 | `items_not_embedded` |
 | more examples than `classifier_max_examples` | 413 | `too_many_examples` |
 | no index served yet | 503 | `index_not_ready` |
+| finetune: no such model / not a classifier model | 404 / 422 | `model_not_found` / `not_a_classifier_model` |
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from service.classifiers.service import (
     ClassifierNotFoundError,
     ClassifierService,
     ItemsNotEmbeddedError,
+    ModelNotFoundForClassifierError,
     NotReadyError,
     TooManyExamplesError,
 )
@@ -57,6 +59,7 @@ router = APIRouter(prefix="/classifiers", tags=["classifiers"])
 
 _STATUS: dict[type[ClassifierError], int] = {
     ClassifierNotFoundError: 404,
+    ModelNotFoundForClassifierError: 404,
     ClassifierExistsError: 409,
     ItemsNotEmbeddedError: 409,
     TooManyExamplesError: 413,
@@ -88,13 +91,15 @@ ClassifiersDep = Annotated[ClassifierService, Depends(get_classifiers)]
     status_code=201,
     response_model=ClassifierOut,
     dependencies=[Depends(require_write_key)],
-    responses=error_responses(401, 409, 413, 422, 503),
+    responses=error_responses(401, 404, 409, 413, 422, 503),
 )
 async def create_classifier(body: ClassifierCreate, classifiers: ClassifiersDep) -> ClassifierOut:
     """Fit on the served model's vectors of the examples; answers with the cross-validated accuracy."""
     examples = None if body.examples is None else [(e.item_id, e.label) for e in body.examples]
     with _as_http():
-        record = await run_in_threadpool(classifiers.create, body.name, body.method, examples, body.label_key)
+        record = await run_in_threadpool(
+            classifiers.create, body.name, body.method, examples, body.label_key, body.model_id
+        )
     return ClassifierOut.of(record, record.fits[0])
 
 

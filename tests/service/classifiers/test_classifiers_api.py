@@ -207,3 +207,90 @@ def test_items_without_vectors_under_the_bound_model(client: TestClient, data_di
     r = client.post("/classifiers", json={"name": "gap", "label_key": "label"})
     assert (r.status_code, r.json()["error"]["code"]) == (409, "items_not_embedded")
     assert "'c5'" in r.json()["error"]["message"]
+
+
+@pytest.fixture
+def finetuned_model(data_dir: Path, cifar_images: np.ndarray) -> str:
+    """A fine-tuned classifier model (3 classes) published as a fine-tuning job publishes one."""
+    import torch
+    from torch import nn
+
+    from service.contract.imaging import ResizePolicy
+    from service.contract.registry import ModelCard, ModelRegistry
+    from tests.service.conftest import DIM, SIZE, TinyEncoder
+    from trainer.export import export_classifier
+    from trainer.finetune import FinetunedClassifier
+
+    torch.manual_seed(3)
+    model = FinetunedClassifier(TinyEncoder(5), nn.Identity(), DIM, 3).eval()
+    card = ModelCard(
+        model_id="ft-3",
+        method="simclr",
+        backbone="tiny-cnn",
+        input_size=SIZE,
+        embedding_dim=DIM,
+        resize_policy=ResizePolicy(SIZE).to_json(),
+        created_at="2024-01-02T00:00:00Z",
+        metrics={"val_accuracy": 0.625, "labels": 30, "val_images": 8},
+        kind="classifier",
+        classes=["plane", "car", "bird"],
+        val_confusion=[[3, 0, 0], [1, 1, 0], [0, 2, 1]],
+        label_counts=[10, 10, 10],
+    )
+    path = data_dir / "ft.onnx"
+    export_classifier(model, path, card=card, parity_images=cifar_images[:16])
+    ModelRegistry(data_dir / "models").publish(path, card, activate=False)
+    return "ft-3"
+
+
+def test_finetuned_model_as_a_classifier(
+    client: TestClient, data_dir: Path, finetuned_model: str, indexed: list[str], queries: np.ndarray
+) -> None:
+    import onnxruntime as ort
+    from PIL import Image
+
+    from service.contract.imaging import ResizePolicy
+    from tests.service.conftest import SIZE
+
+    models = {m["model_id"]: m for m in client.get("/models").json()["models"]}
+    assert models[finetuned_model]["kind"] == "classifier" and models[MODEL_A]["kind"] == "encoder"
+    refused = client.post(f"/models/{finetuned_model}/activate")
+    assert (refused.status_code, refused.json()["error"]["code"]) == (409, "not_an_encoder")
+    assert client.get("/models").json()["active"] == MODEL_A
+
+    r = client.post("/classifiers", json={"name": "ft", "method": "finetune", "model_id": finetuned_model})
+    assert r.status_code == 201, r.text
+    made = r.json()
+    assert made["model_id"] == finetuned_model and made["examples"] == 30
+    assert made["classes"] == [{"label": c, "count": 10} for c in ("plane", "car", "bird")]
+    assert made["cv"] == {
+        "kind": "validation",
+        "accuracy": 0.625,
+        "std": None,
+        "n_folds": 0,
+        "fold_accuracies": [],
+        "confusion": [[3, 0, 0], [1, 1, 0], [0, 2, 1]],
+        "C": None,
+    }
+
+    session = ort.InferenceSession(str(data_dir / "models" / finetuned_model / "model.onnx"))
+    expected = session.run(
+        ["probabilities"], {"images": ResizePolicy(SIZE).batch([Image.fromarray(q) for q in queries])}
+    )[0]
+    files = [("files", (f"q{i}.png", png(q), "image/png")) for i, q in enumerate(queries)]
+    answer = client.post(f"/classifiers/{made['id']}/predict", files=files, data={"top_k": "3"}).json()
+    assert answer["model_id"] == finetuned_model
+    for p, row in zip(answer["predictions"], expected, strict=True):
+        got = {t["label"]: t["probability"] for t in p["top_k"]}
+        np.testing.assert_allclose([got[c] for c in ("plane", "car", "bird")], row, atol=1e-6)
+    by_item = client.post(f"/classifiers/{made['id']}/predict", json={"item_ids": ["c3"], "top_k": 1}).json()
+    original = client.get("/items/c3/image").content
+    by_image = client.post(f"/classifiers/{made['id']}/predict", files=[("files", ("c3.png", original, "image/png"))])
+    assert by_item["predictions"][0]["top_k"] == by_image.json()["predictions"][0]["top_k"][:1]
+
+    bad = client.post("/classifiers", json={"name": "x", "method": "finetune", "model_id": MODEL_A})
+    assert (bad.status_code, bad.json()["error"]["code"]) == (422, "not_a_classifier_model")
+    gone = client.post("/classifiers", json={"name": "x", "method": "finetune", "model_id": "nope"})
+    assert (gone.status_code, gone.json()["error"]["code"]) == (404, "model_not_found")
+    mixed = client.post("/classifiers", json={"name": "x", "method": "finetune", "model_id": "ft-3", "label_key": "l"})
+    assert mixed.status_code == 422
