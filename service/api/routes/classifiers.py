@@ -91,7 +91,7 @@ ClassifiersDep = Annotated[ClassifierService, Depends(get_classifiers)]
     status_code=201,
     response_model=ClassifierOut,
     dependencies=[Depends(require_write_key)],
-    responses=error_responses(401, 404, 409, 413, 422, 503),
+    responses=error_responses(400, 401, 404, 409, 413, 422, 503),  # 400: a body that is not JSON
 )
 async def create_classifier(body: ClassifierCreate, classifiers: ClassifiersDep) -> ClassifierOut:
     """Fit on the served model's vectors of the examples; answers with the cross-validated accuracy."""
