@@ -78,9 +78,10 @@ class Settings(BaseSettings):
 
     # -- classifiers ------------------------------------------------------------------------
     classifier_max_examples: int = Field(
-        5000,
+        2000,
         ge=4,
-        description="most labeled examples POST /classifiers fits synchronously (cross-validation: ~20 s at 5000 x 512-d on one core)",
+        description="most labeled examples POST /classifiers fits synchronously "
+        "(CV + fit at 512-d, one loaded core: 13 s at 1000, 74 s at 5000; bench/classifier_fit.py)",
     )
 
     # -- jobs -------------------------------------------------------------------------------
