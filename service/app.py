@@ -2,9 +2,11 @@
 
 Each component is built by a factory in its own module and kept on `app.state`:
 `registry` (ModelRegistry), `runtime` (service.runtime.RuntimeManager), `items`
-(service.items.service.build_item_service), `jobs` (service.jobs.client.build_job_client),
+(service.items.service.build_item_service), `classifiers`
+(service.classifiers.service.build_classifier_service), `jobs` (service.jobs.client.build_job_client),
 plus `settings` and `metrics`. Start order: registry (stale staging swept) -> runtime (active
-model loaded) -> items (listens to activations) -> jobs; shutdown in reverse.
+model loaded) -> items (listens to activations) -> classifiers (refit
+when the served index changes) -> jobs; shutdown in reverse.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from starlette.concurrency import run_in_threadpool
 from service import __version__
 from service.api.errors import install_error_handlers
 from service.api.limits import BodyLimitMiddleware, DecodeBudget
-from service.api.routes import embed, health, items, jobs, models, search, web
+from service.api.routes import classifiers, embed, finetune_jobs, health, items, jobs, models, search, web
+from service.classifiers.service import build_classifier_service
 from service.contract.registry import ModelRegistry
 from service.items.service import build_item_service
 from service.jobs.client import build_job_client
@@ -42,11 +45,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await runtime.start()
     app.state.registry, app.state.runtime = registry, runtime
     app.state.items = await run_in_threadpool(build_item_service, settings, runtime)
+    app.state.classifiers = await run_in_threadpool(build_classifier_service, settings, app.state.items, runtime)
     app.state.jobs = build_job_client(settings)
     try:
         yield
     finally:
         app.state.jobs.close()
+        await run_in_threadpool(app.state.classifiers.close)
         await run_in_threadpool(app.state.items.close)
         await runtime.close()
 
@@ -59,7 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.decode_budget = DecodeBudget(settings.decode_budget_pixels)
     install_error_handlers(app)
-    for module in (health, embed, items, search, models, jobs, web):
+    for module in (health, embed, items, search, models, jobs, finetune_jobs, classifiers, web):
         app.include_router(module.router)
     # Added last = outermost: metrics time everything, the size limit guards every body.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)

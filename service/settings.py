@@ -105,6 +105,14 @@ class Settings(BaseSettings):
         10_000, ge=0, description="filtered searches on IVF/HNSW scan the matching items exactly up to this many"
     )
 
+    # -- classifiers ------------------------------------------------------------------------
+    classifier_max_examples: int = Field(
+        2000,
+        ge=4,
+        description="most labeled examples POST /classifiers fits synchronously "
+        "(CV + fit at 512-d, one loaded core: 13 s at 1000, 74 s at 5000; bench/classifier_fit.py)",
+    )
+
     # -- jobs -------------------------------------------------------------------------------
     broker_url: str | None = Field(None, description="Redis URL; unset = `up` starts an embedded server")
     demo_on_empty: bool = Field(True, description="`up` trains a small demo encoder when the registry is empty")

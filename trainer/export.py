@@ -56,6 +56,7 @@ from service.contract.registry import (
 from service.contract.train_config import TrainConfig
 from service.contract.variants import INT8
 from trainer.checkpoint import load_encoder
+from trainer.finetune import FinetunedClassifier
 from trainer.models import Encoder, normalize_pixels
 
 PARITY_TOLERANCE = 1e-4
@@ -86,11 +87,14 @@ class EmbeddingGraph(nn.Module):
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, S, S, 3] -> the encoder's input, normalised float32 [N, 3, S, S]."""
         x = images.to(torch.float32) / 255.0  # [N, S, S, 3] in [0, 1]
         x = x.permute(0, 3, 1, 2)  # [N, 3, S, S]
-        x = normalize_pixels(x)
-        h = self.encoder(x)  # [N, D]
+        return normalize_pixels(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(self.pixels(images))  # [N, D]
         return nn.functional.normalize(h, dim=1)  # [N, D], unit norm
 
 
@@ -100,12 +104,16 @@ def reference_embed(encoder: Encoder, images: np.ndarray) -> np.ndarray:
     uint8 [N, S, S, 3] -> float64 [N, D] unit-norm; normalisation in numpy float64 so a bug in
     the exported wrapper (channel order, scaling) cannot hide behind the same bug here.
     """
+    with torch.inference_mode():
+        h = encoder(reference_input(images)).to(torch.float64).numpy()  # [N, D]
+    return h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12)
+
+
+def reference_input(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, S, S, 3] -> float32 [N, 3, S, S], normalised in numpy float64 (the parity side)."""
     x = images.astype(np.float64) / 255.0  # [N, S, S, 3]
     x = (x - np.asarray(PIXEL_MEAN)) / np.asarray(PIXEL_STD)
-    x = np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)  # [N, 3, S, S]
-    with torch.inference_mode():
-        h = encoder(torch.from_numpy(x)).to(torch.float64).numpy()  # [N, D]
-    return h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32))
 
 
 def ort_session(path: str | Path, threads: int = 0) -> ort.InferenceSession:
@@ -473,3 +481,75 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"model_id": card.model_id, "state": state, "sha256": card.sha256, "metrics": card.metrics}
     print(json.dumps({**summary, "variants": variants, "refused_variants": card.refused_variants}))
     return 0
+
+
+# --- fine-tuned classifiers ------------------------------------------------------------------
+
+PROBABILITIES = "probabilities"
+
+
+class ClassifierGraph(nn.Module):
+    """A fine-tuned classifier (trainer.finetune.FinetunedClassifier) as exported:
+    uint8 [N, S, S, 3] -> (unit-norm h float32 [N, D], class probabilities float32 [N, K])."""
+
+    def __init__(self, model: FinetunedClassifier) -> None:
+        super().__init__()
+        self.embedding = EmbeddingGraph(model.encoder)
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.model.encoder(self.embedding.pixels(images))  # [N, D]
+        logits = self.model.classifier(self.model.neck(h))  # [N, K]
+        return nn.functional.normalize(h, dim=1), torch.softmax(logits, dim=1)
+
+
+def export_classifier(
+    model: FinetunedClassifier, out_path: str | Path, *, card: ModelCard, parity_images: np.ndarray
+) -> float:
+    """Write a fine-tuned classifier as a checked ONNX model (outputs `embedding`, `probabilities`);
+    returns the larger parity difference of the two outputs against torch on `parity_images`."""
+    out_path = Path(out_path)
+    model.eval()
+    graph = ClassifierGraph(model).eval()
+    images = np.ascontiguousarray(parity_images)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                graph,
+                (torch.from_numpy(images[:2]),),
+                str(out_path),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME, PROBABILITIES],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}, PROBABILITIES: {0: "batch"}},
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        onnx_model = onnx.load(str(out_path))
+        onnx_model.producer_name = "simclr-embed"
+        onnx_model.doc_string = f"fine-tuned classifier ({card.backbone}, {len(card.classes)} classes)"
+        props = card.onnx_metadata()
+        props.update(kind=card.kind, classes=json.dumps(card.classes))
+        onnx.helper.set_model_props(onnx_model, props)
+        onnx.save(onnx_model, str(out_path))
+        onnx.checker.check_model(str(out_path), full_check=True)
+        with torch.inference_mode():  # the torch side, preprocessed apart from the exported wrapper
+            ref_p = torch.softmax(model(reference_input(images)).to(torch.float64), dim=1).numpy()  # [N, K]
+        ref_h = reference_embed(model.encoder, images)  # [N, D]
+        session = ort_session(out_path)
+        got_h, got_p = session.run([OUTPUT_NAME, PROBABILITIES], {INPUT_NAME: images})
+        diff = float(max(np.abs(got_h - ref_h).max(), np.abs(got_p - ref_p).max()))
+        if not diff < PARITY_TOLERANCE:
+            raise ExportError(
+                "parity_failed",
+                f"ONNX Runtime and torch disagree on {len(images)} real images by {diff:.3g} (limit "
+                f"{PARITY_TOLERANCE:g}); nothing was published",
+            )
+        return diff
+    except onnx.checker.ValidationError as exc:
+        out_path.unlink(missing_ok=True)
+        raise ExportError("onnx_check_failed", f"onnx.checker rejected the exported classifier: {exc}") from exc
+    except BaseException:
+        out_path.unlink(missing_ok=True)
+        raise

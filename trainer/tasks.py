@@ -27,16 +27,18 @@ from celery import signals
 from celery.exceptions import Reject
 from redis.exceptions import RedisError
 
+from service.contract.finetune_config import FinetuneJobRequest
 from service.contract.registry import ModelNotFoundError, ModelRegistry
 from service.contract.train_config import TrainConfig, TrainJobRequest
 from service.items.reindex import reembed_all, space_of
 from service.jobs.celery_app import INDEX_TASK, TRAIN_TASK, app
-from service.jobs.store import TERMINAL, JobState, JobStore, model_id_for
+from service.jobs.store import TERMINAL, JobRecord, JobState, JobStore, model_id_for
 from service.settings import Settings
 from service.shutdown import StopFlag
 from trainer.data import DatasetError
 from trainer.engine import train
 from trainer.export import export_run
+from trainer.finetune import finetune_run
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -171,6 +173,8 @@ def _run(settings: Settings, store: JobStore, job_id: str, token: str, heartbeat
         return "finished-elsewhere"
     record = _persist(store.get, job_id, with_history=False)
     assert record is not None
+    if record.request.get("method") == "finetune":
+        return _run_finetune(settings, store, job_id, token, record, heartbeat)
     request = TrainJobRequest.model_validate(record.request)
     cfg = TrainConfig.model_validate(request.model_dump(exclude={"dataset", "activate", "name"}))
     registry = ModelRegistry(settings.models_dir)
@@ -194,6 +198,46 @@ def _run(settings: Settings, store: JobStore, job_id: str, token: str, heartbeat
             app.send_task(INDEX_TASK, args=[model_id])
     except Reject:  # handing the job back on shutdown is not a failure
         raise
+    except DatasetError as exc:
+        _persist(store.finish, job_id, JobState.failed, error=f"{exc.code}: {exc}")
+        return JobState.failed.value
+    except Exception as exc:  # a job's failure is the job's state, never a crashed worker
+        log.exception("job %s failed", job_id)
+        _persist(store.finish, job_id, JobState.failed, error=f"{type(exc).__name__}: {exc}")
+        return JobState.failed.value
+    _persist(store.finish, job_id, JobState.succeeded, model_id=model_id)
+    return JobState.succeeded.value
+
+
+def _run_finetune(
+    settings: Settings, store: JobStore, job_id: str, token: str, record: JobRecord, heartbeat: _Heartbeat
+) -> str:
+    """A fine-tuning job (trainer/finetune.py): short, so it does not checkpoint; a redelivered
+    one starts over. Publishes a classifier model, never activates it."""
+    request = FinetuneJobRequest.model_validate(record.request)
+    registry = ModelRegistry(settings.models_dir)
+    model_id = model_id_for(job_id)
+    try:
+        if not _published(registry, model_id):
+            control = JobControl(str(settings.broker_url), job_id, token)
+            card = finetune_run(
+                settings.jobs_dir / request.run,
+                record.dataset,
+                registry,
+                model_id=model_id,
+                epochs=request.epochs,
+                batch_size=request.batch_size,
+                seed=request.seed,
+                should_stop=control.should_stop,
+                on_progress=control.progress,
+            )
+            if card is None:  # cancelled, or the worker is shutting down (requeued: it starts over)
+                return _stopped(store, job_id, heartbeat)
+    except Reject:
+        raise
+    except FileNotFoundError as exc:
+        _persist(store.finish, job_id, JobState.failed, error=f"no_checkpoint: {exc}")
+        return JobState.failed.value
     except DatasetError as exc:
         _persist(store.finish, job_id, JobState.failed, error=f"{exc.code}: {exc}")
         return JobState.failed.value

@@ -24,7 +24,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -72,6 +72,12 @@ class ModelIntegrityError(RegistryError):
     code = "model_integrity_error"
 
 
+class ModelKindError(RegistryError):
+    """A classifier model (a fine-tuning job's) asked to serve as the encoder that embeds items."""
+
+    code = "not_an_encoder"
+
+
 def valid_model_id(model_id: object) -> bool:
     """Whether `model_id` can name a model: one path component, no dot first, not reserved."""
     return isinstance(model_id, str) and MODEL_ID_RE.fullmatch(model_id) is not None and model_id not in RESERVED_IDS
@@ -113,6 +119,10 @@ class ModelCard(BaseModel):
     # Cards written before variants existed have neither field: they load as fp32-only models.
     variants: dict[str, VariantCard] = Field(default_factory=dict)
     refused_variants: dict[str, str] = Field(default_factory=dict, description="variant -> why export refused it")
+    # "encoder": f, output `embedding`; "classifier": a fine-tuned f + head with outputs
+    # `embedding` and `probabilities` over `classes` (trainer/finetune.py). Only encoders activate.
+    kind: Literal["encoder", "classifier"] = "encoder"
+    classes: list[str | int] = Field(default_factory=list)
 
     def onnx_metadata(self) -> dict[str, str]:
         """The card as ONNX metadata_props (strings only; dicts as JSON)."""
@@ -211,6 +221,11 @@ class ModelRegistry:
     def activate(self, model_id: str) -> ModelCard:
         """Point `active` at a complete model; the pointer is replaced whole (rename)."""
         card = self.get(model_id)
+        if card.kind != "encoder":
+            raise ModelKindError(
+                f"model {model_id} is a {card.kind}, not an encoder: it cannot embed the items; "
+                "use it with POST /classifiers (method finetune)"
+            )
         if not (self.root / model_id / "model.onnx").is_file():
             raise ModelIntegrityError(f"model {model_id} has no model.onnx; re-publish it")
         self._staging.mkdir(exist_ok=True)

@@ -14,6 +14,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from service.contract.finetune_config import FinetuneJobRequest
 from service.contract.train_config import TrainJobRequest
 from service.jobs.celery_app import TRAIN_TASK, create_celery
 from service.jobs.store import JobRecord, JobStore
@@ -62,7 +63,7 @@ class JobClient:
         except RedisError as exc:
             raise JobsUnavailableError(f"the job broker at {self.broker_url} does not answer: {exc}") from exc
 
-    def submit(self, request: TrainJobRequest, dataset: Path) -> JobRecord:
+    def submit(self, request: TrainJobRequest | FinetuneJobRequest, dataset: Path) -> JobRecord:
         """Record the job as queued, then queue its task; undone if the message cannot be sent."""
         store = self.store
         job_id = new_job_id()

@@ -1,14 +1,15 @@
-// The page's entry point: hash routes (#/search, #/jobs, #/jobs/<id>, #/models) shown as
+// The page's entry point: hash routes (#/search, #/jobs, #/jobs/<id>, #/models, #/classify) shown as
 // keyboard-operable tabs, and the API key dialog the API client opens on a 401.
 
 import { apiKey, onKeyNeeded, setApiKey } from "./api.js";
+import * as classify from "./classify.js";
 import * as jobs from "./jobs.js";
 import * as models from "./models.js";
 import * as search from "./search.js";
 import { announce } from "./ui.js";
 
 const $ = (id) => document.getElementById(id);
-const SECTIONS = { search, jobs, models };
+const SECTIONS = { search, jobs, models, classify };
 const tabs = () => [...document.querySelectorAll('[role="tab"]')];
 let current = null;
 
@@ -92,6 +93,7 @@ function wireKeyDialog() {
 search.init();
 jobs.init();
 models.init();
+classify.init();
 wireTabs();
 wireKeyDialog();
 window.addEventListener("hashchange", route);

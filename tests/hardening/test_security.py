@@ -32,7 +32,7 @@ from tests.service.conftest import live_server
 REPO = Path(__file__).resolve().parents[2]
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
 # POST routes that only read (they take a body, change nothing); any other POST must need a key.
-READ_ONLY_POSTS = {"/embed", "/search"}
+READ_ONLY_POSTS = {"/embed", "/search", "/classifiers/{classifier_id}/predict"}
 # Routes that never need a key: probes and the web page (the page asks for the key itself).
 OPEN = {"/healthz", "/readyz", "/", "/static/{name}", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 

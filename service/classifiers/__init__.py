@@ -1,0 +1,1 @@
+"""Few-label classifiers on frozen embeddings: numpy fits, durable storage, the service."""

@@ -1,0 +1,77 @@
+"""A fine-tuning job end to end: a real pretraining job, then `POST /finetune-jobs` on its
+checkpoint run by a real Celery worker, the classifier model it publishes (kind, validation
+accuracy, never activated), and that model serving `POST /classifiers/{id}/predict`."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from jobstack import Stack
+from PIL import Image
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def few_digits(job_datasets: Path) -> Path:
+    """Ten labeled digits a class (a few-label set) with digits' own test split for validation."""
+    path = job_datasets / "digits-few.npz"
+    with np.load(job_datasets / "digits.npz") as data:
+        pick = np.concatenate([np.flatnonzero(data["y_train"] == c)[:10] for c in range(10)])
+        np.savez(
+            path,
+            x_train=data["x_train"][pick],
+            y_train=data["y_train"][pick],
+            x_test=data["x_test"],
+            y_test=data["y_test"],
+            classes=data["classes"],
+        )
+    return path
+
+
+def test_finetune_job_publishes_a_classifier_that_predicts(stack: Stack, few_digits: Path) -> None:
+    refused = stack.http.post("/finetune-jobs", json={"run": "no-such-run", "dataset": few_digits.name})
+    assert (refused.status_code, refused.json()["error"]["code"]) == (409, "no_checkpoint")
+
+    pretrain = stack.submit(activate=False)
+    stack.wait_state(pretrain, "succeeded", 180)
+    active_before = stack.registry.active()
+
+    answer = stack.http.post(
+        "/finetune-jobs", json={"run": pretrain, "dataset": few_digits.name, "epochs": 2, "batch_size": 32}
+    )
+    assert answer.status_code == 202, answer.text
+    job_id = answer.json()["id"]
+    done = stack.wait_state(job_id, "succeeded", 300)
+    assert done["request"]["method"] == "finetune" and done["progress"]["total_steps"] == 2 * 4
+    card = stack.registry.get(done["model_id"])
+    assert card.kind == "classifier" and card.classes == [str(c) for c in range(10)]
+    assert card.metrics["labels"] == 100 and card.metrics["val_images"] == 360
+    assert 0.0 <= card.metrics["val_accuracy"] <= 1.0
+    assert stack.registry.active() == active_before  # a classifier never becomes the encoder
+    listed = {m["model_id"]: m["kind"] for m in stack.http.get("/models").json()["models"]}
+    assert listed[done["model_id"]] == "classifier"
+
+    made = stack.http.post(
+        "/classifiers", json={"name": f"ft-{job_id}", "method": "finetune", "model_id": card.model_id}
+    )
+    assert made.status_code == 201, made.text
+    assert made.json()["cv"]["accuracy"] == pytest.approx(card.metrics["val_accuracy"])
+    with np.load(few_digits) as data:
+        image = np.repeat(data["x_test"][0], 3, axis=-1)
+    predicted = stack.http.post(
+        f"/classifiers/{made.json()['id']}/predict", files=[("files", ("d.png", png(image), "image/png"))]
+    )
+    assert predicted.status_code == 200, predicted.text
+    top = predicted.json()["predictions"][0]["top_k"]
+    assert predicted.json()["model_id"] == card.model_id and len(top) == 3
+    assert sum(t["probability"] for t in top) <= 1.0 + 1e-6 and top[0]["label"] in card.classes
