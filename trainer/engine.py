@@ -199,11 +199,11 @@ def train(
     dataset = open_dataset(data, cfg.image_size)
     launch = distributed.torchrun_launch()
     world, cuda = _world(cfg) if launch is None else _launched_world(launch)
+    cfg = cfg.model_copy(update={"precision": resolve_precision(cfg.precision, cuda)})  # recorded resolved
     resolution = _resolution(cfg, len(dataset), world, run_dir, resume)
     cfg = resolution.config
     if launch is None or launch.rank == 0:
         print("training defaults decided for this run:", *resolution.describe(), sep="\n  ", file=sys.stderr)
-    cfg = cfg.model_copy(update={"precision": resolve_precision(cfg.precision, cuda)})  # recorded resolved
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} training processes")
     if len(dataset) < cfg.batch_size:

@@ -48,6 +48,7 @@ from trainer.transforms import SimCLRAugment
 
 CROP_FLIP = AugmentConfig(
     crop_min_scale=0.08,
+    color_strength=0.0,  # no colour jitter in fine-tuning (SimCLR v2: crop and flip only)
     hflip_prob=0.5,
     color_jitter_prob=0.0,
     grayscale_prob=0.0,

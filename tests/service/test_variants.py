@@ -37,14 +37,14 @@ def run(path: Path, images: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def q_template(tmp_path_factory: pytest.TempPathFactory, cifar_images: np.ndarray) -> Path:
+def q_template(tmp_path_factory: pytest.TempPathFactory, photos: np.ndarray) -> Path:
     """A data_dir whose registry holds MODEL_Q (fp32 + int8), active."""
     root = tmp_path_factory.mktemp("variants")
     work = root / "work"
     work.mkdir()
     card = _card(MODEL_Q)
-    export_encoder(TinyEncoder(7).eval(), work / "model.onnx", card=card, parity_images=cifar_images[:16])
-    quantize_int8(work / "model.onnx", work / "model.int8.onnx", cifar_images[:64])
+    export_encoder(TinyEncoder(7).eval(), work / "model.onnx", card=card, parity_images=photos[:16])
+    quantize_int8(work / "model.onnx", work / "model.int8.onnx", photos[:64])
     variant = VariantCard(file="model.int8.onnx", providers=["CPUExecutionProvider"], verification={"test": True})
     ModelRegistry(root / "data" / "models").publish(
         work / "model.onnx",
@@ -80,9 +80,9 @@ def _embed(client: TestClient, images: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize(("setting", "expected"), [("auto", INT8), ("fp32", FP32)])
 def test_the_runtime_serves_the_deployments_variant_and_says_so(
-    q_dir: Path, cifar_images: np.ndarray, setting: str, expected: str
+    q_dir: Path, photos: np.ndarray, setting: str, expected: str
 ) -> None:
-    images = cifar_images[:5]  # already S x S: the resize policy leaves them as they are
+    images = photos[:5]  # already S x S: the resize policy leaves them as they are
     model_file = "model.int8.onnx" if expected == INT8 else "model.onnx"
     direct = run(q_dir / "models" / MODEL_Q / model_file, images)
     other = run(q_dir / "models" / MODEL_Q / ("model.onnx" if expected == INT8 else "model.int8.onnx"), images)
@@ -106,9 +106,9 @@ def _wait_served(client: TestClient, space: str, timeout_s: float = 60.0) -> Non
 
 
 def test_an_index_built_with_one_variant_is_rebuilt_not_mixed_when_the_variant_changes(
-    q_dir: Path, cifar_images: np.ndarray
+    q_dir: Path, photos: np.ndarray
 ) -> None:
-    images = cifar_images[:12]
+    images = photos[:12]
     ids = [f"c{i}" for i in range(len(images))]
     files = [("files", (f"{i}.png", png(a), "image/png")) for i, a in zip(ids, images, strict=True)]
     fp32_space, int8_space = vector_space(MODEL_Q, FP32), vector_space(MODEL_Q, INT8)

@@ -1,4 +1,4 @@
-"""/classifiers through the real app: real CIFAR images indexed with real ONNX encoders, the
+"""/classifiers through the real app: real colour photo patches indexed with real ONNX encoders, the
 fit checked against scikit-learn on the vectors ONNX Runtime gives directly, refit on
 activation, restart durability, and every error the issue lists."""
 
@@ -19,24 +19,31 @@ from service.classifiers.fit import unit_rows
 from tests._procs import wait_until
 from tests.service.conftest import MODEL_A, MODEL_B, direct_ort, make_settings, png
 
-N_PER_CLASS, CLASSES = 12, (0, 1, 2)  # airplane, automobile, bird
-NAMES = {0: "airplane", 1: "automobile", 2: "bird"}
+N_PER_CLASS, CLASSES = 12, (0, 1, 2)
+NAMES = {0: "china", 1: "flower", 2: "inverted china"}
+
+
+def three_classes(photos_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Real colour photo patches of three kinds: patches of china.jpg, of flower.jpg, and
+    china patches with their colours inverted. uint8 [M, 32, 32, 3], labels [M]."""
+    with np.load(photos_path) as data:
+        x, y = data["x_train"], data["y_train"]
+    china = x[y == 0]
+    return np.concatenate([x, 255 - china]), np.concatenate([y, np.full(len(china), 2, np.int64)])
 
 
 @pytest.fixture(scope="module")
-def labeled(cifar5k_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """12 real CIFAR-10 test images per class for 3 classes, uint8 [36, 32, 32, 3], labels [36]."""
-    with np.load(cifar5k_path) as data:
-        x, y = data["x_test"], data["y_test"]
+def labeled(photos_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """12 images per class for 3 classes, uint8 [36, 32, 32, 3], labels [36]."""
+    x, y = three_classes(photos_path)
     picks = np.concatenate([np.flatnonzero(y == c)[:N_PER_CLASS] for c in CLASSES])
     return np.ascontiguousarray(x[picks]), y[picks].astype(np.int64)
 
 
 @pytest.fixture(scope="module")
-def queries(cifar5k_path: Path) -> np.ndarray:
+def queries(photos_path: Path) -> np.ndarray:
     """Six other images of those classes (never examples)."""
-    with np.load(cifar5k_path) as data:
-        x, y = data["x_test"], data["y_test"]
+    x, y = three_classes(photos_path)
     return np.ascontiguousarray(x[np.concatenate([np.flatnonzero(y == c)[50:52] for c in CLASSES])])
 
 
@@ -210,7 +217,7 @@ def test_items_without_vectors_under_the_bound_model(client: TestClient, data_di
 
 
 @pytest.fixture
-def finetuned_model(data_dir: Path, cifar_images: np.ndarray) -> str:
+def finetuned_model(data_dir: Path, photos: np.ndarray) -> str:
     """A fine-tuned classifier model (3 classes) published as a fine-tuning job publishes one."""
     import torch
     from torch import nn
@@ -238,7 +245,7 @@ def finetuned_model(data_dir: Path, cifar_images: np.ndarray) -> str:
         label_counts=[10, 10, 10],
     )
     path = data_dir / "ft.onnx"
-    export_classifier(model, path, card=card, parity_images=cifar_images[:16])
+    export_classifier(model, path, card=card, parity_images=photos[:16])
     ModelRegistry(data_dir / "models").publish(path, card, activate=False)
     return "ft-3"
 
