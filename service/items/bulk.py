@@ -32,7 +32,6 @@ from PIL import Image
 
 from service.contract.imaging import ImageDecodeError, decode_image
 from service.contract.registry import ModelRegistry
-from service.contract.variants import split_vector_space
 from service.items.blobs import BlobStore
 from service.items.reindex import Encoder, load_encoder, open_store
 from service.items.store import ItemStore, NewItem
@@ -163,7 +162,7 @@ def index_dataset(
     space = registry.active()
     if space is None:
         raise BulkIndexError("no active model: train or activate one first")
-    encoder = encoder or load_encoder(settings, registry, split_vector_space(space)[0])
+    encoder = encoder or load_encoder(settings, registry, space)
     meta = read_sidecar(sidecar) if sidecar else {}
     if dataset.is_dir():
         sources = _folder_sources(dataset, folders_as, meta)

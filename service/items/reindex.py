@@ -195,7 +195,7 @@ def _reembed(
     stop: Callable[[], bool],
     owner: str,
 ) -> int:
-    encoder = encoder or load_encoder(settings, registry, split_vector_space(space)[0])
+    encoder = encoder or load_encoder(settings, registry, space)
     dim = encoder.card.embedding_dim
     written, failed = 0, []
     while True:

@@ -179,7 +179,7 @@ class ItemService:
     def _reembed(self, space: str, stop: threading.Event) -> None:
         try:
             try:
-                encoder: Encoder | None = self.runtime.get(split_vector_space(space)[0])  # the loaded session
+                encoder: Encoder | None = self.runtime.get(space)  # the loaded session of that space
             except Exception:
                 encoder = None  # not loaded here: reembed_all opens its own
             reembed_all(self.settings, self.registry, space, encoder=encoder, should_stop=stop)
@@ -272,7 +272,7 @@ class ItemService:
 
     async def _embed(self, space: str, images: EncodedImages) -> np.ndarray:
         """Images -> float32 [N, D] in `space` (micro-batched; loads a retired model again)."""
-        _, vectors = await self.runtime.embed(images, model_id=split_vector_space(space)[0])
+        _, vectors = await self.runtime.embed(images, model_id=space)
         return vectors
 
     def _targets(self) -> list[str]:
