@@ -17,15 +17,15 @@ from __future__ import annotations
 import io
 import json
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from service.items.sqlite import DurableSqlite
 
 Label = str | int
 
@@ -104,35 +104,13 @@ def _fit(row: sqlite3.Row) -> Fit:
     )
 
 
-class ClassifierStore:
+class ClassifierStore(DurableSqlite):
     """Thread-safe: one connection behind a lock; writes are short (fits happen before them)."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
+        super().__init__(path)
         with self._lock:
             self._db.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
 
     def _insert_fit(self, db: sqlite3.Connection, classifier_id: str, fit: Fit) -> None:
         db.execute(

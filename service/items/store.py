@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -38,6 +37,7 @@ import numpy as np
 from service.items.backend import ChangeBatch, Item, ModelState, NewItem, ReembedProgress
 from service.items.errors import ItemExistsError
 from service.items.filters import Condition
+from service.items.sqlite import DurableSqlite
 
 SCHEMA_VERSION = 2
 MAX_FIELD_INDEXES = 32
@@ -148,20 +148,13 @@ def _condition_sql(cond: Condition, args: list[Any]) -> str:
     return f"({_kind(cond.field)} {_NUMBER} AND {_extract(cond.field)} {symbol} ?)"
 
 
-class ItemStore:
+class ItemStore(DurableSqlite):
     """Thread-safe: one connection behind a lock (writes are short; embedding happens
     before them). Other processes (a worker's re-embedding or index job) open their own store
     on the same file; WAL lets them read while we write and `busy_timeout` serialises writers."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
+        super().__init__(path)
         self._indexed_fields: set[str] = set()
         with self._tx() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -170,22 +163,6 @@ class ItemStore:
                     if statement.strip():
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """An IMMEDIATE transaction: takes the write lock up front, so check-then-write is atomic."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
