@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from service.contract.ports import free_port
 from trainer import distributed
 from trainer.losses import nt_xent_loss
 
@@ -71,7 +72,7 @@ def _rank(rank: int, world: int, init_method: str, out: str) -> None:
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
     world = 2
-    init_method = f"tcp://127.0.0.1:{distributed.free_port()}"
+    init_method = f"tcp://127.0.0.1:{free_port()}"
     mp.start_processes(_rank, args=(world, init_method, str(tmp_path)), nprocs=world, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from service.contract.ports import free_port
 from service.contract.train_config import TrainConfig
 from trainer import distributed
 from trainer.checkpoint import checkpoint_path, load_checkpoint, load_encoder
@@ -252,7 +253,7 @@ def _ddp_rank(r: int, init_method: str, out: str) -> None:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_moco_ddp_step_shuffles_bn_gathers_keys_and_matches_one_process(tmp_path: Path) -> None:
-    init_method = f"tcp://127.0.0.1:{distributed.free_port()}"
+    init_method = f"tcp://127.0.0.1:{free_port()}"
     mp.start_processes(_ddp_rank, args=(init_method, str(tmp_path)), nprocs=WORLD, start_method="spawn")
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
@@ -314,6 +315,7 @@ def test_moco_engine_run_on_digits_keeps_queue_and_key_encoder_in_checkpoint(dig
     cfg = TrainConfig(
         method="moco_v2", image_size=16, small_stem=False, batch_size=32, queue_size=96, epochs=1, max_steps=4,
         num_workers=0, warmup_epochs=0, optimizer="sgd", base_lr=0.5, proj_hidden_dim=64, log_every_steps=1,
+        moco_momentum=0.999,
     )  # fmt: skip
     result = train(cfg, digits_path, tmp_path)
     assert result.step == 4 and math.isfinite(result.loss)

@@ -16,6 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 from service.contract.defaults import RunShape, resolve
+from service.contract.ports import free_port
 from service.contract.train_config import TrainConfig
 from trainer import distributed, engine
 from trainer.data import open_dataset
@@ -67,7 +68,7 @@ def _bn_rank(rank: int, world: int, init_method: str, out: str) -> None:
 @pytest.mark.slow
 def test_two_gloo_ranks_normalise_with_the_global_batch(tmp_path: Path) -> None:
     world = 2
-    init_method = f"tcp://127.0.0.1:{distributed.free_port()}"
+    init_method = f"tcp://127.0.0.1:{free_port()}"
     mp.start_processes(_bn_rank, args=(world, init_method, str(tmp_path)), nprocs=world, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
@@ -111,7 +112,7 @@ def _engine_rank(rank: int, world: int, init_method: str, data: str, out: str) -
 @pytest.mark.slow
 def test_a_two_process_run_builds_global_batchnorm_by_default(tiny_npz: Path, tmp_path: Path) -> None:
     world = 2
-    init_method = f"tcp://127.0.0.1:{distributed.free_port()}"
+    init_method = f"tcp://127.0.0.1:{free_port()}"
     args = (world, init_method, str(tiny_npz), str(tmp_path))
     mp.start_processes(_engine_rank, args=args, nprocs=world, start_method="spawn")
     for r in range(world):

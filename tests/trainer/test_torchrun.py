@@ -18,6 +18,7 @@ import pytest
 import torch
 from test_engine import CLI_ARGS, REPO, TINY, _read_jsonl
 
+from service.contract.ports import free_port
 from service.contract.train_config import TrainConfig
 from trainer import distributed
 from trainer.checkpoint import checkpoint_path, load_checkpoint
@@ -91,7 +92,7 @@ def test_torchrun_two_processes_match_the_engines_own_two_processes(tiny_npz: Pa
             "PYTHONPATH": str(REPO),
             "OMP_NUM_THREADS": "1",
             "SIMCLR_EMBED_RDZV_HOST": "127.0.0.1",
-            "SIMCLR_EMBED_RDZV_PORT": str(distributed.free_port()),
+            "SIMCLR_EMBED_RDZV_PORT": str(free_port()),
             "SIMCLR_EMBED_RDZV_ID": uuid.uuid4().hex,
             "SIMCLR_EMBED_NNODES": "1",
             "SIMCLR_EMBED_NPROC_PER_NODE": "2",
