@@ -199,14 +199,18 @@ def _run(settings: Settings, store: JobStore, job_id: str, token: str, heartbeat
     except Reject:  # handing the job back on shutdown is not a failure
         raise
     except DatasetError as exc:
-        _persist(store.finish, job_id, JobState.failed, error=f"{exc.code}: {exc}")
-        return JobState.failed.value
+        return _failed(store, job_id, f"{exc.code}: {exc}")
     except Exception as exc:  # a job's failure is the job's state, never a crashed worker
         log.exception("job %s failed", job_id)
-        _persist(store.finish, job_id, JobState.failed, error=f"{type(exc).__name__}: {exc}")
-        return JobState.failed.value
+        return _failed(store, job_id, f"{type(exc).__name__}: {exc}")
     _persist(store.finish, job_id, JobState.succeeded, model_id=model_id)
     return JobState.succeeded.value
+
+
+def _failed(store: JobStore, job_id: str, error: str) -> str:
+    """Record a job's failure as its state (never a crashed worker) and return that state."""
+    _persist(store.finish, job_id, JobState.failed, error=error)
+    return JobState.failed.value
 
 
 def _run_finetune(
@@ -236,15 +240,12 @@ def _run_finetune(
     except Reject:
         raise
     except FileNotFoundError as exc:
-        _persist(store.finish, job_id, JobState.failed, error=f"no_checkpoint: {exc}")
-        return JobState.failed.value
+        return _failed(store, job_id, f"no_checkpoint: {exc}")
     except DatasetError as exc:
-        _persist(store.finish, job_id, JobState.failed, error=f"{exc.code}: {exc}")
-        return JobState.failed.value
+        return _failed(store, job_id, f"{exc.code}: {exc}")
     except Exception as exc:  # a job's failure is the job's state, never a crashed worker
         log.exception("job %s failed", job_id)
-        _persist(store.finish, job_id, JobState.failed, error=f"{type(exc).__name__}: {exc}")
-        return JobState.failed.value
+        return _failed(store, job_id, f"{type(exc).__name__}: {exc}")
     _persist(store.finish, job_id, JobState.succeeded, model_id=model_id)
     return JobState.succeeded.value
 
