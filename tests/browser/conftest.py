@@ -111,6 +111,15 @@ def web_stack(tmp_path_factory: pytest.TempPathFactory, models_template: Path, d
         yield stack
 
 
+@pytest.fixture
+def empty_store(web_stack: Stack) -> None:
+    """Deletes every item of web_stack: the tests share one stack, and each one that indexes starts
+    from an empty store whatever ran before it."""
+    while items := web_stack.http.get("/items", params={"limit": 500}).json()["items"]:
+        for item in items:
+            assert web_stack.http.delete(f"/items/{item['id']}").status_code == 204
+
+
 class KeyedStack(Stack):
     """The stack with `SIMCLR_EMBED_API_KEYS` set and keys required for reads too."""
 

@@ -44,6 +44,7 @@ def table_cells(browser) -> list[list[int]]:
     )
 
 
+@pytest.mark.usefixtures("empty_store")
 def test_create_see_cv_and_classify_an_image(web_stack, browser, labeled_digits, tmp_path: Path, screenshot) -> None:
     images, labels = labeled_digits
     ids = [f"scan-{i}" for i in range(len(images))]

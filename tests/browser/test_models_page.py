@@ -21,11 +21,14 @@ def test_cards_and_activate_the_other_model(web_stack, browser, model_ids, scree
     assert served in model_ids
     other = model_ids[1] if served == model_ids[0] else model_ids[0]
 
-    # Reach the tab by keyboard: focus the selected tab, arrow to "Models" (tabs pattern).
+    # Reach the tab by keyboard: focus the selected tab, End to the last tab (Classify), then
+    # one arrow back to "Models" (tabs pattern).
     browser.get(web_stack.base_url + "/")
     search_tab = browser.find_element(By.ID, "tab-search")
     assert search_tab.get_attribute("aria-selected") == "true"
     search_tab.send_keys(Keys.END)
+    wait.until(lambda d: d.current_url.endswith("#/classify"))
+    browser.switch_to.active_element.send_keys(Keys.ARROW_LEFT)
     wait.until(lambda d: d.current_url.endswith("#/models"))
     assert browser.switch_to.active_element == browser.find_element(By.ID, "tab-models")
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#models article")) >= 2)

@@ -23,6 +23,7 @@ def result_ids(browser) -> list[str]:
     )
 
 
+@pytest.mark.usefixtures("empty_store")
 def test_index_then_search_by_image_and_by_item(web_stack, browser, digit_files: list[Path], screenshot) -> None:
     wait = patient_wait(browser, 30)
     browser.get(web_stack.base_url + "/#/search")

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from _data import PHOTO_TRAIN
 from torch import nn
 
 from service.contract.defaults import RunShape, resolve
@@ -254,12 +255,12 @@ def test_cli_export_of_a_trained_run(tmp_path, photos_path):
     registry = ModelRegistry(models)
     assert registry.active() == "cli-model"
     card, _ = registry.verify("cli-model")
-    ran = cfg.resolved(num_images=5000).model_copy(update={"precision": resolve_precision("auto", cuda=False)})
+    ran = cfg.resolved(num_images=PHOTO_TRAIN).model_copy(update={"precision": resolve_precision("auto", cuda=False)})
     assert card.train_config == ran.model_dump(mode="json") and card.embedding_dim == 512  # precision resolved
     # Every default decided for the run is in the card: its value in train_config, its source beside.
     decided = json.loads((run_dir / "config.json").read_text())["defaults"]
     assert card.train_defaults == decided and len(decided) == 11  # small_stem is given
-    resolution = resolve(cfg, RunShape(5000))
+    resolution = resolve(cfg, RunShape(PHOTO_TRAIN))
     assert decided == resolution.sources
     for name in decided:
         parent, _, leaf = name.rpartition(".")

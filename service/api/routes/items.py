@@ -99,7 +99,7 @@ def get_item(item_id: str, items: ItemsDep) -> ItemOut:
     "/items/{item_id}",
     response_model=ItemOut,
     dependencies=[Depends(require_write_key)],
-    responses=error_responses(401, 404, 422),
+    responses=error_responses(400, 401, 404, 422),  # 400: a body that is not JSON
 )
 def patch_item(item_id: str, patch: ItemPatch, items: ItemsDep) -> ItemOut:
     """Merge `metadata` into the item's (null values remove keys), or replace it with
