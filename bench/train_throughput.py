@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from service.contract.train_config import TrainConfig
 from trainer.data import open_dataset
-from trainer.engine import _Trainer
+from trainer.engine import _prepare_run_dir, _resolution, _Trainer
 from trainer.precision import resolve_precision
 
 
@@ -62,19 +62,23 @@ def bench_ours(cfg: TrainConfig, data: str, warmup: int, steps: int, cuda: bool,
     """The engine's DataLoader alone, the data pipeline (load + both views), and a full step
     (load, then the engine's own `_train_step`: augment, forward, backward, optimiser)."""
     dataset = open_dataset(data, cfg.image_size)
-    trainer = _Trainer(0, 1, cuda, cfg, dataset, None, tmp, None, None)  # no kNN monitor
+    run_dir = Path(tempfile.mkdtemp(dir=tmp))
+    resolution = _resolution(cfg, len(dataset), 1, run_dir, resume=False)  # as train() decides
+    _prepare_run_dir(resolution, data, dataset, run_dir, resume=False)
+    trainer = _Trainer(0, 1, cuda, resolution.config, dataset, None, run_dir, None, None)  # no kNN monitor
     trainer.method.train()
-    batches = (images for images, _ in _cycle(trainer.loader))  # uint8 [B, 3, S, S]
+    batches = _cycle(trainer.loader)  # (uint8 frames [B, 3, Hc, Wc], sizes [B, 2], ok [B])
 
     def pipeline() -> None:
-        x = next(batches).to(trainer.aug_device, non_blocking=True)
+        frames, sizes, _ = next(batches)
+        x = frames.to(trainer.aug_device, non_blocking=True)
         for aug in trainer.augments:
-            aug(x)
+            aug(x, sizes)
 
     return {
         "loader_images_per_s": cfg.batch_size / _timed(lambda: next(batches), warmup, steps, cuda),
         "pipeline_images_per_s": cfg.batch_size / _timed(pipeline, warmup, steps, cuda),
-        "step_images_per_s": cfg.batch_size / _timed(lambda: trainer._train_step(next(batches)), warmup, steps, cuda),
+        "step_images_per_s": cfg.batch_size / _timed(lambda: trainer._train_step(*next(batches)), warmup, steps, cuda),
     }
 
 

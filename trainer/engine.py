@@ -199,7 +199,9 @@ def train(
     dataset = open_dataset(data, cfg.image_size)
     launch = distributed.torchrun_launch()
     world, cuda = _world(cfg) if launch is None else _launched_world(launch)
-    cfg = cfg.model_copy(update={"precision": resolve_precision(cfg.precision, cuda)})  # recorded resolved
+    cfg = cfg.model_copy(
+        update={"precision": resolve_precision(cfg.precision, cuda, deterministic=cfg.deterministic)}
+    )  # recorded resolved
     resolution = _resolution(cfg, len(dataset), world, run_dir, resume)
     cfg = resolution.config
     if launch is None or launch.rank == 0:

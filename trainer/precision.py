@@ -6,6 +6,11 @@ emulates bf16 on a CPU without those units, and the emulation is far slower than
 (ResNet-18 at 32 px on an AVX2-only EPYC, one thread: 145 images/s fp32, 2.6 bf16, 19 bf16
 with channels-last; docs/benchmarks.md). `fp32` and `bf16` are honoured as given.
 
+A run that asks to be `deterministic` resolves `auto` to fp32 on a CPU: oneDNN's bf16
+convolution backward pass (weights) is not bitwise reproducible there, even on one thread
+(measured on an AVX512_BF16 EPYC: the same batch twice, 5% of one layer's weight-gradient
+elements differ by up to 3 bf16 ulps), so a bf16 run cannot be replayed bit for bit.
+
 The resolved value replaces `auto` in the run's config, so the run directory's config.json,
 the checkpoint, the job's progress and the model card all say what the run trained in.
 """
@@ -44,7 +49,9 @@ def native_bf16(flags: frozenset[str]) -> bool:
     return not NATIVE_BF16_FLAGS.isdisjoint(flags)
 
 
-def resolve_precision(requested: str, cuda: bool, flags: frozenset[str] | None = None) -> ResolvedPrecision:
+def resolve_precision(
+    requested: str, cuda: bool, flags: frozenset[str] | None = None, deterministic: bool = False
+) -> ResolvedPrecision:
     """`requested` ("auto", "fp32" or "bf16") as the run will execute it; `flags` defaults to
     this machine's CPU flags (read only when needed)."""
     if requested in ("fp32", "bf16"):
@@ -53,4 +60,6 @@ def resolve_precision(requested: str, cuda: bool, flags: frozenset[str] | None =
         raise ValueError(f"precision must be auto, fp32 or bf16, not {requested!r}")
     if cuda:
         return "bf16"
+    if deterministic:
+        return "fp32"
     return "bf16" if native_bf16(host_cpu_flags() if flags is None else flags) else "fp32"

@@ -315,7 +315,7 @@ def test_moco_engine_run_on_digits_keeps_queue_and_key_encoder_in_checkpoint(dig
     cfg = TrainConfig(
         method="moco_v2", image_size=16, small_stem=False, batch_size=32, queue_size=96, epochs=1, max_steps=4,
         num_workers=0, warmup_epochs=0, optimizer="sgd", base_lr=0.5, proj_hidden_dim=64, log_every_steps=1,
-        moco_momentum=0.999,
+        moco_momentum=0.999, deterministic=True,  # rebuilt below bit for bit: fp32 (trainer/precision.py)
     )  # fmt: skip
     result = train(cfg, digits_path, tmp_path)
     assert result.step == 4 and math.isfinite(result.loss)

@@ -48,6 +48,9 @@ def test_auto_is_bf16_on_cuda_and_on_cpus_with_native_bf16_else_fp32() -> None:
     assert resolve_precision("auto", cuda=False, flags=cpu_flags(COOPER_LAKE)) == "bf16"
     assert resolve_precision("auto", cuda=False, flags=cpu_flags(EPYC_MILAN)) == "fp32"  # emulated bf16 is slower
     assert resolve_precision("auto", cuda=False, flags=frozenset()) == "fp32"  # unknown CPU
+    # bf16 backward on a CPU is not bitwise reproducible: a deterministic run trains in fp32.
+    assert resolve_precision("auto", cuda=False, flags=cpu_flags(SAPPHIRE_RAPIDS), deterministic=True) == "fp32"
+    assert resolve_precision("bf16", cuda=False, flags=cpu_flags(SAPPHIRE_RAPIDS), deterministic=True) == "bf16"
     assert resolve_precision("auto", cuda=True, flags=cpu_flags(EPYC_MILAN)) == "bf16"
     # Explicit choices are honoured whatever the hardware.
     assert resolve_precision("bf16", cuda=False, flags=cpu_flags(EPYC_MILAN)) == "bf16"

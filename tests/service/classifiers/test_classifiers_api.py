@@ -100,7 +100,10 @@ def test_create_from_label_key_and_predict_equals_direct_computation(
 
     b64 = [base64.b64encode(png(q)).decode() for q in queries[:2]]
     by_json = client.post(f"/classifiers/{made['id']}/predict", json={"images": b64, "top_k": 1}).json()
-    assert [p["top_k"] for p in by_json["predictions"]] == [p["top_k"][:1] for p in body["predictions"][:2]]
+    # The same images in a batch of 2, not 6: ONNX Runtime's kernels may round the last bits differently.
+    for one, same in zip(by_json["predictions"], body["predictions"][:2], strict=True):
+        assert [t["label"] for t in one["top_k"]] == [same["top_k"][0]["label"]]
+        assert one["top_k"][0]["probability"] == pytest.approx(same["top_k"][0]["probability"], abs=1e-6)
 
     by_id = client.post(f"/classifiers/{made['id']}/predict", json={"item_ids": ["c0", "c20"]})
     assert by_id.status_code == 200, by_id.text
