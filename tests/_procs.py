@@ -8,6 +8,7 @@ package bundles (a dependency of the serving extra; `simclr-embed up` runs it) s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -145,3 +146,44 @@ class PostgresDatabases:
             yield self.url(name)
         finally:
             self._admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of the test's own (Debian's initdb and pg_ctl) on a free port, trust
+    authentication, so that a test may stop and restart it: never the machine's shared server.
+    PostgreSQL refuses to run as root: as root, the server runs as the `postgres` user in a
+    folder of its own under /tmp (the test's tmp_path is private to root)."""
+
+    BIN = Path("/usr/lib/postgresql/15/bin")
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self.as_root = os.geteuid() == 0
+        self.root = Path(tempfile.mkdtemp(prefix="private-pg-"))
+        if self.as_root:
+            shutil.chown(self.root, "postgres", "postgres")
+        self.data = self.root / "pgdata"
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str) -> None:
+        command = [str(self.BIN / args[0]), *args[1:]]
+        if self.as_root:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, check=True, capture_output=True, env={**os.environ, "LC_ALL": "C"}, cwd=self.root)
+
+    def start(self) -> None:
+        if not self.data.exists():
+            self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"), "-w", "-o", options, "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def remove(self) -> None:
+        """Stop the server if it runs and delete its folder."""
+        with contextlib.suppress(subprocess.CalledProcessError):  # not running
+            self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
