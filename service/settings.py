@@ -184,6 +184,18 @@ class Settings(BaseSettings):
     def items_dir(self) -> Path:
         return self.data_dir / "items"
 
+    @property
+    def uses_postgres(self) -> bool:
+        return self.store_url is not None and self.store_url.startswith(("postgresql://", "postgres://"))
+
+    @cached_property
+    def sqlite_store_path(self) -> Path:
+        """The SQLite item store's file (when not on PostgreSQL): sqlite:///abs/path, sqlite:relative/path."""
+        if self.store_url is None:
+            return self.items_dir / "items.sqlite3"
+        path = self.store_url.removeprefix("sqlite:")
+        return Path(path[2:] if path.startswith("//") else path)
+
     @cached_property
     def host_dir(self) -> Path:
         """This host's folder: `local_dir`, else one named after the host under the data dir."""

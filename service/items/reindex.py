@@ -57,15 +57,13 @@ class ReembedError(RuntimeError):
 
 def open_backend(settings: Settings) -> SqlItemStore:
     """The item store `settings.store_url` names: SQLite (default) or PostgreSQL."""
-    url = settings.store_url
-    if url is not None and url.startswith(("postgresql://", "postgres://")):
+    if settings.uses_postgres:
         from service.items.postgres import PgItemStore  # psycopg only where it is used
 
-        return PgItemStore(url, pool_size=settings.store_pool_size, timeout_s=settings.store_timeout_s)
-    if url is not None:
-        path = url.removeprefix("sqlite:")  # sqlite:///abs/path or sqlite:relative/path
-        return ItemStore(path[2:] if path.startswith("//") else path)
-    return ItemStore(settings.items_dir / "items.sqlite3")
+        return PgItemStore(
+            str(settings.store_url), pool_size=settings.store_pool_size, timeout_s=settings.store_timeout_s
+        )
+    return ItemStore(settings.sqlite_store_path)
 
 
 def open_store(settings: Settings) -> tuple[SqlItemStore, BlobStore]:
