@@ -9,11 +9,11 @@ PostgreSQL (dropped after it). Three phases:
 1. adds/s: `--clients` threads add `--adds` single-image items, spread over the hosts;
 2. visibility lag (two hosts): `--lag-adds` sequential adds on host A; after each 2xx, host B
    is asked `POST /search {"item_id": id, "k": 1}` every `--poll-ms` until its top hit is the
-   item (B's index has it): the time from A's 2xx to that answer. A random pause of up to
-   `--jitter-ms` (one follow period) precedes each add, so that adds do not fall in step with
-   B's follower (each would start just after B's last poll and wait a whole period). Then `--lag-deletes`
-   deletes on A, timed until B's search no longer holds the deleted item's pk (B's
-   /readyz index size drops);
+   item (B's index has it): the time from A's 2xx to that answer. Then `--lag-deletes`
+   deletes on A, each timed until B's index size (/readyz) has dropped by one. A random
+   pause of up to `--jitter-ms` (one follow period) precedes each add and delete, so that
+   they do not fall in step with B's follower (each would start just after B's last poll
+   and wait a whole period);
 3. search: `--clients` threads send `--searches` image searches (k=10) spread over the hosts.
 
     .venv/bin/python bench/multi_host.py --adds 400 --lag-adds 1000 --searches 400
@@ -143,6 +143,7 @@ def run_config(backend: str, n_hosts: int, args: argparse.Namespace, root: Path)
             deletes = []
             size = index_size(http, b)
             for i in range(args.lag_deletes):
+                time.sleep(jitter[i])
                 if http.delete(f"{a}/items/l{i}").status_code != 204:
                     raise RuntimeError(f"delete l{i} failed")
                 size -= 1
