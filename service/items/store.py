@@ -1,5 +1,7 @@
-"""The item store on SQLite: one file, the source of truth for items, their vectors per vector
-space, the counters and the change log (the `ItemBackend` interface of backend.py).
+"""The item store on SQLite (the default): one file, the source of truth for items, their
+vectors per vector space, the counters and the change log. The logic is the shared
+`SqlItemStore` (sqlstore.py); this module holds SQLite's schema, transactions and
+metadata-filter SQL.
 
 Durability: WAL journal with `synchronous=FULL`, so every commit is fsynced before the API
 answers. `NORMAL` under WAL would already survive `kill -9` of the server (the commit sits in
@@ -7,14 +9,9 @@ the OS page cache), but it may lose the last commits on power loss; one fsync pe
 (an add of many images is one transaction) is cheap next to embedding, so we take FULL and
 an acknowledged add survives both.
 
-Tables: `items` (the caller's id, JSON metadata, sha256 and content type of the original,
-created time; `pk` is AUTOINCREMENT so a FAISS id is never reused), `vectors` (one float32
-blob per item and space), `models` (per space: `changes`, the last change-log sequence
-number; `count`, its vectors; the `complete` flag re-embedding sets once every item has a
-vector in it), `counters` (the item count), `changelog` (space, seq, item pk, op: 1 added,
-0 removed, time) and `reembed` (the re-embedding job of a space: owner, state, heartbeat).
-Schema versions are `PRAGMA user_version`; a store written by an older version is migrated
-at open, inside one write transaction (safe when several processes open it at once).
+Tables as in sqlstore.py; `pk` is AUTOINCREMENT so a FAISS id is never reused. Schema
+versions are `PRAGMA user_version`; a store written by an older version is migrated at open,
+inside one write transaction (safe when several processes open it at once).
 
 Metadata fields named in search filters get an index on first use, on the expressions
 (`json_type(metadata, '$."f"')`, `json_extract(metadata, '$."f"')`), so a selective filter
