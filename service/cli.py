@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("trainer.cli", "kNN and linear-probe top-1 of a run's encoder on a labeled split"),
     "export": ("trainer.export", "export a run's encoder to ONNX and publish it: export RUN_DIR --registry DIR"),
     "index": ("service.items.cli", "index a folder or .npz into the item store: index DATASET [--folders-as FIELD]"),
+    "backup": ("service.items.backup", "a consistent copy of the SQLite item store and the originals: backup DEST"),
     "jobs": ("service.jobs.cli", "submit, list, show and cancel training jobs through the API"),
 }
 

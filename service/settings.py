@@ -7,6 +7,7 @@ List values accept a comma-separated string (`SIMCLR_EMBED_API_KEYS=key1,key2`).
 from __future__ import annotations
 
 import re
+import socket
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -32,6 +33,20 @@ class Settings(BaseSettings):
 
     # -- where things live ------------------------------------------------------------------
     data_dir: Path = Field(Path("data"), description="holds models/ (registry), items/ (store, index), jobs/")
+    store_url: str | None = Field(
+        None,
+        description="the item store: unset = the SQLite file <data_dir>/items/items.sqlite3 (one host), "
+        "sqlite:///path for another file, postgresql://user@host:5432/db for several API hosts on one database",
+    )
+    store_pool_size: int = Field(8, ge=1, le=256, description="PostgreSQL connections per process (per store)")
+    store_timeout_s: float = Field(
+        5.0, gt=0.0, description="how long a write waits for the database before 503 (PostgreSQL)"
+    )
+    local_dir: Path | None = Field(
+        None,
+        description="this host's own folder (FAISS snapshots): unset = <data_dir>/hosts/<host name>, so replicas "
+        "sharing one data dir (docker compose --scale) never share it; point it at local disk for fast restarts",
+    )
     dataset_roots: CommaList = Field(
         default_factory=list, description="folders training datasets must lie under; default <data_dir>/datasets"
     )
@@ -140,6 +155,13 @@ class Settings(BaseSettings):
             raise ValueError("expected FAISS parameters as name=number pairs, e.g. 'nprobe=32,efSearch=128'")
         return value
 
+    @field_validator("store_url")
+    @classmethod
+    def _store_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("sqlite:", "postgresql://", "postgres://")):
+            raise ValueError("expected sqlite:///path/items.sqlite3 or postgresql://user@host:5432/database")
+        return value or None
+
     @model_validator(mode="after")
     def _budget_fits_an_image(self) -> Settings:
         if self.decode_budget_pixels < self.max_image_pixels:
@@ -161,6 +183,28 @@ class Settings(BaseSettings):
     @cached_property
     def items_dir(self) -> Path:
         return self.data_dir / "items"
+
+    @property
+    def uses_postgres(self) -> bool:
+        return self.store_url is not None and self.store_url.startswith(("postgresql://", "postgres://"))
+
+    @cached_property
+    def sqlite_store_path(self) -> Path:
+        """The SQLite item store's file (when not on PostgreSQL): sqlite:///abs/path, sqlite:relative/path."""
+        if self.store_url is None:
+            return self.items_dir / "items.sqlite3"
+        path = self.store_url.removeprefix("sqlite:")
+        return Path(path[2:] if path.startswith("//") else path)
+
+    @cached_property
+    def host_dir(self) -> Path:
+        """This host's folder: `local_dir`, else one named after the host under the data dir."""
+        return self.local_dir if self.local_dir is not None else self.data_dir / "hosts" / socket.gethostname()
+
+    @cached_property
+    def index_dir(self) -> Path:
+        """Where this host keeps its FAISS snapshots."""
+        return self.host_dir / "index"
 
     @cached_property
     def jobs_dir(self) -> Path:

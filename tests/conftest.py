@@ -1,5 +1,6 @@
 """Fixtures shared by the whole suite: real images that installed packages ship (tests/_data.py),
-a private Redis (tests/_procs.py). Nothing here needs ../shared: a user's fresh clone has none."""
+a private Redis (tests/_procs.py), a database of the test's own on the local PostgreSQL server.
+Nothing here needs ../shared: a user's fresh clone has none."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _data import PHOTO_TRAIN, bundled_digits, photo_patches
-from _procs import RedisServer
+from _procs import PostgresDatabases, RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +51,16 @@ def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSer
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> PostgresDatabases:
+    """The machine's PostgreSQL on 127.0.0.1:5432 (trust authentication), as user postgres or root."""
+    return PostgresDatabases.local()
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresDatabases) -> Iterator[str]:
+    """A database created for this test (a unique name) and dropped after it: its URL."""
+    with postgres.database() as url:
+        yield url

@@ -41,6 +41,7 @@ PREFIX = "SIMCLR_EMBED_"
 TEST_ENV = {
     "SIMCLR_EMBED_API_KEYS": "test-key-1,test-key-2",
     "SIMCLR_EMBED_REDIS_PASSWORD": "0123456789abcdef",
+    "SIMCLR_EMBED_POSTGRES_PASSWORD": "fedcba9876543210",
     "SIMCLR_EMBED_REDIS_PUBLISH_ADDR": "10.0.0.11",
     "SIMCLR_EMBED_NFS_SERVER": "10.0.0.2",
     "SIMCLR_EMBED_BROKER_URL": "redis://:0123456789abcdef@10.0.0.11:6379/0",
@@ -905,9 +906,24 @@ def test_worker_node_requires_broker_and_shared_storage() -> None:
 def test_replicas_override_scales_the_api_behind_a_load_balancer() -> None:
     raw = read(DEPLOY / "compose.replicas.yml")
     assert re.search(r"^\s*ports:\s*!reset\s*\[\]", raw, re.MULTILINE), "api must drop its host port"
-    config = resolved(raw, {})
+    with pytest.raises(MissingVariable) as info:
+        resolved(raw, {})
+    assert info.value.name == "SIMCLR_EMBED_POSTGRES_PASSWORD"
+    secret = {"SIMCLR_EMBED_POSTGRES_PASSWORD": "pw123"}
+    config = resolved(raw, secret)
     assert str(config["services"]["api"]["deploy"]["replicas"]) == "3"
-    assert str(resolved(raw, {"SIMCLR_EMBED_API_REPLICAS": "5"})["services"]["api"]["deploy"]["replicas"]) == "5"
+    five = resolved(raw, {**secret, "SIMCLR_EMBED_API_REPLICAS": "5"})
+    assert str(five["services"]["api"]["deploy"]["replicas"]) == "5"
+    # the replicas and the worker share one PostgreSQL item store, started healthy first
+    postgres = config["services"]["postgres"]
+    assert "pg_isready" in healthcheck_text(healthcheck_of(postgres))
+    assert any(
+        m["target"] == "/var/lib/postgresql/data" and is_named_volume(m["source"]) for m in volume_mounts(postgres)
+    )
+    for name in ("api", "worker"):
+        service = config["services"][name]
+        assert env_map(service)["SIMCLR_EMBED_STORE_URL"] == "postgresql://simclr:pw123@postgres:5432/simclr"
+        assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
     lb = config["services"]["lb"]
     assert any(m["source"] == "./deploy/nginx.conf" for m in volume_mounts(lb))
     nginx = read(DEPLOY / "nginx.conf")

@@ -22,6 +22,7 @@ from service.items.errors import (
     ItemError,
     ItemExistsError,
     ItemNotFoundError,
+    StoreUnavailableError,
 )
 from service.runtime import NoActiveModelError
 
@@ -58,7 +59,7 @@ _MEANING = {
     413: "upload too large",
     415: "not a supported image",
     422: "invalid fields or values",
-    503: "not ready: no active model, the job queue unreachable, or the decode budget busy (Retry-After)",
+    503: "not ready: no active model, the item store or job queue unreachable, or the decode budget busy (Retry-After)",
 }
 
 
@@ -102,6 +103,7 @@ _ITEM_STATUS: dict[type[ItemError], int] = {
     ItemConflictError: 409,
     IndexNotReadyError: 503,
     InvalidItemRequestError: 422,
+    StoreUnavailableError: 503,
 }
 
 
@@ -147,7 +149,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _item(_: Request, exc: ItemError) -> JSONResponse:
         status, headers = _ITEM_STATUS.get(type(exc), 400), None
         extra: dict[str, object] = {}
-        if isinstance(exc, IndexNotReadyError):
+        if isinstance(exc, IndexNotReadyError | StoreUnavailableError):
             headers = {"Retry-After": "5"}
         if isinstance(exc, InvalidItemRequestError) and exc.field:
             extra["fields"] = [{"field": exc.field, "message": exc.message}]

@@ -1,8 +1,9 @@
 """The item store's backend interface: what the item layer needs of a durable store.
 
-SQLite (`service.items.store.ItemStore`) is the one implementation today; a PostgreSQL one
-fills the same interface. The contract, per vector space (a `vector_space(model, variant)`
-string, opaque here):
+One implementation, `service.items.sqlstore.SqlItemStore`, over two engines: SQLite
+(`service.items.store.ItemStore`, the default) and PostgreSQL (`service.items.postgres`),
+chosen by `SIMCLR_EMBED_STORE_URL` (`service.items.reindex.open_backend`). The contract, per
+vector space (a `vector_space(model, variant)` string, opaque here):
 
 * Counters are kept in the write's own transaction: `state()` and `count()` read a row, never
   scan, so a write's cost does not grow with the collection.
@@ -10,9 +11,11 @@ string, opaque here):
   transaction, with a per-space sequence number taken from the space's counter row. Because
   that row is updated (and, in PostgreSQL, row-locked) by every writer until it commits, the
   numbers become visible in commit order and without holes; a rolled-back write gives its
-  numbers back. A replace logs a removal of the old item's pk and an addition of the new pk
-  (pks are never reused). `LogFollower` still checks for holes, so a backend that takes
-  numbers from a free-running sequence (assigned before commit) is followed correctly too.
+  numbers back (PostgreSQL's writers are also serialised by an advisory lock; postgres.py
+  says how gaps are handled). A replace logs a removal of the old item's pk and an addition
+  of the new pk (pks are never reused). `LogFollower` still checks for holes, so a backend
+  that takes numbers from a free-running sequence (assigned before commit) is followed
+  correctly too.
 * The log is compacted by `compact_log`: rows at or below a position every reader is known
   to have passed (this host's snapshot) and older than the retention age. A reader whose
   position is below the oldest retained row cannot replay and rebuilds from the store.

@@ -32,9 +32,10 @@ from PIL import Image
 
 from service.contract.imaging import ImageDecodeError, decode_image
 from service.contract.registry import ModelRegistry
+from service.items.backend import NewItem
 from service.items.blobs import BlobStore
 from service.items.reindex import Encoder, load_encoder, open_store
-from service.items.store import ItemStore, NewItem
+from service.items.sqlstore import SqlItemStore
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ def index_dataset(
 
 def _index_batch(
     settings: Settings,
-    store: ItemStore,
+    store: SqlItemStore,
     blobs: BlobStore,
     space: str,
     encoder: Encoder,

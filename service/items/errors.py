@@ -55,3 +55,10 @@ class InvalidItemRequestError(ItemError):
     def __init__(self, message: str, *, code: str | None = None, field: str | None = None) -> None:
         super().__init__(message, code=code)
         self.field = field
+
+
+class StoreUnavailableError(ItemError):
+    """The item store's database cannot be reached (PostgreSQL down or restarting); nothing
+    was written. Retry once it is back: the service reconnects by itself."""
+
+    code = "store_unavailable"

@@ -34,6 +34,7 @@ from service.items.backend import ItemBackend
 from service.items.blobs import BlobStore
 from service.items.follower import LogFollower, LogPosition
 from service.items.index import SnapshotError, VectorIndex
+from service.items.sqlstore import SqlItemStore
 from service.items.store import ItemStore
 from service.settings import Settings
 
@@ -54,12 +55,24 @@ class ReembedError(RuntimeError):
     """Some originals could not be re-embedded; the model is not flagged complete."""
 
 
-def open_store(settings: Settings) -> tuple[ItemStore, BlobStore]:
-    return ItemStore(settings.items_dir / "items.sqlite3"), BlobStore(settings.items_dir / "blobs")
+def open_backend(settings: Settings) -> SqlItemStore:
+    """The item store `settings.store_url` names: SQLite (default) or PostgreSQL."""
+    if settings.uses_postgres:
+        from service.items.postgres import PgItemStore  # psycopg only where it is used
+
+        return PgItemStore(
+            str(settings.store_url), pool_size=settings.store_pool_size, timeout_s=settings.store_timeout_s
+        )
+    return ItemStore(settings.sqlite_store_path)
+
+
+def open_store(settings: Settings) -> tuple[SqlItemStore, BlobStore]:
+    """The item store and the originals (always on the shared data dir)."""
+    return open_backend(settings), BlobStore(settings.items_dir / "blobs")
 
 
 def snapshot_path(settings: Settings, space: str) -> Path:
-    return settings.items_dir / "index" / f"{space}.faiss"
+    return settings.index_dir / f"{space}.faiss"
 
 
 def _empty_index(settings: Settings, dim: int) -> VectorIndex:
@@ -187,7 +200,7 @@ def reembed_all(
 def _reembed(
     settings: Settings,
     registry: ModelRegistry,
-    store: ItemStore,
+    store: SqlItemStore,
     blobs: BlobStore,
     space: str,
     encoder: Encoder | None,

@@ -35,6 +35,7 @@ from service.items.errors import (
     InvalidItemRequestError,
     ItemConflictError,
     ItemNotFoundError,
+    StoreUnavailableError,
 )
 from service.items.filters import Condition
 from service.items.follower import LogFollower
@@ -205,6 +206,8 @@ class ItemService:
                 pending = self.pending
                 if pending is not None and self._job is None and self.store.state(pending).complete:
                     self._install(pending)
+            except StoreUnavailableError as exc:  # the database is down: searches answer from the index meanwhile
+                log.warning("following the change log: %s", exc.message)
             except Exception:  # a failed poll (e.g. the store busy) is retried at the next tick
                 log.exception("following the change log failed; retrying")
 

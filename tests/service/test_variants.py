@@ -136,5 +136,5 @@ def test_an_index_built_with_one_variant_is_rebuilt_not_mixed_when_the_variant_c
             np.testing.assert_allclose(got, expected, atol=1e-5)  # each space holds its own variant's vectors
     finally:
         store.close()
-    snapshots = sorted(p.name for p in (q_dir / "items" / "index").iterdir())
+    snapshots = sorted(p.name for p in make_settings(q_dir).index_dir.iterdir())
     assert f"{int8_space}.faiss" in snapshots

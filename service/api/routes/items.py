@@ -68,7 +68,9 @@ async def add_items(
     return ItemsAdded(ids=stored, count=len(stored))
 
 
-@router.get("/items", response_model=ItemPage, dependencies=[Depends(require_read_key)], responses=error_responses(401))
+@router.get(
+    "/items", response_model=ItemPage, dependencies=[Depends(require_read_key)], responses=error_responses(401, 503)
+)
 def list_items(
     items: ItemsDep,
     offset: Offset = 0,
@@ -89,7 +91,7 @@ def list_items(
     "/items/{item_id}",
     response_model=ItemOut,
     dependencies=[Depends(require_read_key)],
-    responses=error_responses(401, 404),
+    responses=error_responses(401, 404, 503),
 )
 def get_item(item_id: str, items: ItemsDep) -> ItemOut:
     return ItemOut.of(items.get(item_id))
@@ -99,7 +101,7 @@ def get_item(item_id: str, items: ItemsDep) -> ItemOut:
     "/items/{item_id}",
     response_model=ItemOut,
     dependencies=[Depends(require_write_key)],
-    responses=error_responses(400, 401, 404, 422),  # 400: a body that is not JSON
+    responses=error_responses(400, 401, 404, 422, 503),  # 400: a body that is not JSON
 )
 def patch_item(item_id: str, patch: ItemPatch, items: ItemsDep) -> ItemOut:
     """Merge `metadata` into the item's (null values remove keys), or replace it with
@@ -113,7 +115,7 @@ def patch_item(item_id: str, patch: ItemPatch, items: ItemsDep) -> ItemOut:
     response_class=Response,
     responses={
         200: {"content": {"image/*": {}}, "description": "the original bytes as uploaded"},
-        **error_responses(401, 404),
+        **error_responses(401, 404, 503),
     },
     dependencies=[Depends(require_read_key)],
 )
@@ -123,7 +125,10 @@ def get_item_image(item_id: str, items: ItemsDep) -> Response:
 
 
 @router.delete(
-    "/items/{item_id}", status_code=204, dependencies=[Depends(require_write_key)], responses=error_responses(401, 404)
+    "/items/{item_id}",
+    status_code=204,
+    dependencies=[Depends(require_write_key)],
+    responses=error_responses(401, 404, 503),
 )
 def delete_item(item_id: str, items: ItemsDep) -> Response:
     items.delete(item_id)

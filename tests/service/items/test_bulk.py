@@ -35,21 +35,28 @@ def folder(tmp_path: Path) -> Path:
 
 
 def run_cli(monkeypatch: pytest.MonkeyPatch, data_dir: Path, capsys: pytest.CaptureFixture[str], *args: str) -> dict:
-    monkeypatch.setenv("SIMCLR_EMBED_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("SIMCLR_EMBED_DATA_DIR", str(data_dir))  # and SIMCLR_EMBED_STORE_URL, set by the test
     monkeypatch.setenv("SIMCLR_EMBED_ORT_INTRA_OP_THREADS", "1")
     assert cli_main(["index", *args]) == 0
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
 def test_folder_with_sidecar_is_indexed_once_and_kept_in_step(
-    folder: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    folder: Path,
+    data_dir: Path,
+    store_url: str | None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    if store_url:
+        monkeypatch.setenv("SIMCLR_EMBED_STORE_URL", store_url)
     sidecar = tmp_path / "meta.csv"
     sidecar.write_text("path,weight,name\ncats/a.png,2.5,tom\ntop.png,7,007x\n")
     report = run_cli(monkeypatch, data_dir, capsys, str(folder), "--folders-as", "kind", "--metadata", str(sidecar))
     assert (report["added"], report["replaced"], report["skipped"], report["vanished"]) == (4, 0, 0, [])
 
-    settings = make_settings(data_dir)
+    settings = make_settings(data_dir, store_url=store_url)
     store, blobs = open_store(settings)
     assert store.get("cats/a.png").metadata == {"kind": "cats", "weight": 2.5, "name": "tom"}  # type: ignore[union-attr]
     assert store.get("top.png").metadata == {"weight": 7, "name": "007x"}  # type: ignore[union-attr]
@@ -75,14 +82,16 @@ def test_folder_with_sidecar_is_indexed_once_and_kept_in_step(
     store.close()
 
 
-def test_npz_with_jsonl_sidecar_reaches_the_running_api(client: TestClient, data_dir: Path, tmp_path: Path) -> None:
+def test_npz_with_jsonl_sidecar_reaches_the_running_api(
+    client: TestClient, data_dir: Path, store_url: str | None, tmp_path: Path
+) -> None:
     rng = np.random.default_rng(5)
     npz = tmp_path / "small.npz"
     np.savez(npz, x_train=rng.integers(0, 256, (6, 20, 20, 3), dtype=np.uint8), y_train=np.arange(6) % 3)
     sidecar = tmp_path / "meta.jsonl"
     sidecar.write_text(json.dumps({"path": "small-2", "tags": ["a", 1], "ok": True}) + "\n")
     started = time.monotonic()
-    report = index_dataset(make_settings(data_dir), npz, sidecar=sidecar, batch_size=4)
+    report = index_dataset(make_settings(data_dir, store_url=store_url), npz, sidecar=sidecar, batch_size=4)
     assert (report.added, report.failed) == (6, [])
     while True:  # the API follows the store's change log: no restart
         hits = client.post("/search", json={"item_id": "small-2", "k": 1})
@@ -95,4 +104,4 @@ def test_npz_with_jsonl_sidecar_reaches_the_running_api(client: TestClient, data
     found = client.post("/search", json={"item_id": "small-0", "k": 6, "filter": {"label": 0}}).json()["results"]
     assert sorted(h["id"] for h in found) == ["small-0", "small-3"]
     with pytest.raises(BulkIndexError, match="expected a folder"):
-        index_dataset(make_settings(data_dir), sidecar)
+        index_dataset(make_settings(data_dir, store_url=store_url), sidecar)

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from service.items.index import VectorIndex
+from service.items.reindex import snapshot_path
 from service.items.store import ItemStore
-from tests.service.conftest import MODEL_A, live_server, png
+from tests.service.conftest import MODEL_A, live_server, make_settings, png
 
 N, BATCH = 1000, 50
 
@@ -46,7 +47,7 @@ def test_acknowledged_adds_survive_sigkill_and_snapshot_corruption(data_dir: Pat
         server.proc.send_signal(signal.SIGKILL)  # right after the last 2xx
         server.proc.wait(10)
 
-    snapshot = data_dir / "items" / "index" / f"{MODEL_A}.faiss"
+    snapshot = snapshot_path(make_settings(data_dir), MODEL_A)  # the server runs on this host: same host dir
     assert snapshot.is_file()  # written at 300/600/900 adds: stale now, must be rebuilt
     with live_server(data_dir) as server, httpx.Client(timeout=60) as http:
         assert http.get(server.url + "/items", params={"limit": 1}).json()["total"] == N

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 
 from service.contract.registry import ModelRegistry
+from service.items.backend import NewItem
 from service.items.reindex import open_store, reembed_all
-from service.items.store import NewItem
 from tests.service.conftest import MODEL_A, MODEL_B, make_settings, png
 
 
-def test_two_concurrent_reembeddings_embed_each_item_once(data_dir: Path) -> None:
-    settings = make_settings(data_dir)
+def test_two_concurrent_reembeddings_embed_each_item_once(data_dir: Path, store_url: str | None) -> None:
+    settings = make_settings(data_dir, store_url=store_url)
     store, blobs = open_store(settings)
     rng = np.random.default_rng(0)
     n = 150

@@ -1,4 +1,5 @@
-"""Filtered search and the search options, through the real app (SQLite, FAISS, ONNX Runtime).
+"""Filtered search and the search options, through the real app (SQLite and PostgreSQL, FAISS,
+ONNX Runtime).
 
 The exactness tests write vectors straight into the served item layer's store (the way a
 bulk job or another process would) and compare `search_vectors` with a float64 numpy brute
@@ -19,9 +20,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.items.backend import NewItem
 from service.items.filters import parse_filter
 from service.items.service import ItemService, SearchOptions
-from service.items.store import NewItem
 from tests.service.conftest import DIM, MODEL_A, make_settings, png
 
 N = 4000
@@ -131,8 +132,8 @@ def check_exact(items: ItemService, vecs: np.ndarray, meta: list[dict[str, Any] 
 
 
 @pytest.fixture
-def hnsw_client(data_dir: Path) -> Iterator[TestClient]:
-    settings = make_settings(data_dir, index_factory="HNSW16", index_filter_scan_max=N)
+def hnsw_client(data_dir: Path, store_url: str | None) -> Iterator[TestClient]:
+    settings = make_settings(data_dir, index_factory="HNSW16", index_filter_scan_max=N, store_url=store_url)
     with TestClient(create_app(settings), raise_server_exceptions=False) as c:
         yield c
 
@@ -154,18 +155,22 @@ def test_filtered_search_on_hnsw_scans_the_matching_items_exactly(hnsw_client: T
     check_exact(items, vecs, meta, 10)
 
 
-def test_items_written_by_another_process_are_searchable_within_a_second(client: TestClient, data_dir: Path) -> None:
+def test_items_written_by_another_process_are_searchable_within_a_second(
+    client: TestClient, data_dir: Path, store_url: str | None
+) -> None:
     items = client.app.state.items
     vec = unit(np.random.default_rng(7), 1)[0]
     script = (
         "import sys, numpy as np\n"
-        "from service.items.store import ItemStore, NewItem\n"
-        "store = ItemStore(sys.argv[1])\n"
+        "from service.items.backend import NewItem\n"
+        "from service.items.reindex import open_backend\n"
+        "from service.settings import Settings\n"
+        "store = open_backend(Settings(data_dir=sys.argv[1], store_url=sys.argv[3] or None))\n"
         "store.add([NewItem('elsewhere', 'sha-x', 'image/png', {'by': 'job'})], {sys.argv[2]: np.asarray("
         f"{vec.tolist()!r}, dtype=np.float32)[None]}})\n"
         "store.close()\n"
     )
-    subprocess.run([sys.executable, "-c", script, str(data_dir / "items" / "items.sqlite3"), MODEL_A], check=True)
+    subprocess.run([sys.executable, "-c", script, str(data_dir), MODEL_A, store_url or ""], check=True)
     committed = time.monotonic()
     while True:
         hits = client.post("/search", json={"vector": vec.tolist(), "k": 1}).json()["results"]

@@ -1,17 +1,22 @@
-"""ItemStore (real SQLite file): counters kept in each write's transaction, the change log
-and its replay, compaction, migration of a version-1 store, the re-embedding claim."""
+"""The item store on both backends (a real SQLite file, a real PostgreSQL database): counters
+kept in each write's transaction, the change log and its replay, compaction, the
+re-embedding claim; migration of a version-1 SQLite store."""
 
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
 
 import numpy as np
+import psycopg
 import pytest
 
 from service.items.errors import ItemExistsError
 from service.items.follower import LogFollower, LogPosition
 from service.items.index import VectorIndex
+from service.items.postgres import SCHEMA_VERSION, PgItemStore
+from service.items.sqlstore import SqlItemStore
 from service.items.store import ItemStore, NewItem
 
 D = 8
@@ -26,14 +31,11 @@ def new(ids: list[str], meta: list[dict] | None = None) -> list[NewItem]:
     return [NewItem(i, f"sha-{i}", "image/png", (meta or [None] * len(ids))[n]) for n, i in enumerate(ids)]
 
 
-def true_counts(path: Path, space: str) -> tuple[int, int]:
+def true_counts(store: SqlItemStore, space: str) -> tuple[int, int]:
     """COUNT(*) of items and of the space's vectors, read independently of the counters."""
-    db = sqlite3.connect(path)
-    try:
+    with store._conn() as db:
         items = db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
         vectors = db.execute("SELECT COUNT(*) FROM vectors WHERE model_id = ?", (space,)).fetchone()[0]
-    finally:
-        db.close()
     return items, vectors
 
 
@@ -41,12 +43,11 @@ def search_ids(index: VectorIndex, queries: np.ndarray, k: int) -> np.ndarray:
     return index.search(queries, k)[1]
 
 
-def test_counters_and_log_replay_follow_random_writes(tmp_path: Path) -> None:
+def test_counters_and_log_replay_follow_random_writes(store: SqlItemStore) -> None:
     """Random adds, replaces, deletes and re-embeddings in two spaces: the counters equal
     COUNT(*), and a follower replaying the log from zero in batches of 7 holds exactly the
     store's vectors (same search results as an index built from them)."""
     rng = np.random.default_rng(0)
-    store = ItemStore(tmp_path / "items.sqlite3")
     followers = {s: LogFollower(store, s, VectorIndex(D), LogPosition(0), batch=7) for s in ("a", "b@int8")}
     live: set[str] = set()
     for step in range(60):
@@ -69,7 +70,7 @@ def test_counters_and_log_replay_follow_random_writes(tmp_path: Path) -> None:
             for follower in followers.values():
                 follower.poll()
         for space in followers:
-            items, vectors = true_counts(store.path, space)
+            items, vectors = true_counts(store, space)
             assert store.count() == items == len(live)
             assert store.state(space).count == vectors
     queries = unit(rng, 10)
@@ -81,12 +82,10 @@ def test_counters_and_log_replay_follow_random_writes(tmp_path: Path) -> None:
         rebuilt = VectorIndex(D)
         rebuilt.add(pks, vecs)
         np.testing.assert_array_equal(search_ids(follower.index, queries, 15), search_ids(rebuilt, queries, 15))
-    store.close()
 
 
-def test_hnsw_replay_keeps_no_tombstone_for_an_item_added_and_deleted_between_polls(tmp_path: Path) -> None:
+def test_hnsw_replay_keeps_no_tombstone_for_an_item_added_and_deleted_between_polls(store: SqlItemStore) -> None:
     rng = np.random.default_rng(1)
-    store = ItemStore(tmp_path / "items.sqlite3")
     follower = LogFollower(store, "a", VectorIndex(D, "HNSW16"), LogPosition(0))
     store.add(new(["keep", "gone"]), {"a": unit(rng, 2)})
     store.delete("gone")  # its addition is read after its vector is deleted
@@ -95,9 +94,8 @@ def test_hnsw_replay_keeps_no_tombstone_for_an_item_added_and_deleted_between_po
     assert not follower.index._tombstones
 
 
-def test_duplicates_metadata_patch_and_completion(tmp_path: Path) -> None:
+def test_duplicates_metadata_patch_and_completion(store: SqlItemStore) -> None:
     rng = np.random.default_rng(2)
-    store = ItemStore(tmp_path / "items.sqlite3")
     store.add(new(["x", "y"], [{"a": 1, "b": "s"}, None]), {"a": unit(rng, 2)})
     with pytest.raises(ItemExistsError) as err:
         store.add(new(["y", "z"]), {"a": unit(rng, 2)})
@@ -111,18 +109,15 @@ def test_duplicates_metadata_patch_and_completion(tmp_path: Path) -> None:
     store.update_metadata("y", {"k": 1}, merge=True)
     assert store.state("a").changes == before  # metadata is not a vector change
     assert store.mark_complete("a", D) and not store.mark_complete("b", D)
-    store.close()
 
 
-def test_compaction_and_a_snapshot_older_than_the_log(tmp_path: Path) -> None:
+def test_compaction_and_a_snapshot_older_than_the_log(store: SqlItemStore) -> None:
     rng = np.random.default_rng(3)
-    store = ItemStore(tmp_path / "items.sqlite3")
     store.add(new([f"i{j}" for j in range(10)]), {"a": unit(rng, 10)})
     assert store.first_seq("a") == 1
     assert store.compact_log("a", 4, older_than_s=3600) == 0  # too young to drop
     assert store.compact_log("a", 4, older_than_s=0) == 4
     assert store.first_seq("a") == 5 and store.state("a").changes == 10
-    store.close()
 
 
 def test_migrates_a_version_1_store(tmp_path: Path) -> None:
@@ -157,8 +152,7 @@ def test_migrates_a_version_1_store(tmp_path: Path) -> None:
     assert ItemStore(path).count() == 1  # opening again does not migrate twice
 
 
-def test_reembed_claim_is_held_once_and_lapses(tmp_path: Path) -> None:
-    store = ItemStore(tmp_path / "items.sqlite3")
+def test_reembed_claim_is_held_once_and_lapses(store: SqlItemStore) -> None:
     assert store.claim_reembed("b", "host:1", lease_s=60)
     assert not store.claim_reembed("b", "host:2", lease_s=60)  # live claim: the second asker leaves
     assert store.report_reembed("b", "host:1")
@@ -167,4 +161,78 @@ def test_reembed_claim_is_held_once_and_lapses(tmp_path: Path) -> None:
     store.report_reembed("b", "host:2", "succeeded")
     progress = store.reembed_progress("b")
     assert progress is not None and (progress.state, progress.owner) == ("succeeded", "host:2")
-    store.close()
+
+
+def another_connection(store: SqlItemStore) -> SqlItemStore:
+    """The same store opened again, as another process would (its own connection or pool)."""
+    return PgItemStore(store.url) if isinstance(store, PgItemStore) else ItemStore(store.path)  # type: ignore[attr-defined]
+
+
+def test_concurrent_writers_are_followed_without_loss(store: SqlItemStore) -> None:
+    """Four writers with their own connections add, replace and delete at once while a
+    follower polls: it ends holding exactly the store's vectors, at the log's last seq, no
+    hole left open."""
+    follower = LogFollower(store, "a", VectorIndex(D), LogPosition(0), batch=16)
+    done = threading.Event()
+
+    def write(w: int) -> None:
+        rng = np.random.default_rng(10 + w)
+        own = another_connection(store)
+        try:
+            for step in range(15):
+                ids = [f"w{w}-{step}-{j}" for j in range(3)]
+                own.add(new(ids), {"a": unit(rng, 3)})
+                own.add(new(ids[:1]), {"a": unit(rng, 1)}, replace=True)
+                assert own.delete(ids[2]) is not None
+        finally:
+            own.close()
+
+    def follow() -> None:
+        while not done.is_set():
+            follower.poll()
+
+    poller = threading.Thread(target=follow)
+    poller.start()
+    writers = [threading.Thread(target=write, args=(w,)) for w in range(4)]
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join()
+    done.set()
+    poller.join()
+    follower.poll()
+    pks, vecs, last = store.vectors("a")
+    assert len(pks) == 4 * 15 * 2 == store.count() == store.state("a").count
+    assert follower.position == last == store.state("a").changes == 4 * 15 * 6
+    assert not follower.at.above and follower.index.ntotal == len(pks)
+    rebuilt = VectorIndex(D)
+    rebuilt.add(pks, vecs)
+    queries = unit(np.random.default_rng(4), 8)
+    np.testing.assert_array_equal(search_ids(follower.index, queries, 20), search_ids(rebuilt, queries, 20))
+
+
+def test_postgres_hosts_starting_at_once_migrate_once(postgres_url: str) -> None:
+    """Eight stores opened at once on an empty database: all open, the schema is made once."""
+    barrier = threading.Barrier(8)
+    opened: list[PgItemStore] = []
+    failures: list[BaseException] = []
+
+    def open_one() -> None:
+        barrier.wait()
+        try:
+            opened.append(PgItemStore(postgres_url, pool_size=1))
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures and len(opened) == 8
+    opened[0].add(new(["x"]), {"a": unit(np.random.default_rng(0), 1)})
+    assert all(s.count() == 1 for s in opened)
+    with psycopg.connect(postgres_url) as conn:
+        assert conn.execute("SELECT version FROM simclr_schema").fetchall() == [(SCHEMA_VERSION,)]
+    for s in opened:
+        s.close()

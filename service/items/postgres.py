@@ -1,0 +1,229 @@
+"""The item store on PostgreSQL, for several API hosts on one database (psycopg 3, a pool).
+
+Chosen by `SIMCLR_EMBED_STORE_URL=postgresql://user@host/db`. The logic is the shared
+`SqlItemStore` (sqlstore.py); this module holds only what PostgreSQL does differently: the
+schema and its migrations, how a transaction is opened, and the SQL of metadata filters.
+
+Transactions. Every write takes `pg_advisory_xact_lock(WRITE_LOCK)` first, so writers run
+one at a time, as SQLite's do: a check-then-write (an add that must not overwrite, the
+completion check, the re-embedding claim) is atomic under READ COMMITTED, and the counter
+rows are never locked in two orders (no deadlocks). A write is short (the embedding is done
+before it) and its commit waits for the WAL flush (`synchronous_commit` on, the server's
+default), so a 2xx is sent only for a durable row. Multi-statement reads run in a
+REPEATABLE READ, READ ONLY transaction (one snapshot).
+
+The change log and gaps. PostgreSQL hands out SEQUENCE/IDENTITY values before commit and
+never gives them back, so a reader following such numbers can see seq 12 committed while 11
+is still in flight, and 11 may never appear (rolled back). The log's numbers here are not
+taken from a sequence: `_record` adds to the space's `models.changes` counter in the
+write's own transaction (`UPDATE ... RETURNING`). That row stays locked until commit (and
+the write lock serialises writers anyway), so the next writer reads the counter only after
+the previous one committed: numbers become visible in commit order, and a rolled-back write
+takes its numbers with it, leaving no hole. The reader (`follower.LogFollower`) still
+tolerates holes, as a second line: rows above a hole are applied at once, the hole's window
+is read again at each poll until it fills, and a hole open longer than its grace period is
+passed as a rolled-back write. Item pks do come from an IDENTITY column: they need to be
+unique and never reused (FAISS ids), not gapless.
+
+Compaction is the shared rule: rows at or below this host's snapshot position and older
+than `index_log_retention_s` (a day by default) are dropped; a host down for longer than
+that finds its snapshot older than the log and rebuilds its index from the store.
+
+Migrations. `simclr_schema` holds the schema version; the steps above it run at open, in
+one transaction under `pg_advisory_xact_lock(MIGRATE_LOCK)`, so hosts starting together
+migrate once: the first runs the steps, the others wait on the lock and find them done.
+
+Unreachable database: a pool timeout or a broken connection raises StoreUnavailableError
+(503 at the API); the pool checks a connection before lending it, so the store recovers by
+itself when the server is back.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from service.items.errors import StoreUnavailableError
+from service.items.filters import Condition
+from service.items.sqlstore import Db, SqlItemStore, apply_migrations
+
+WRITE_LOCK = 0x53494D434C52_01  # advisory lock keys (per database): "SIMCLR" + 1, + 2
+MIGRATE_LOCK = 0x53494D434C52_02
+
+_V1 = """
+CREATE TABLE items (
+    pk BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    metadata TEXT,
+    sha256 TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    created DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX items_sha256 ON items(sha256);
+CREATE TABLE vectors (
+    model_id TEXT NOT NULL,
+    item BIGINT NOT NULL REFERENCES items(pk) ON DELETE CASCADE,
+    vec BYTEA NOT NULL,
+    PRIMARY KEY (model_id, item)
+);
+ALTER TABLE vectors ALTER COLUMN vec SET STORAGE EXTERNAL;
+CREATE INDEX vectors_item ON vectors(item);
+CREATE TABLE models (
+    model_id TEXT PRIMARY KEY,
+    dim INTEGER NOT NULL,
+    changes BIGINT NOT NULL DEFAULT 0,
+    count BIGINT NOT NULL DEFAULT 0,
+    complete INTEGER NOT NULL DEFAULT 0,
+    completed_at DOUBLE PRECISION
+);
+CREATE TABLE counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
+INSERT INTO counters(name, value) VALUES ('items', 0);
+CREATE TABLE changelog (
+    space TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    item BIGINT NOT NULL,
+    op SMALLINT NOT NULL,
+    at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (space, seq)
+);
+CREATE TABLE reembed (
+    space TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    state TEXT NOT NULL,
+    started DOUBLE PRECISION NOT NULL,
+    updated DOUBLE PRECISION NOT NULL,
+    error TEXT
+)
+"""
+# Step i brings the schema to version i + 1. Vectors are stored EXTERNAL: float bytes do not compress.
+MIGRATIONS = (_V1,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@lru_cache(maxsize=512)
+def _placeholders(sql: str) -> str:
+    """The shared SQL's `?` placeholders as psycopg's `%s` (a literal `%` doubled)."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class _PgDb:
+    """A psycopg connection speaking the shared `Db` protocol."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, params: Sequence[Any] | None = None, /) -> psycopg.Cursor[Any]:
+        if params is None:
+            return self.conn.execute(sql)
+        return self.conn.execute(_placeholders(sql), params)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> psycopg.Cursor[Any]:
+        cur = self.conn.cursor()
+        cur.executemany(_placeholders(sql), rows)
+        return cur
+
+
+def _field(field: str) -> str:
+    return f"(metadata::jsonb -> '{field}')"  # field names are checked by filters.FIELD_NAME: no quotes inside
+
+
+def _condition_sql(cond: Condition, args: list[Any]) -> str:
+    """A filter condition on jsonb values: jsonb equality keeps JSON types apart (the string
+    "3" is not 3, true is not 1) and compares numbers numerically (3 = 3.0); a range also
+    tests the type, since jsonb orders every number below every boolean."""
+    value = _field(cond.field)
+    if cond.op in ("eq", "in"):
+        values = [cond.value] if cond.op == "eq" else list(cond.value)
+        args.extend(json.dumps(v) for v in values)
+        return f"({value} IN ({','.join(['?::jsonb'] * len(values))}))"
+    symbol = {"gte": ">=", "gt": ">", "lte": "<=", "lt": "<"}[cond.op]
+    args.append(json.dumps(cond.value))
+    return f"(jsonb_typeof({value}) = 'number' AND {value} {symbol} ?::jsonb)"
+
+
+class PgItemStore(SqlItemStore):
+    """Thread-safe: a pool of connections (`pool_size` at most), each lent to one statement
+    or transaction."""
+
+    def __init__(self, url: str, *, pool_size: int = 8, timeout_s: float = 5.0) -> None:
+        super().__init__()
+        self.url = url
+        self.timeout_s = timeout_s
+        self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=pool_size,
+            kwargs={"autocommit": True, "connect_timeout": max(1, round(timeout_s))},
+            check=ConnectionPool.check_connection,
+            timeout=timeout_s,
+            open=True,
+            name="item-store",
+        )
+        try:
+            with self._connection() as conn, conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
+                conn.execute("CREATE TABLE IF NOT EXISTS simclr_schema (version INTEGER NOT NULL)")
+                row = conn.execute("SELECT version FROM simclr_schema").fetchone()
+                version = row[0] if row else 0
+                if version < SCHEMA_VERSION:
+                    apply_migrations(_PgDb(conn), version, MIGRATIONS)
+                    conn.execute("DELETE FROM simclr_schema")
+                    conn.execute("INSERT INTO simclr_schema(version) VALUES (%s)", (SCHEMA_VERSION,))
+        except BaseException:
+            self._pool.close()
+            raise
+
+    def close(self) -> None:
+        self._pool.close()
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection; an unreachable server becomes StoreUnavailableError."""
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except PoolTimeout as exc:
+            raise StoreUnavailableError(
+                f"the item store (PostgreSQL) is unreachable: no connection within {self.timeout_s:g} s; "
+                "nothing was written, retry shortly"
+            ) from exc
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailableError(
+                f"the item store (PostgreSQL) connection failed ({str(exc).strip() or type(exc).__name__}); "
+                "nothing was written, retry shortly"
+            ) from exc
+
+    @contextmanager
+    def _tx(self) -> Iterator[Db]:
+        with self._connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+            yield _PgDb(conn)
+
+    @contextmanager
+    def _read(self) -> Iterator[Db]:
+        with self._connection() as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            yield _PgDb(conn)
+
+    @contextmanager
+    def _conn(self) -> Iterator[Db]:
+        with self._connection() as conn:
+            yield _PgDb(conn)
+
+    def _condition_sql(self, cond: Condition, args: list[Any]) -> str:
+        return _condition_sql(cond, args)
+
+    def _field_indexes(self, db: Db) -> set[str]:
+        rows = db.execute(
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'items' AND indexname LIKE 'items_meta_%'"
+        )
+        return {r[0] for r in rows}
+
+    def _create_field_index(self, db: Db, index: str, field: str) -> None:
+        db.execute(f"CREATE INDEX {index} ON items (({_field(field)}))")

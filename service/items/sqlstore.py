@@ -1,0 +1,460 @@
+"""The item store's logic, once, in the SQL that SQLite and PostgreSQL both speak.
+
+`SqlItemStore` implements the `ItemBackend` interface (backend.py) over a small connection
+protocol, `Db`: `execute(sql, params)` returning a cursor and `executemany`. Statements use
+`?` placeholders (the PostgreSQL connection rewrites them to `%s`), select their columns by
+name and read rows by position, and use only what both engines share: `INSERT ... ON
+CONFLICT ... DO UPDATE ... RETURNING`, `ON CONFLICT DO NOTHING`, `IN (...)` lists, `LIMIT`.
+What differs is left to the engine's subclass (store.py for SQLite, postgres.py):
+
+* `_tx()`: one write transaction, serialised against every other writer of the store (so
+  check-then-write is atomic and the counter rows never deadlock), `_read()`: several
+  statements on one snapshot, `_conn()`: a single statement;
+* the schema and its migrations (`apply_migrations` runs the steps above the stored version);
+* the SQL of a metadata filter condition and its indexes (`_condition_sql`,
+  `_ensure_field_indexes`).
+
+Tables (the same names and columns in both engines): `items` (the caller's id, JSON
+metadata as text, sha256 and content type of the original, created time; `pk` is never
+reused, so a FAISS id never is), `vectors` (one float32 blob per item and space), `models`
+(per space: `changes`, the last change-log sequence number; `count`, its vectors; the
+`complete` flag), `counters` (the item count), `changelog` (space, seq, item pk, op: 1
+added, 0 removed, time) and `reembed` (the re-embedding job of a space).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+import numpy as np
+
+from service.items.backend import ChangeBatch, Item, ModelState, NewItem, ReembedProgress
+from service.items.errors import ItemExistsError
+from service.items.filters import Condition
+
+ADDED, REMOVED = 1, 0
+ITEM_COLUMNS = "pk, id, metadata, sha256, content_type, created"
+MAX_FIELD_INDEXES = 32
+IN_CHUNK = 10_000  # ids per IN (...) list: under SQLite's bound-variable limit and PostgreSQL's
+
+
+class Cursor(Protocol):
+    rowcount: int
+
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Db(Protocol):
+    """What the shared logic needs of a connection (sqlite3.Connection is one)."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ..., /) -> Any: ...
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> Any: ...
+
+
+def apply_migrations(db: Db, version: int, steps: Sequence[str]) -> int:
+    """Run the schema steps above `version` (step i brings the schema to version i + 1), each a
+    `;`-separated script, inside the caller's transaction; returns the new version."""
+    for step in steps[version:]:
+        for statement in step.split(";"):
+            if statement.strip():
+                db.execute(statement)
+    return max(version, len(steps))
+
+
+def _item(row: Sequence[Any], models: list[str] | None = None) -> Item:
+    pk, item_id, metadata, sha256, content_type, created = row[:6]
+    meta = json.loads(metadata) if metadata is not None else None
+    return Item(pk, item_id, meta, sha256, content_type, created, models or [])
+
+
+def _dumps(metadata: dict[str, Any] | None) -> str | None:
+    return json.dumps(metadata, separators=(",", ":")) if metadata is not None else None
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+class SqlItemStore:
+    """The `ItemBackend` over an engine subclass's connections (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._indexed_fields: set[str] = set()  # metadata fields known to have an index
+
+    def _tx(self) -> AbstractContextManager[Db]:
+        raise NotImplementedError
+
+    def _read(self) -> AbstractContextManager[Db]:
+        raise NotImplementedError
+
+    def _conn(self) -> AbstractContextManager[Db]:
+        raise NotImplementedError
+
+    def _condition_sql(self, cond: Condition, args: list[Any]) -> str:
+        raise NotImplementedError
+
+    def _field_indexes(self, db: Db) -> set[str]:
+        """The names of the `items_meta_*` indexes that exist."""
+        raise NotImplementedError
+
+    def _create_field_index(self, db: Db, index: str, field: str) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # -- counters and the change log (inside a write transaction) -----------------------
+
+    def _record(self, db: Db, space: str, dim: int, added: Sequence[int], removed: Sequence[int]) -> None:
+        """Bump the space's counters and append its log rows: removals, then additions. The
+        sequence numbers come from the counter row this statement updates (and, in
+        PostgreSQL, row-locks until commit), so they become visible in commit order."""
+        n = len(added) + len(removed)
+        if not n:
+            return
+        (last,) = db.execute(
+            "INSERT INTO models(model_id, dim, changes, count) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(model_id) DO UPDATE SET changes = models.changes + excluded.changes, "
+            "count = models.count + excluded.count RETURNING changes",
+            (space, dim, n, len(added) - len(removed)),
+        ).fetchone()
+        now, first = time.time(), last - n + 1
+        rows = [(space, first + i, int(pk), REMOVED, now) for i, pk in enumerate(removed)]
+        rows += [(space, first + len(removed) + i, int(pk), ADDED, now) for i, pk in enumerate(added)]
+        db.executemany("INSERT INTO changelog(space, seq, item, op, at) VALUES (?, ?, ?, ?, ?)", rows)
+
+    def _remove_items(self, db: Db, pks: Sequence[int]) -> None:
+        """Delete items (their vectors cascade), logging each vector's removal per space."""
+        marks = _marks(len(pks))
+        by_space: dict[str, list[int]] = {}
+        for row in db.execute(f"SELECT model_id, item FROM vectors WHERE item IN ({marks}) ORDER BY item", list(pks)):
+            by_space.setdefault(row[0], []).append(row[1])
+        for space in sorted(by_space):
+            self._record(db, space, 0, [], by_space[space])
+        db.execute(f"DELETE FROM items WHERE pk IN ({marks})", list(pks))
+        db.execute("UPDATE counters SET value = value - ? WHERE name = 'items'", (len(pks),))
+
+    @staticmethod
+    def _orphans(db: Db, shas: set[str]) -> list[str]:
+        return [
+            s
+            for s in sorted(shas)
+            if db.execute("SELECT 1 FROM items WHERE sha256 = ? LIMIT 1", (s,)).fetchone() is None
+        ]
+
+    @staticmethod
+    def _models_of(db: Db, pk: int) -> list[str]:
+        return [r[0] for r in db.execute("SELECT model_id FROM vectors WHERE item = ? ORDER BY model_id", (pk,))]
+
+    @staticmethod
+    def _item_count(db: Db) -> int:
+        return int(db.execute("SELECT value FROM counters WHERE name = 'items'").fetchone()[0])
+
+    # -- writes -------------------------------------------------------------------------
+
+    def add(
+        self, items: Sequence[NewItem], vectors: dict[str, np.ndarray], *, replace: bool = False
+    ) -> tuple[list[int], list[int], list[str]]:
+        """Insert `items` with one vector per item for each space in `vectors` ([N, D] each).
+
+        Returns (new pks in order, pks replaced, sha256s no longer referenced). Without
+        `replace`, any existing id raises ItemExistsError and nothing is written."""
+        ids = [it.id for it in items]
+        now = time.time()
+        with self._tx() as db:
+            old = db.execute(f"SELECT pk, id, sha256 FROM items WHERE id IN ({_marks(len(ids))})", ids).fetchall()
+            if old and not replace:
+                raise ItemExistsError(sorted(r[1] for r in old))
+            old_pks = [r[0] for r in old]
+            if old_pks:
+                self._remove_items(db, old_pks)
+            pks = []
+            for it in items:
+                (pk,) = db.execute(
+                    "INSERT INTO items(id, metadata, sha256, content_type, created) VALUES (?, ?, ?, ?, ?) RETURNING pk",
+                    (it.id, _dumps(it.metadata), it.sha256, it.content_type, now),
+                ).fetchone()
+                pks.append(int(pk))
+            db.execute("UPDATE counters SET value = value + ? WHERE name = 'items'", (len(pks),))
+            for space in sorted(vectors):
+                vecs = np.ascontiguousarray(vectors[space], dtype=np.float32)  # [N, D]
+                db.executemany(
+                    "INSERT INTO vectors(model_id, item, vec) VALUES (?, ?, ?)",
+                    [(space, pk, vecs[i].tobytes()) for i, pk in enumerate(pks)],
+                )
+                self._record(db, space, vecs.shape[1], pks, [])
+            orphans = self._orphans(db, {r[2] for r in old})
+        return pks, old_pks, orphans
+
+    def delete(self, item_id: str) -> tuple[int, list[str]] | None:
+        """Remove an item and its vectors; returns (pk, sha256s no longer referenced) or None."""
+        with self._tx() as db:
+            row = db.execute("SELECT pk, sha256 FROM items WHERE id = ?", (item_id,)).fetchone()
+            if row is None:
+                return None
+            self._remove_items(db, [row[0]])
+            return row[0], self._orphans(db, {row[1]})
+
+    def update_metadata(self, item_id: str, metadata: dict[str, Any] | None, *, merge: bool) -> Item | None:
+        """Replace an item's metadata, or merge `metadata` into it (a key set to null is
+        removed); vectors are untouched, so the index needs no change. None: no such item."""
+        with self._tx() as db:
+            row = db.execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE id = ?", (item_id,)).fetchone()
+            if row is None:
+                return None
+            current = _item(row)
+            if merge:
+                merged = dict(current.metadata or {})
+                merged.update(metadata or {})
+                metadata = {k: v for k, v in merged.items() if v is not None} or None
+            db.execute("UPDATE items SET metadata = ? WHERE pk = ?", (_dumps(metadata), current.pk))
+            models = self._models_of(db, current.pk)
+        return Item(current.pk, current.id, metadata, current.sha256, current.content_type, current.created, models)
+
+    def put_vectors(self, space: str, pks: Sequence[int], vecs: np.ndarray) -> int:
+        """Store vectors of existing items (re-embedding); items deleted meanwhile are skipped."""
+        vecs = np.ascontiguousarray(vecs, dtype=np.float32)  # [N, D]
+        with self._tx() as db:
+            written = []
+            for i, pk in enumerate(pks):
+                cur = db.execute(
+                    "INSERT INTO vectors(model_id, item, vec) SELECT ?, pk, ? FROM items WHERE pk = ? "
+                    "ON CONFLICT DO NOTHING",
+                    (space, vecs[i].tobytes(), int(pk)),
+                )
+                if cur.rowcount:
+                    written.append(int(pk))
+            self._record(db, space, vecs.shape[1], written, [])
+        return len(written)
+
+    def mark_complete(self, space: str, dim: int) -> bool:
+        """Flag `space` complete if every item has a vector in it (atomic with adds): its
+        vector count equals the item count, since a space holds at most one vector per item."""
+        with self._tx() as db:
+            items = self._item_count(db)
+            row = db.execute("SELECT count FROM models WHERE model_id = ?", (space,)).fetchone()
+            if (row[0] if row else 0) != items:
+                return False
+            db.execute(
+                "INSERT INTO models(model_id, dim, complete, completed_at) VALUES (?, ?, 1, ?) "
+                "ON CONFLICT(model_id) DO UPDATE SET complete = 1, completed_at = excluded.completed_at",
+                (space, dim, time.time()),
+            )
+            return True
+
+    def clear_complete(self, space: str) -> None:
+        """A space no longer served stops receiving vectors for new items: not complete."""
+        with self._tx() as db:
+            db.execute("UPDATE models SET complete = 0 WHERE model_id = ?", (space,))
+
+    # -- reads --------------------------------------------------------------------------
+
+    def missing(self, space: str, limit: int, after: int = 0) -> list[tuple[int, str]]:
+        """Up to `limit` items with pk > `after` and no vector in `space`: (pk, sha256), oldest first."""
+        with self._conn() as db:
+            rows = db.execute(
+                "SELECT pk, sha256 FROM items i WHERE pk > ? AND NOT EXISTS "
+                "(SELECT 1 FROM vectors v WHERE v.model_id = ? AND v.item = i.pk) ORDER BY pk LIMIT ?",
+                (after, space, limit),
+            ).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def get(self, item_id: str) -> Item | None:
+        with self._read() as db:
+            row = db.execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE id = ?", (item_id,)).fetchone()
+            if row is None:
+                return None
+            models = self._models_of(db, row[0])
+        return _item(row, models)
+
+    def shas(self, ids: Sequence[str]) -> dict[str, str]:
+        """The sha256 of the original of each stored id among `ids`."""
+        if not ids:
+            return {}
+        with self._conn() as db:
+            rows = db.execute(f"SELECT id, sha256 FROM items WHERE id IN ({_marks(len(ids))})", list(ids)).fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    def by_pks(self, pks: Sequence[int]) -> dict[int, Item]:
+        if not len(pks):
+            return {}
+        with self._conn() as db:
+            rows = db.execute(
+                f"SELECT {ITEM_COLUMNS} FROM items WHERE pk IN ({_marks(len(pks))})", [int(p) for p in pks]
+            ).fetchall()
+        return {r[0]: _item(r) for r in rows}
+
+    def page(self, offset: int, limit: int) -> tuple[list[Item], int]:
+        """Items in insertion order and the total count."""
+        with self._read() as db:
+            rows = db.execute(
+                f"SELECT {ITEM_COLUMNS} FROM items ORDER BY pk LIMIT ? OFFSET ?", (limit, offset)
+            ).fetchall()
+            total = self._item_count(db)
+            models: dict[int, list[str]] = {r[0]: [] for r in rows}
+            if rows:
+                for pk, space in db.execute(
+                    f"SELECT item, model_id FROM vectors WHERE item IN ({_marks(len(rows))}) ORDER BY model_id",
+                    list(models),
+                ):
+                    models[pk].append(space)
+        return [_item(r, models[r[0]]) for r in rows], total
+
+    def count(self) -> int:
+        with self._conn() as db:
+            return self._item_count(db)
+
+    def vector(self, item_id: str, space: str) -> np.ndarray | None:
+        with self._conn() as db:
+            row = db.execute(
+                "SELECT v.vec FROM vectors v JOIN items i ON i.pk = v.item WHERE i.id = ? AND v.model_id = ?",
+                (item_id, space),
+            ).fetchone()
+        return None if row is None else np.frombuffer(row[0], dtype=np.float32).copy()
+
+    def vectors(self, space: str) -> tuple[np.ndarray, np.ndarray, int]:
+        """All vectors of `space`: (pks int64 [N], vectors float32 [N, D], last log seq), one snapshot."""
+        with self._read() as db:
+            state = db.execute("SELECT dim, changes FROM models WHERE model_id = ?", (space,)).fetchone()
+            rows = db.execute("SELECT item, vec FROM vectors WHERE model_id = ? ORDER BY item", (space,)).fetchall()
+        dim = state[0] if state else 0
+        pks = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
+        return pks, vecs, (state[1] if state else 0)
+
+    def vectors_of(self, space: str, pks: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The vectors of `pks` in `space` that exist: (pks int64 [M], vectors float32 [M, D])."""
+        found: list[int] = []
+        blobs: list[bytes] = []
+        with self._read() as db:
+            for start in range(0, len(pks), IN_CHUNK):
+                part = [int(p) for p in pks[start : start + IN_CHUNK]]
+                for pk, vec in db.execute(
+                    f"SELECT item, vec FROM vectors WHERE model_id = ? AND item IN ({_marks(len(part))})",
+                    [space, *part],
+                ):
+                    found.append(pk)
+                    blobs.append(vec)
+        vecs = np.frombuffer(b"".join(blobs), dtype=np.float32)
+        return np.asarray(found, dtype=np.int64), vecs.reshape(len(found), -1) if found else vecs.reshape(0, 0)
+
+    def state(self, space: str) -> ModelState:
+        with self._conn() as db:
+            row = db.execute("SELECT changes, count, complete FROM models WHERE model_id = ?", (space,)).fetchone()
+        if row is None:
+            return ModelState(space, 0, 0, False)
+        return ModelState(space, row[0], row[1], bool(row[2]))
+
+    def completed_models(self) -> list[str]:
+        """Spaces flagged complete, most recently completed first."""
+        with self._conn() as db:
+            rows = db.execute("SELECT model_id FROM models WHERE complete = 1 ORDER BY completed_at DESC").fetchall()
+        return [r[0] for r in rows]
+
+    def _ensure_field_indexes(self, fields: set[str]) -> None:
+        """An index per filtered metadata field, made on first use (up to MAX_FIELD_INDEXES)
+        in a write transaction, so two processes never race to make the same one."""
+        new = fields - self._indexed_fields
+        if not new:
+            return
+        with self._tx() as db:
+            existing = self._field_indexes(db)
+            for name in sorted(new):
+                index = "items_meta_" + hashlib.sha256(name.encode()).hexdigest()[:16]
+                if index not in existing and len(existing) < MAX_FIELD_INDEXES:
+                    self._create_field_index(db, index, name)
+                    existing.add(index)
+        self._indexed_fields |= new
+
+    def matching_pks(self, conditions: Sequence[Condition]) -> np.ndarray:
+        """pks (int64, ascending) of the items whose metadata meets every condition."""
+        self._ensure_field_indexes({c.field for c in conditions})
+        args: list[Any] = []
+        where = " AND ".join(self._condition_sql(c, args) for c in conditions) or "1 = 1"
+        with self._conn() as db:
+            # no ORDER BY: SQLite would then scan by pk instead of using the field's index
+            rows = db.execute(f"SELECT pk FROM items WHERE {where}", args).fetchall()
+        return np.sort(np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)))
+
+    # -- the change log -----------------------------------------------------------------
+
+    def changes_since(self, space: str, after: int, limit: int) -> ChangeBatch:
+        """Up to `limit` log rows of `space` with seq > `after`, with the added vectors (one snapshot)."""
+        with self._read() as db:
+            dim_row = db.execute("SELECT dim FROM models WHERE model_id = ?", (space,)).fetchone()
+            rows = db.execute(
+                "SELECT c.seq, c.item, c.op, v.vec FROM changelog c LEFT JOIN vectors v "
+                "ON c.op = 1 AND v.model_id = c.space AND v.item = c.item "
+                "WHERE c.space = ? AND c.seq > ? ORDER BY c.seq LIMIT ?",
+                (space, after, limit),
+            ).fetchall()
+        dim = dim_row[0] if dim_row else 0
+        vecs = [r[3] for r in rows if r[3] is not None]
+        return ChangeBatch(
+            seqs=np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)),
+            pks=np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows)),
+            added=np.fromiter((r[2] == ADDED for r in rows), dtype=bool, count=len(rows)),
+            present=np.fromiter((r[3] is not None for r in rows), dtype=bool, count=len(rows)),
+            vectors=np.frombuffer(b"".join(vecs), dtype=np.float32).reshape(len(vecs), dim),
+        )
+
+    def first_seq(self, space: str) -> int | None:
+        """The oldest retained log seq of `space` (None: no rows)."""
+        with self._conn() as db:
+            row = db.execute("SELECT MIN(seq) FROM changelog WHERE space = ?", (space,)).fetchone()
+        return row[0]
+
+    def compact_log(self, space: str, upto: int, older_than_s: float) -> int:
+        """Drop `space`'s log rows with seq <= `upto` written more than `older_than_s` ago."""
+        with self._tx() as db:
+            cur = db.execute(
+                "DELETE FROM changelog WHERE space = ? AND seq <= ? AND at < ?",
+                (space, upto, time.time() - older_than_s),
+            )
+            return int(cur.rowcount)
+
+    # -- the re-embedding job -----------------------------------------------------------
+
+    def claim_reembed(self, space: str, owner: str, lease_s: float) -> bool:
+        """Take the re-embedding of `space` unless another owner holds a live claim."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT owner, state, updated FROM reembed WHERE space = ?", (space,)).fetchone()
+            if row and row[1] == "running" and row[0] != owner and row[2] > now - lease_s:
+                return False
+            db.execute(
+                "INSERT INTO reembed(space, owner, state, started, updated, error) VALUES (?, ?, 'running', ?, ?, NULL) "
+                "ON CONFLICT(space) DO UPDATE SET owner = excluded.owner, state = 'running', "
+                "started = excluded.started, updated = excluded.updated, error = NULL",
+                (space, owner, now, now),
+            )
+            return True
+
+    def report_reembed(self, space: str, owner: str, state: str = "running", error: str | None = None) -> bool:
+        """Renew the claim (and set the state); False when another owner has taken it over."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE reembed SET state = ?, updated = ?, error = ? WHERE space = ? AND owner = ?",
+                (state, time.time(), error, space, owner),
+            )
+            return int(cur.rowcount) == 1
+
+    def reembed_progress(self, space: str) -> ReembedProgress | None:
+        """The job's state; `done` and `total` are the space's vector count and the item count."""
+        with self._read() as db:
+            row = db.execute(
+                "SELECT state, owner, started, updated, error FROM reembed WHERE space = ?", (space,)
+            ).fetchone()
+            if row is None:
+                return None
+            done = db.execute("SELECT count FROM models WHERE model_id = ?", (space,)).fetchone()
+            total = self._item_count(db)
+        state, owner, started, updated, error = row
+        return ReembedProgress(space, state, done[0] if done else 0, total, owner, started, updated, error)
