@@ -257,19 +257,33 @@ class ItemStore(DurableSqlite):
     def update_metadata(self, item_id: str, metadata: dict[str, Any] | None, *, merge: bool) -> Item | None:
         """Replace an item's metadata, or merge `metadata` into it (a key set to null is
         removed); vectors are untouched, so the index needs no change. None: no such item."""
+        return self.update_metadata_many([(item_id, metadata)], merge=merge)[0]
+
+    def update_metadata_many(
+        self, changes: Sequence[tuple[str, dict[str, Any] | None]], *, merge: bool
+    ) -> list[Item | None]:
+        """`update_metadata` for many items in one transaction (one fsync): a write-back of
+        predictions over the whole collection. One result per change, None for a missing item."""
+        out: list[Item | None] = []
         with self._tx() as db:
-            row = db.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
-            if row is None:
-                return None
-            if merge:
-                current = json.loads(row["metadata"]) if row["metadata"] is not None else {}
-                current.update(metadata or {})
-                metadata = {k: v for k, v in current.items() if v is not None} or None
-            db.execute("UPDATE items SET metadata = ? WHERE pk = ?", (_dumps(metadata), row["pk"]))
-            models = [
-                r[0] for r in db.execute("SELECT model_id FROM vectors WHERE item = ? ORDER BY model_id", (row["pk"],))
-            ]
-        return Item(row["pk"], row["id"], metadata, row["sha256"], row["content_type"], row["created"], models)
+            for item_id, metadata in changes:
+                row = db.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
+                if row is None:
+                    out.append(None)
+                    continue
+                if merge:
+                    current = json.loads(row["metadata"]) if row["metadata"] is not None else {}
+                    current.update(metadata or {})
+                    metadata = {k: v for k, v in current.items() if v is not None} or None
+                db.execute("UPDATE items SET metadata = ? WHERE pk = ?", (_dumps(metadata), row["pk"]))
+                models = [
+                    r[0]
+                    for r in db.execute("SELECT model_id FROM vectors WHERE item = ? ORDER BY model_id", (row["pk"],))
+                ]
+                out.append(
+                    Item(row["pk"], row["id"], metadata, row["sha256"], row["content_type"], row["created"], models)
+                )
+        return out
 
     def put_vectors(self, space: str, pks: Sequence[int], vecs: np.ndarray) -> int:
         """Store vectors of existing items (re-embedding); items deleted meanwhile are skipped."""
@@ -361,6 +375,13 @@ class ItemStore(DurableSqlite):
                 ):
                     models[pk].append(space)
         return [_item(r, models[r["pk"]]) for r in rows], total
+
+    def items_after(self, after: int, limit: int) -> list[Item]:
+        """Up to `limit` items with pk > `after`, oldest first: a walk over the whole collection
+        that neither skips nor repeats an item when others are added or deleted meanwhile."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM items WHERE pk > ? ORDER BY pk LIMIT ?", (after, limit)).fetchall()
+        return [_item(r) for r in rows]
 
     def count(self) -> int:
         with self._lock:
