@@ -16,6 +16,7 @@ while it still trained; a sweeper re-sent an orphan). Every delivery is safe:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -23,6 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from celery import signals
@@ -43,7 +45,7 @@ from service.shutdown import StopFlag
 from trainer.data import DatasetError
 from trainer.engine import train
 from trainer.export import export_run
-from trainer.finetune import finetune_run
+from trainer.finetune import FINETUNE_CHECKPOINT, LabeledSplit, finetune_run, items_split
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -223,17 +225,22 @@ def _failed(store: JobStore, job_id: str, error: str) -> str:
 def _run_finetune(
     settings: Settings, store: JobStore, job_id: str, token: str, record: JobRecord, heartbeat: _Heartbeat
 ) -> str:
-    """A fine-tuning job (trainer/finetune.py): short, so it does not checkpoint; a redelivered
-    one starts over. Publishes a classifier model, never activates it."""
+    """A fine-tuning job (trainer/finetune.py): checkpoints to `<jobs_dir>/<job_id>/checkpoints/
+    finetune.pt` (not `last.pt`: a fine-tuning job is no pretraining run to fine-tune from), so
+    a redelivered or requeued one resumes. Publishes a classifier model, never activates it."""
     request = FinetuneJobRequest.model_validate(record.request)
     registry = ModelRegistry(settings.models_dir)
     model_id = model_id_for(job_id)
     try:
         if not _published(registry, model_id):
             control = JobControl(str(settings.broker_url), job_id, token)
+            data: Path | str | Callable[[int, int], LabeledSplit] = record.dataset
+            if request.examples is not None:
+                pairs = [(e.item_id, e.label) for e in request.examples]
+                data = functools.partial(items_split, settings, pairs)
             card = finetune_run(
                 settings.jobs_dir / request.run,
-                record.dataset,
+                data,
                 registry,
                 model_id=model_id,
                 epochs=request.epochs,
@@ -241,8 +248,9 @@ def _run_finetune(
                 seed=request.seed,
                 should_stop=control.should_stop,
                 on_progress=control.progress,
+                checkpoint=settings.jobs_dir / job_id / FINETUNE_CHECKPOINT,
             )
-            if card is None:  # cancelled, or the worker is shutting down (requeued: it starts over)
+            if card is None:  # cancelled, or the worker is shutting down (requeued: it resumes)
                 return _stopped(store, job_id, heartbeat)
     except Reject:
         raise
