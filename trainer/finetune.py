@@ -160,6 +160,7 @@ class FinetuneResult:
     lr: float
     losses: list[float]
     stopped: bool = False
+    resumed_from: int = 0  # the checkpoint's step this run went on from (0: from the start)
 
 
 def _data_key(images: np.ndarray, labels: np.ndarray, **shape: int) -> dict[str, Any]:
@@ -237,7 +238,7 @@ def finetune(
         if should_stop is not None and should_stop():
             save(step)
             model.eval()
-            return FinetuneResult(model, step, epochs, batch_size, lr, losses, stopped=True)
+            return FinetuneResult(model, step, epochs, batch_size, lr, losses, stopped=True, resumed_from=start)
         index = torch.from_numpy(batches[step])
         x = augment(x_all[index].to(device))  # [B, 3, S, S] normalised
         loss = F.cross_entropy(model(x), y_all[index].to(device))
@@ -251,7 +252,7 @@ def finetune(
         if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
             save(step + 1)
     model.eval()
-    return FinetuneResult(model, steps, epochs, batch_size, lr, losses)
+    return FinetuneResult(model, steps, epochs, batch_size, lr, losses, resumed_from=start)
 
 
 def predict_proba(model: FinetunedClassifier, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -393,6 +394,7 @@ def finetune_run(
                 "lr": result.lr,
                 "seed": seed,
                 "from_run": Path(run_dir).name,
+                "resumed_from_step": result.resumed_from,
             },
         },
         created_at=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),

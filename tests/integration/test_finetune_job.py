@@ -117,3 +117,29 @@ def test_finetune_job_from_a_metadata_field_of_stored_items(stack: Stack, job_da
     card = stack.registry.get(done["model_id"])
     assert card.kind == "classifier" and card.classes == [3, 5, 8]
     assert card.metrics["labels"] == 12 and card.metrics["val_images"] == 3  # a stratified 20%
+
+
+def test_killed_finetune_job_resumes_from_its_checkpoint(stack: Stack, few_digits: Path) -> None:
+    pretrain = stack.submit(activate=False)
+    stack.wait_state(pretrain, "succeeded", 180)
+    answer = stack.http.post(
+        "/finetune-jobs", json={"run": pretrain, "dataset": few_digits.name, "epochs": 40, "batch_size": 32}
+    )
+    assert answer.status_code == 202, answer.text
+    job_id = answer.json()["id"]  # 40 epochs x 4 batches: 160 steps, a checkpoint every 20
+    checkpoint = stack.run_dir(job_id) / "checkpoints" / "finetune.pt"
+    wait_until(
+        lambda: checkpoint.is_file() and (stack.job(job_id)["progress"] or {}).get("step", 0) >= 25,
+        180,
+        "a fine-tuning checkpoint",
+    )
+    (victim,) = stack.live_workers()
+    stack.kill_worker(victim)  # SIGKILL: no ack, no clean-up, the lock is left to lapse
+    killed_at = stack.job(job_id)["progress"]["step"]
+    assert killed_at < 160
+
+    stack.start_worker()  # re-sends the job once its lock lapses
+    done = stack.wait_state(job_id, "succeeded", 300)
+    assert done["attempts"] == 2 and done["progress"]["step"] == 160
+    resumed = stack.registry.get(done["model_id"]).train_config["finetune"]["resumed_from_step"]
+    assert resumed % 20 == 0 and 20 <= resumed <= killed_at  # went on from the checkpoint, not from 0

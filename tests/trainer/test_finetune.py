@@ -201,7 +201,7 @@ def test_a_stopped_finetune_resumes_from_its_checkpoint_to_the_same_weights(tmp_
     assert first.stopped and first.steps == 4 and checkpoint.is_file()
     # Another initialisation of the new layer: the checkpoint's weights replace it.
     resumed = finetune(build_classifier(run_dir, 2)[0], images, labels, SIZE, checkpoint=checkpoint, **kwargs)
-    assert not resumed.stopped and resumed.steps == 9
+    assert not resumed.stopped and resumed.steps == 9 and resumed.resumed_from == 4 and whole.resumed_from == 0
     assert resumed.losses == whole.losses  # steps 1-4 from the checkpoint, 5-9 taken again
     for name, tensor in whole.model.state_dict().items():
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
