@@ -38,7 +38,14 @@ from service.contract.defaults import Resolution, RunShape, resolve_run
 from service.contract.ports import free_port
 from service.contract.train_config import TrainConfig
 from trainer import distributed
-from trainer.checkpoint import atomic_write_json, checkpoint_path, load_checkpoint, save_checkpoint
+from trainer.checkpoint import (
+    atomic_write_json,
+    checkpoint_path,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from trainer.data import ImageDataset, open_dataset
 from trainer.evaluate import KnnMonitor
 from trainer.methods import build_method
@@ -121,27 +128,6 @@ def training_loader(
         generator=torch.Generator().manual_seed(cfg.seed),
     )
     return loader, sampler
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state: Any = np.random.get_state()
-    py_state = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
 
 
 def _seed_all(seed: int) -> None:
@@ -399,7 +385,7 @@ class _Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.masked_images = int(state.get("masked_images", 0))
         if self.rank < len(state["rng"]):
-            _set_rng_state(state["rng"][self.rank])
+            set_rng_state(state["rng"][self.rank])
         self.step = int(state["step"])
         trained_in = state["config"].get("precision")
         if trained_in != self.cfg.precision:
@@ -412,7 +398,7 @@ class _Trainer:
         self._log({"event": "resume", "step": self.step, "precision": self.cfg.precision})
 
     def _save(self) -> None:
-        rng = _rng_state()
+        rng = rng_state()
         rngs: list[Any] = [rng]
         if self.world > 1:
             rngs = [None] * self.world

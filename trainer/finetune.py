@@ -24,9 +24,10 @@ Shapes: images uint8 [N, S, S, 3]; labels int64 [N] in 0..K-1; logits [N, K]; h 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,10 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.contract.imaging import ResizePolicy
+from service.contract.imaging import ImageDecodeError, ResizePolicy
 from service.contract.registry import FORMAT_VERSION, ModelCard, ModelRegistry
 from service.contract.train_config import AugmentConfig, TrainConfig
-from trainer.checkpoint import checkpoint_path, load_checkpoint
+from service.items.reindex import open_store
+from service.settings import Settings
+from trainer.checkpoint import checkpoint_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.data import DatasetError, labeled_arrays, open_labeled
 from trainer.evaluate import images_to_input
 from trainer.models import Encoder
@@ -59,6 +62,8 @@ CROP_FLIP = AugmentConfig(
 BASE_LR = 0.05  # per 256 images
 MOMENTUM = 0.9
 PROGRESS_EVERY = 5
+FINETUNE_CHECKPOINT = Path("checkpoints") / "finetune.pt"  # under the fine-tuning job's own folder
+CHECKPOINT_EVERY = 20  # steps between fine-tuning checkpoints (and one whenever the run is stopped)
 VALIDATION_SHARE = 0.2  # held out when the dataset has no test split
 
 
@@ -155,6 +160,14 @@ class FinetuneResult:
     lr: float
     losses: list[float]
     stopped: bool = False
+    resumed_from: int = 0  # the checkpoint's step this run went on from (0: from the start)
+
+
+def _data_key(images: np.ndarray, labels: np.ndarray, **shape: int) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the labeled data (sha256) and the run's shape."""
+    digest = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+    digest.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return {"data": digest.hexdigest(), **shape}
 
 
 def finetune(
@@ -169,11 +182,19 @@ def finetune(
     device: str | torch.device = "cpu",
     should_stop: Callable[[], bool] | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = CHECKPOINT_EVERY,
 ) -> FinetuneResult:
     """Train every layer of `model` on the labeled `images` with the protocol above.
 
     `should_stop` is asked before every step (a cancelled job: `stopped` is then True);
-    `on_progress` gets {step, total_steps, loss, lr} every PROGRESS_EVERY steps."""
+    `on_progress` gets {step, total_steps, loss, lr} every PROGRESS_EVERY steps.
+
+    `checkpoint`: a file the run's state (weights, optimiser, schedule, random generators,
+    step, losses) is written to every `checkpoint_every` steps and when stopped, and resumed
+    from when it exists and was written for the same data and run shape (else the run starts
+    over). The batches are drawn up front from `seed`, so a resumed run takes the steps the
+    uninterrupted one would have taken."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     per_class = len(labels) / max(1, len(np.unique(labels)))
@@ -187,12 +208,38 @@ def finetune(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     x_all = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # uint8 [N, 3, S, S]
     y_all = torch.from_numpy(labels.astype(np.int64))
+    batches = balanced_batches(labels, batch_size, steps, rng)  # [steps, B], all drawn now
     losses: list[float] = []
-    for step, batch in enumerate(balanced_batches(labels, batch_size, steps, rng)):
+    key = _data_key(images, labels, steps=steps, batch_size=batch_size, seed=seed, n_classes=model.n_classes)
+    start = 0
+    if checkpoint is not None and checkpoint.is_file():
+        state = load_checkpoint(checkpoint, map_location=device)
+        if state.get("key") == key:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"])
+            start, losses = int(state["step"]), list(state["losses"])
+
+    def save(step: int) -> None:
+        if checkpoint is not None:
+            state = {
+                "key": key,
+                "step": step,
+                "losses": losses,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+            }
+            save_checkpoint(checkpoint, state)
+
+    for step in range(start, steps):
         if should_stop is not None and should_stop():
+            save(step)
             model.eval()
-            return FinetuneResult(model, step, epochs, batch_size, lr, losses, stopped=True)
-        index = torch.from_numpy(batch)
+            return FinetuneResult(model, step, epochs, batch_size, lr, losses, stopped=True, resumed_from=start)
+        index = torch.from_numpy(batches[step])
         x = augment(x_all[index].to(device))  # [B, 3, S, S] normalised
         loss = F.cross_entropy(model(x), y_all[index].to(device))
         optimizer.zero_grad(set_to_none=True)
@@ -202,8 +249,10 @@ def finetune(
         losses.append(loss.item())
         if on_progress is not None and (step % PROGRESS_EVERY == 0 or step == steps - 1):
             on_progress({"step": step + 1, "total_steps": steps, "loss": losses[-1], "lr": scheduler.get_last_lr()[0]})
+        if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            save(step + 1)
     model.eval()
-    return FinetuneResult(model, steps, epochs, batch_size, lr, losses)
+    return FinetuneResult(model, steps, epochs, batch_size, lr, losses, resumed_from=start)
 
 
 def predict_proba(model: FinetunedClassifier, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -218,9 +267,24 @@ def predict_proba(model: FinetunedClassifier, images: np.ndarray, batch_size: in
     return torch.cat(out).numpy()
 
 
-def labeled_split(
-    data_path: str | Path, image_size: int, seed: int
-) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+LabeledSplit = tuple[list[str | int], np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _holdout(classes: list[str | int], x: np.ndarray, y: np.ndarray, seed: int) -> LabeledSplit:
+    """(classes, x_train, y_train, x_val, y_val): a stratified VALIDATION_SHARE of every class
+    held out (at least one image of each, so a class of two keeps one to train on)."""
+    rng = np.random.default_rng(seed)
+    val = np.concatenate(
+        [
+            rng.permutation(idx)[: max(1, round(VALIDATION_SHARE * len(idx)))]
+            for idx in (np.flatnonzero(y == c) for c in np.unique(y))
+        ]
+    )
+    keep = np.setdiff1d(np.arange(len(y)), val)
+    return classes, x[keep], y[keep], x[val], y[val]
+
+
+def labeled_split(data_path: str | Path, image_size: int, seed: int) -> LabeledSplit:
     """(classes, x_train, y_train, x_val, y_val) of a labeled folder (one sub-folder per class) or
     `.npz`: its test split for validation when it has one, else a stratified VALIDATION_SHARE."""
     train = open_labeled(data_path, "train", image_size)
@@ -228,24 +292,49 @@ def labeled_split(
     try:
         test = open_labeled(data_path, "test", image_size)
     except DatasetError:
-        rng = np.random.default_rng(seed)
-        val = np.concatenate(
-            [
-                rng.permutation(idx)[: max(1, round(VALIDATION_SHARE * len(idx)))]
-                for idx in (np.flatnonzero(y == c) for c in np.unique(y))
-            ]
-        )
-        keep = np.setdiff1d(np.arange(len(y)), val)
-        return list(train.classes), x[keep], y[keep], x[val], y[val]
+        return _holdout(list(train.classes), x, y, seed)
     x_val, y_val = labeled_arrays(test)
     if list(test.classes) != list(train.classes):
         y_val = np.array([train.classes.index(c) for c in test.classes], dtype=np.int64)[y_val]
     return list(train.classes), x, y, x_val, y_val
 
 
+def items_split(
+    settings: Settings, examples: Sequence[tuple[str, str | int]], image_size: int, seed: int
+) -> LabeledSplit:
+    """The labeled split of stored items: their originals decoded and resized as the service
+    embeds them (ResizePolicy), classes in the classifiers' order (integers, then strings), a
+    stratified VALIDATION_SHARE held out. DatasetError `unknown_items` lists items whose
+    original is gone (deleted since the job was queued)."""
+    from service.classifiers.service import label_order  # onnxruntime only where it is needed
+
+    policy = ResizePolicy(image_size)
+    store, blobs = open_store(settings)
+    images, labels, missing = [], [], []
+    try:
+        for item_id, label in examples:
+            item = store.get(item_id)
+            try:
+                if item is None:
+                    raise FileNotFoundError(item_id)
+                images.append(policy.decode(blobs.get(item.sha256), max_pixels=settings.max_image_pixels))
+                labels.append(label)
+            except (OSError, ImageDecodeError):
+                missing.append(item_id)
+    finally:
+        store.close()
+    if missing:
+        shown = ", ".join(repr(i) for i in missing[:10])
+        raise DatasetError("unknown_items", f"{len(missing)} labeled item(s) are gone or unreadable: {shown}")
+    classes = sorted(set(labels), key=label_order)
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.asarray([index[label] for label in labels], dtype=np.int64)
+    return _holdout(classes, np.stack(images), y, seed)
+
+
 def finetune_run(
     run_dir: str | Path,
-    data_path: str | Path,
+    data: str | Path | Callable[[int, int], LabeledSplit],
     registry: ModelRegistry,
     *,
     model_id: str,
@@ -254,15 +343,21 @@ def finetune_run(
     seed: int = 0,
     should_stop: Callable[[], bool] | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint: Path | None = None,
 ) -> ModelCard | None:
-    """Fine-tune a pretraining run on a labeled dataset, export it as a classifier and publish
-    it (never activated: `kind` "classifier"). None when stopped before the end."""
+    """Fine-tune a pretraining run on labeled images, export it as a classifier and publish
+    it (never activated: `kind` "classifier"). None when stopped before the end.
+
+    `data`: a labeled dataset's path (`labeled_split`), or a function (image size, seed) ->
+    the split, as `items_split` over stored items gives. `checkpoint`: see `finetune`; a
+    stopped run resumes from it."""
     from trainer.export import export_classifier  # onnx only where it is needed
 
     _, run_cfg = run_state(run_dir)  # raises FileNotFoundError before any image is read
-    classes, x, y, x_val, y_val = labeled_split(data_path, run_cfg.image_size, seed)
+    split = data if callable(data) else (lambda size, s: labeled_split(data, size, s))
+    classes, x, y, x_val, y_val = split(run_cfg.image_size, seed)
     if len(classes) < 2 or np.bincount(y, minlength=len(classes)).min() < 1:
-        raise DatasetError("too_few_classes", f"{data_path}: fine-tuning needs labeled images of at least two classes")
+        raise DatasetError("too_few_classes", "fine-tuning needs labeled images of at least two classes")
     model, cfg = build_classifier(run_dir, len(classes))
     result = finetune(
         model,
@@ -274,6 +369,7 @@ def finetune_run(
         seed=seed,
         should_stop=should_stop,
         on_progress=on_progress,
+        checkpoint=checkpoint,
     )
     if result.stopped:
         return None
@@ -298,6 +394,7 @@ def finetune_run(
                 "lr": result.lr,
                 "seed": seed,
                 "from_run": Path(run_dir).name,
+                "resumed_from_step": result.resumed_from,
             },
         },
         created_at=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),

@@ -1,5 +1,7 @@
-"""Celery tasks: `train_job` (queue `train`) runs a pretraining job; `reindex` (queue `index`)
-re-embeds the items under a newly activated model.
+"""Celery tasks: `train_job` runs a job record: a pretraining job or a fine-tuning job (queue
+`train`), or a classifier's write-back of predictions into the items' metadata (sent to queue
+`index`, so it does not wait behind training); `reindex` (queue `index`) re-embeds the items
+under a newly activated model.
 
 A job may be delivered more than once (a worker died; Redis's visibility timeout ran out
 while it still trained; a sweeper re-sent an orphan). Every delivery is safe:
@@ -14,6 +16,7 @@ while it still trained; a sweeper re-sent an orphan). Every delivery is safe:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -21,12 +24,16 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from celery import signals
 from celery.exceptions import Reject
 from redis.exceptions import RedisError
 
+from service.classifiers.schemas import WriteBackJob
+from service.classifiers.service import ClassifierError
+from service.classifiers.write_back import write_back
 from service.contract.finetune_config import FinetuneJobRequest
 from service.contract.registry import ModelNotFoundError, ModelRegistry
 from service.contract.train_config import TrainConfig, TrainJobRequest
@@ -38,7 +45,7 @@ from service.shutdown import StopFlag
 from trainer.data import DatasetError
 from trainer.engine import train
 from trainer.export import export_run
-from trainer.finetune import finetune_run
+from trainer.finetune import FINETUNE_CHECKPOINT, LabeledSplit, finetune_run, items_split
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -175,6 +182,8 @@ def _run(settings: Settings, store: JobStore, job_id: str, token: str, heartbeat
     assert record is not None
     if record.request.get("method") == "finetune":
         return _run_finetune(settings, store, job_id, token, record, heartbeat)
+    if record.request.get("method") == "write_back":
+        return _run_write_back(settings, store, job_id, token, record, heartbeat)
     request = TrainJobRequest.model_validate(record.request)
     cfg = TrainConfig.model_validate(request.model_dump(exclude={"dataset", "activate", "name"}))
     registry = ModelRegistry(settings.models_dir)
@@ -216,17 +225,22 @@ def _failed(store: JobStore, job_id: str, error: str) -> str:
 def _run_finetune(
     settings: Settings, store: JobStore, job_id: str, token: str, record: JobRecord, heartbeat: _Heartbeat
 ) -> str:
-    """A fine-tuning job (trainer/finetune.py): short, so it does not checkpoint; a redelivered
-    one starts over. Publishes a classifier model, never activates it."""
+    """A fine-tuning job (trainer/finetune.py): checkpoints to `<jobs_dir>/<job_id>/checkpoints/
+    finetune.pt` (not `last.pt`: a fine-tuning job is no pretraining run to fine-tune from), so
+    a redelivered or requeued one resumes. Publishes a classifier model, never activates it."""
     request = FinetuneJobRequest.model_validate(record.request)
     registry = ModelRegistry(settings.models_dir)
     model_id = model_id_for(job_id)
     try:
         if not _published(registry, model_id):
             control = JobControl(str(settings.broker_url), job_id, token)
+            data: Path | str | Callable[[int, int], LabeledSplit] = record.dataset
+            if request.examples is not None:
+                pairs = [(e.item_id, e.label) for e in request.examples]
+                data = functools.partial(items_split, settings, pairs)
             card = finetune_run(
                 settings.jobs_dir / request.run,
-                record.dataset,
+                data,
                 registry,
                 model_id=model_id,
                 epochs=request.epochs,
@@ -234,8 +248,9 @@ def _run_finetune(
                 seed=request.seed,
                 should_stop=control.should_stop,
                 on_progress=control.progress,
+                checkpoint=settings.jobs_dir / job_id / FINETUNE_CHECKPOINT,
             )
-            if card is None:  # cancelled, or the worker is shutting down (requeued: it starts over)
+            if card is None:  # cancelled, or the worker is shutting down (requeued: it resumes)
                 return _stopped(store, job_id, heartbeat)
     except Reject:
         raise
@@ -247,6 +262,29 @@ def _run_finetune(
         log.exception("job %s failed", job_id)
         return _failed(store, job_id, f"{type(exc).__name__}: {exc}")
     _persist(store.finish, job_id, JobState.succeeded, model_id=model_id)
+    return JobState.succeeded.value
+
+
+def _run_write_back(
+    settings: Settings, store: JobStore, job_id: str, token: str, record: JobRecord, heartbeat: _Heartbeat
+) -> str:
+    """A classifier's write-back (service/classifiers/write_back.py): idempotent, so a
+    redelivered one starts over; it publishes nothing."""
+    job = WriteBackJob.model_validate(record.request)
+    control = JobControl(str(settings.broker_url), job_id, token)
+    try:
+        report = write_back(settings, job, should_stop=control.should_stop, on_progress=control.progress)
+        if report.stopped:
+            return _stopped(store, job_id, heartbeat)
+        control.progress(report.progress())  # the final count, also for an empty store
+    except Reject:
+        raise
+    except ClassifierError as exc:
+        return _failed(store, job_id, f"{exc.code}: {exc}")
+    except Exception as exc:  # a job's failure is the job's state, never a crashed worker
+        log.exception("job %s failed", job_id)
+        return _failed(store, job_id, f"{type(exc).__name__}: {exc}")
+    _persist(store.finish, job_id, JobState.succeeded)
     return JobState.succeeded.value
 
 

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.classifiers.service import Prediction
 from service.classifiers.storage import ClassifierRecord, Fit
+from service.items.filters import FIELD_NAME
 from service.items.schemas import MAX_ID_CHARS
 
 LABEL_SCHEMA: dict[str, Any] = {"anyOf": [{"type": "string"}, {"type": "integer"}]}
@@ -161,3 +162,51 @@ class PredictResponse(BaseModel):
     model_id: str = Field(description="the model the inputs were embedded with")
     fit_id: str
     predictions: list[PredictionOut] = Field(description="in input order")
+
+
+FIELD_PATTERN = FIELD_NAME.pattern  # a field that search filters can name (service/items/filters.py)
+
+
+class WriteBackRequest(BaseModel):
+    """`POST /classifiers/{id}/write-back`: the metadata fields the predictions go into."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    label_field: str = Field(pattern=FIELD_PATTERN, description="receives the predicted label")
+    probability_field: str | None = Field(
+        None, pattern=FIELD_PATTERN, description="receives its probability; default `<label_field>_probability`"
+    )
+
+    @model_validator(mode="after")
+    def _two_fields(self) -> WriteBackRequest:
+        if self.probability_field is None:
+            self.probability_field = f"{self.label_field}_probability"[:64]
+        if self.probability_field == self.label_field:
+            raise ValueError("label_field and probability_field must differ")
+        return self
+
+
+class WriteBackJob(BaseModel):
+    """The job's request as stored in its record and run by the worker: the fit is pinned at
+    submission (the one answering then), so every item is labeled by the same fit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["write_back"] = "write_back"
+    classifier_id: str
+    fit_id: str
+    model_id: str = Field(description="the model (vector space) the fit was fitted on")
+    label_field: str = Field(pattern=FIELD_PATTERN)
+    probability_field: str = Field(pattern=FIELD_PATTERN)
+    name: str | None = None
+
+
+class WriteBackCreated(BaseModel):
+    id: str = Field(description="the job id; follow it at `url` (GET /train-jobs/{id})")
+    url: str
+    state: str
+    classifier_id: str
+    fit_id: str
+    model_id: str
+    label_field: str
+    probability_field: str

@@ -195,14 +195,14 @@ def _check_label(label: object, where: str) -> Label:
     return label
 
 
-def _label_order(label: Label) -> tuple[bool, int | str]:
+def label_order(label: Label) -> tuple[bool, int | str]:
     """Integers first (numerically), then strings: a total order over mixed labels."""
     return (isinstance(label, str), label)
 
 
 def _encode(labels: Sequence[Label]) -> tuple[list[Label], np.ndarray, list[int]]:
     """Labels -> (classes in order, class index int64 [N], count per class), checked for a fit."""
-    classes = sorted(set(labels), key=_label_order)
+    classes = sorted(set(labels), key=label_order)
     if len(classes) < 2:
         raise InvalidExamplesError(
             f"all examples have the label {classes[0]!r}"
@@ -364,6 +364,42 @@ class ClassifierService:
             if not items or offset >= total:
                 return out
 
+    def resolve_examples(
+        self, examples: list[tuple[str, object]] | None, label_key: str | None, limit: int | None = None
+    ) -> list[tuple[str, Label]]:
+        """The (item id, label) pairs of `examples`, or of every item with the `label_key` field:
+        labels checked (strings or integers), one label per item, duplicates counted once."""
+        if label_key is not None:
+            pairs = self.examples_from_metadata(label_key)
+            if not pairs:
+                raise InvalidExamplesError(f"no indexed item has the metadata field {label_key!r}", "no_examples")
+        else:
+            pairs = [
+                (item_id, _check_label(label, f"examples[{i}]")) for i, (item_id, label) in enumerate(examples or [])
+            ]
+        if limit is not None and len(pairs) > limit:
+            raise TooManyExamplesError(
+                f"{len(pairs)} examples; a classifier is fitted synchronously on at most {limit} "
+                "(SIMCLR_EMBED_CLASSIFIER_MAX_EXAMPLES): label a class-balanced subset"
+            )
+        seen: dict[str, Label] = {}
+        for item_id, label in pairs:
+            if seen.setdefault(item_id, label) != label:
+                raise InvalidExamplesError(f"item {item_id!r} is given two labels", "conflicting_labels")
+        return list(dict.fromkeys(pairs))  # the same example twice counts once
+
+    def finetune_examples(
+        self, examples: list[tuple[str, object]] | None, label_key: str | None
+    ) -> list[tuple[str, Label]]:
+        """Labeled items for a fine-tuning job, checked as for a classifier: known ids (the
+        unknown ones listed), labels strings or integers, two classes or more, two examples a
+        class or more. Fine-tuning reads the originals, so no vector is needed."""
+        pairs = self.resolve_examples(examples, label_key)
+        if unknown := [item_id for item_id, _ in pairs if not self.items.exists(item_id)]:
+            raise UnknownItemsError(unknown)
+        _encode([label for _, label in pairs])
+        return pairs
+
     def create(
         self,
         name: str,
@@ -381,25 +417,7 @@ class ClassifierService:
         if method == "finetune":
             return self._store_new(name, method, None, [], self._finetuned_fit(model_id or ""))
         model_id = self._served()
-        if label_key is not None:
-            pairs = self.examples_from_metadata(label_key)
-            if not pairs:
-                raise InvalidExamplesError(f"no indexed item has the metadata field {label_key!r}", "no_examples")
-        else:
-            pairs = [
-                (item_id, _check_label(label, f"examples[{i}]")) for i, (item_id, label) in enumerate(examples or [])
-            ]
-        limit = self.settings.classifier_max_examples
-        if len(pairs) > limit:
-            raise TooManyExamplesError(
-                f"{len(pairs)} examples; a classifier is fitted synchronously on at most {limit} "
-                "(SIMCLR_EMBED_CLASSIFIER_MAX_EXAMPLES): label a class-balanced subset"
-            )
-        seen: dict[str, Label] = {}
-        for item_id, label in pairs:
-            if seen.setdefault(item_id, label) != label:
-                raise InvalidExamplesError(f"item {item_id!r} is given two labels", "conflicting_labels")
-        pairs = list(dict.fromkeys(pairs))  # the same example twice counts once
+        pairs = self.resolve_examples(examples, label_key, self.settings.classifier_max_examples)
         return self._store_new(name, method, label_key, pairs, self._fit(method, pairs, model_id, drop_missing=False))
 
     def _store_new(

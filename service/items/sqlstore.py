@@ -205,18 +205,31 @@ class SqlItemStore:
     def update_metadata(self, item_id: str, metadata: dict[str, Any] | None, *, merge: bool) -> Item | None:
         """Replace an item's metadata, or merge `metadata` into it (a key set to null is
         removed); vectors are untouched, so the index needs no change. None: no such item."""
+        return self.update_metadata_many([(item_id, metadata)], merge=merge)[0]
+
+    def update_metadata_many(
+        self, changes: Sequence[tuple[str, dict[str, Any] | None]], *, merge: bool
+    ) -> list[Item | None]:
+        """`update_metadata` for many items in one transaction (one commit): a write-back of
+        predictions over the whole collection. One result per change, None for a missing item."""
+        out: list[Item | None] = []
         with self._tx() as db:
-            row = db.execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE id = ?", (item_id,)).fetchone()
-            if row is None:
-                return None
-            current = _item(row)
-            if merge:
-                merged = dict(current.metadata or {})
-                merged.update(metadata or {})
-                metadata = {k: v for k, v in merged.items() if v is not None} or None
-            db.execute("UPDATE items SET metadata = ? WHERE pk = ?", (_dumps(metadata), current.pk))
-            models = self._models_of(db, current.pk)
-        return Item(current.pk, current.id, metadata, current.sha256, current.content_type, current.created, models)
+            for item_id, metadata in changes:
+                row = db.execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE id = ?", (item_id,)).fetchone()
+                if row is None:
+                    out.append(None)
+                    continue
+                current = _item(row)
+                if merge:
+                    merged = dict(current.metadata or {})
+                    merged.update(metadata or {})
+                    metadata = {k: v for k, v in merged.items() if v is not None} or None
+                db.execute("UPDATE items SET metadata = ? WHERE pk = ?", (_dumps(metadata), current.pk))
+                models = self._models_of(db, current.pk)
+                out.append(
+                    Item(current.pk, current.id, metadata, current.sha256, current.content_type, current.created, models)
+                )
+        return out
 
     def put_vectors(self, space: str, pks: Sequence[int], vecs: np.ndarray) -> int:
         """Store vectors of existing items (re-embedding); items deleted meanwhile are skipped."""
@@ -290,6 +303,15 @@ class SqlItemStore:
                 f"SELECT {ITEM_COLUMNS} FROM items WHERE pk IN ({_marks(len(pks))})", [int(p) for p in pks]
             ).fetchall()
         return {r[0]: _item(r) for r in rows}
+
+    def items_after(self, after: int, limit: int) -> list[Item]:
+        """Up to `limit` items with pk > `after`, oldest first: a walk over the whole collection
+        that neither skips nor repeats an item when others are added or deleted meanwhile."""
+        with self._read() as db:
+            rows = db.execute(
+                f"SELECT {ITEM_COLUMNS} FROM items WHERE pk > ? ORDER BY pk LIMIT ?", (after, limit)
+            ).fetchall()
+        return [_item(r) for r in rows]
 
     def page(self, offset: int, limit: int) -> tuple[list[Item], int]:
         """Items in insertion order and the total count."""

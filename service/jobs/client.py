@@ -6,7 +6,7 @@ import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 from celery import Celery
@@ -19,6 +19,9 @@ from service.contract.train_config import TrainJobRequest
 from service.jobs.celery_app import TRAIN_TASK, create_celery
 from service.jobs.store import JobRecord, JobStore
 from service.settings import Settings, env_settings
+
+if TYPE_CHECKING:  # the classifier service (onnxruntime) is not needed to send a job
+    from service.classifiers.schemas import WriteBackJob
 
 T = TypeVar("T")
 
@@ -63,8 +66,14 @@ class JobClient:
         except RedisError as exc:
             raise JobsUnavailableError(f"the job broker at {self.broker_url} does not answer: {exc}") from exc
 
-    def submit(self, request: TrainJobRequest | FinetuneJobRequest, dataset: Path) -> JobRecord:
-        """Record the job as queued, then queue its task; undone if the message cannot be sent."""
+    def submit(
+        self,
+        request: TrainJobRequest | FinetuneJobRequest | WriteBackJob,
+        dataset: Path | str,
+        queue: str | None = None,
+    ) -> JobRecord:
+        """Record the job as queued, then queue its task (on `queue`, default the train queue);
+        undone if the message cannot be sent."""
         store = self.store
         job_id = new_job_id()
         record = self._call(
@@ -72,7 +81,8 @@ class JobClient:
         )
         try:
             assert self._celery is not None
-            self._celery.send_task(TRAIN_TASK, args=[job_id], task_id=job_id)
+            routing = {"queue": queue} if queue else {}  # else the task's route: the train queue
+            self._celery.send_task(TRAIN_TASK, args=[job_id], task_id=job_id, **routing)
         except Exception as exc:
             self._call(store.delete, job_id)
             raise JobsUnavailableError(f"could not queue the job: {exc}") from exc

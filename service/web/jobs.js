@@ -97,7 +97,9 @@ function renderJob(job) {
       ["Time left", active ? duration(p.eta_s) : "–"],
       ["kNN top-1", p.knn_top1 == null ? "– (set knn_every_epochs on labeled data)" : `${(100 * p.knn_top1).toFixed(1)}%`],
       ["Dataset", job.dataset],
-      ["Method", `${job.request.method || "simclr"}, ${job.request.backbone || "resnet18"}, ${job.request.image_size || "?"} px`],
+      ["Method", job.request.method === "write_back"
+        ? `write-back of classifier ${job.request.classifier_id} into ${job.request.label_field}, ${job.request.probability_field}`
+        : `${job.request.method || "simclr"}, ${job.request.backbone || "resnet18"}, ${job.request.image_size || "?"} px`],
       ["Created", when(job.created_at)],
       ["Started", when(job.started_at)],
       ["Finished", when(job.finished_at)],

@@ -5,10 +5,12 @@ accuracy, never activated), and that model serving `POST /classifiers/{id}/predi
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _procs import wait_until
 from jobstack import Stack
 from PIL import Image
 
@@ -75,3 +77,69 @@ def test_finetune_job_publishes_a_classifier_that_predicts(stack: Stack, few_dig
     top = predicted.json()["predictions"][0]["top_k"]
     assert predicted.json()["model_id"] == card.model_id and len(top) == 3
     assert sum(t["probability"] for t in top) <= 1.0 + 1e-6 and top[0]["label"] in card.classes
+
+
+def test_finetune_job_from_a_metadata_field_of_stored_items(stack: Stack, job_datasets: Path) -> None:
+    """Labels as for classifiers: `label_key` over stored items' originals, resolved into the
+    job's examples when queued; unknown ids are refused before anything is queued."""
+    pretrain = stack.submit(activate=True)
+    model_id = stack.wait_state(pretrain, "succeeded", 180)["model_id"]
+    with np.load(job_datasets / "digits.npz") as data:
+        x, y = data["x_test"], data["y_test"]
+    picks = np.concatenate([np.flatnonzero(y == c)[:5] for c in (3, 5, 8)])
+    ids = [f"ft-{i}" for i in picks]
+    files = [("files", (f"{i}.png", png(np.repeat(x[p], 3, axis=-1)), "image/png")) for i, p in zip(ids, picks)]
+    meta = [json.dumps({"ft_digit": int(y[p])}) for p in picks]
+
+    def added() -> bool:
+        index = stack.http.get("/readyz").json()["checks"].get("index", "")
+        if not index.startswith(f"ok: {model_id}"):
+            return False
+        answer = stack.http.post("/items?replace=true", files=files, data={"ids": ids, "metadata": meta})
+        assert answer.status_code == 201, answer.text
+        return True
+
+    wait_until(added, 60, f"the API to serve {model_id} and take the digits")
+    unknown = stack.http.post(
+        "/finetune-jobs",
+        json={"run": pretrain, "examples": [{"item_id": ids[0], "label": 3}, {"item_id": "nope", "label": 5}]},
+    )
+    assert (unknown.status_code, unknown.json()["error"]["code"]) == (422, "unknown_items")
+    assert "'nope'" in unknown.json()["error"]["message"]
+
+    answer = stack.http.post("/finetune-jobs", json={"run": pretrain, "label_key": "ft_digit", "epochs": 2})
+    assert answer.status_code == 202, answer.text
+    done = stack.wait_state(answer.json()["id"], "succeeded", 300)
+    assert done["request"]["label_key"] is None and len(done["request"]["examples"]) == len(ids)
+    assert {(e["item_id"], e["label"]) for e in done["request"]["examples"]} == {
+        (i, int(y[p])) for i, p in zip(ids, picks)
+    }
+    card = stack.registry.get(done["model_id"])
+    assert card.kind == "classifier" and card.classes == [3, 5, 8]
+    assert card.metrics["labels"] == 12 and card.metrics["val_images"] == 3  # a stratified 20%
+
+
+def test_killed_finetune_job_resumes_from_its_checkpoint(stack: Stack, few_digits: Path) -> None:
+    pretrain = stack.submit(activate=False)
+    stack.wait_state(pretrain, "succeeded", 180)
+    answer = stack.http.post(
+        "/finetune-jobs", json={"run": pretrain, "dataset": few_digits.name, "epochs": 40, "batch_size": 32}
+    )
+    assert answer.status_code == 202, answer.text
+    job_id = answer.json()["id"]  # 40 epochs x 4 batches: 160 steps, a checkpoint every 20
+    checkpoint = stack.run_dir(job_id) / "checkpoints" / "finetune.pt"
+    wait_until(
+        lambda: checkpoint.is_file() and (stack.job(job_id)["progress"] or {}).get("step", 0) >= 25,
+        180,
+        "a fine-tuning checkpoint",
+    )
+    (victim,) = stack.live_workers()
+    stack.kill_worker(victim)  # SIGKILL: no ack, no clean-up, the lock is left to lapse
+    killed_at = stack.job(job_id)["progress"]["step"]
+    assert killed_at < 160
+
+    stack.start_worker()  # re-sends the job once its lock lapses
+    done = stack.wait_state(job_id, "succeeded", 300)
+    assert done["attempts"] == 2 and done["progress"]["step"] == 160
+    resumed = stack.registry.get(done["model_id"]).train_config["finetune"]["resumed_from_step"]
+    assert resumed % 20 == 0 and 20 <= resumed <= killed_at  # went on from the checkpoint, not from 0

@@ -4,6 +4,7 @@ learns a task it could not do before."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -123,3 +124,88 @@ def test_finetune_run_publishes_a_classifier_that_never_activates(tmp_path: Path
     np.testing.assert_allclose(proba.sum(axis=1), 1, atol=1e-5)
     assert card.metrics["val_accuracy"] == pytest.approx(np.mean(proba.argmax(axis=1) == y_val))
     assert np.sum(card.model_dump()["val_confusion"]) == 15
+
+
+def test_finetune_run_from_stored_items_keeps_their_labels(tmp_path: Path, digits_path: Path) -> None:
+    """Labels given as for classifiers: the stored items' originals, integer labels kept as
+    integers (the classifiers' class order), a stratified holdout; a deleted item is named."""
+    import io
+
+    from service.items.backend import NewItem
+    from service.items.reindex import open_store
+    from service.settings import Settings
+    from trainer.data import DatasetError
+    from trainer.finetune import items_split
+
+    settings = Settings(data_dir=tmp_path / "data")
+    store, blobs = open_store(settings)
+    pairs: list[tuple[str, str | int]] = []
+    originals: list[bytes] = []
+    with np.load(digits_path) as data:
+        for c in (2, 0, 1):
+            for i in np.flatnonzero(data["y_train"] == c)[:6]:
+                buf = io.BytesIO()
+                Image.fromarray(data["x_train"][i][..., 0]).save(buf, format="PNG")
+                originals.append(buf.getvalue())
+                store.add([NewItem(f"d{i}", blobs.put(originals[-1]), "image/png", {"digit": int(c)})], {})
+                pairs.append((f"d{i}", int(c)))
+    store.close()
+
+    classes, x, y, x_val, y_val = items_split(settings, pairs, SIZE, seed=0)
+    assert classes == [0, 1, 2] and x.shape == (15, SIZE, SIZE, 3) and x_val.shape == (3, SIZE, SIZE, 3)
+    assert np.bincount(y).tolist() == [5, 5, 5] and sorted(y_val.tolist()) == [0, 1, 2]
+    first = ResizePolicy(SIZE).decode(originals[0])
+    assert any(np.array_equal(first, im) for im in np.concatenate([x, x_val]))  # the service's resize path
+
+    run_dir, _ = simclr_run(tmp_path / "run")
+    registry = ModelRegistry(tmp_path / "models")
+    split = functools.partial(items_split, settings, pairs)
+    card = finetune_run(run_dir, split, registry, model_id="ft-items", epochs=1, batch_size=8)
+    assert card is not None and card.classes == [0, 1, 2]
+    assert card.metrics["labels"] == 15 and card.metrics["val_images"] == 3
+
+    with pytest.raises(DatasetError, match="'gone'"):
+        items_split(settings, [*pairs, ("gone", 1)], SIZE, seed=0)
+
+
+def test_a_stopped_finetune_resumes_from_its_checkpoint_to_the_same_weights(tmp_path: Path) -> None:
+    """Killed (stopped) after 4 of 9 steps, then run again on the same checkpoint: the same
+    losses and the same final weights as the run that was never interrupted."""
+    run_dir, _ = simclr_run(tmp_path / "run")
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 1], 12)
+    images = np.clip(
+        np.where(labels == 0, 40, 210)[:, None, None, None] + rng.normal(0, 25, (24, SIZE, SIZE, 3)), 0, 255
+    )
+    images = images.astype(np.uint8)
+    kwargs = {"epochs": 3, "batch_size": 8, "seed": 0}  # 9 steps
+
+    def fresh() -> torch.nn.Module:  # the same new classifier layer for both runs
+        torch.manual_seed(7)
+        return build_classifier(run_dir, 2)[0]
+
+    whole = finetune(fresh(), images, labels, SIZE, **kwargs)
+
+    checkpoint = tmp_path / "ft" / "checkpoints" / "finetune.pt"
+    asked = iter(range(100))
+    first = finetune(
+        fresh(),
+        images,
+        labels,
+        SIZE,
+        should_stop=lambda: next(asked) >= 4,
+        checkpoint=checkpoint,
+        checkpoint_every=3,
+        **kwargs,
+    )
+    assert first.stopped and first.steps == 4 and checkpoint.is_file()
+    # Another initialisation of the new layer: the checkpoint's weights replace it.
+    resumed = finetune(build_classifier(run_dir, 2)[0], images, labels, SIZE, checkpoint=checkpoint, **kwargs)
+    assert not resumed.stopped and resumed.steps == 9 and resumed.resumed_from == 4 and whole.resumed_from == 0
+    assert resumed.losses == whole.losses  # steps 1-4 from the checkpoint, 5-9 taken again
+    for name, tensor in whole.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+
+    # A checkpoint of other data is not resumed: the run starts over.
+    other = finetune(build_classifier(run_dir, 2)[0], 255 - images, labels, SIZE, checkpoint=checkpoint, **kwargs)
+    assert len(other.losses) == 9 and other.losses[0] != whole.losses[0]

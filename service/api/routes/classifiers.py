@@ -19,6 +19,12 @@ store, and at that limit a class-balanced subset already gives the accuracy a fe
 | more examples than `classifier_max_examples` | 413 | `too_many_examples` |
 | no index served yet | 503 | `index_not_ready` |
 | finetune: no such model / not a classifier model | 404 / 422 | `model_not_found` / `not_a_classifier_model` |
+| write-back into the field the labels came from | 422 | `overwrites_labels` |
+| write-back with no job broker | 503 | `jobs_unavailable` |
+
+`POST /classifiers/{id}/write-back` queues a job (service/classifiers/write_back.py) that
+stores every item's predicted label and its probability in two metadata fields; follow it at
+`GET /train-jobs/{job id}`, cancel it with `DELETE /train-jobs/{job id}`.
 """
 
 from __future__ import annotations
@@ -28,13 +34,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import SettingsDep, read_images, require_read_key, require_write_key
 from service.api.errors import ApiError, error_responses
+from service.api.routes.jobs import Jobs, _broker
 from service.classifiers.schemas import (
     MAX_TOP_K,
     ClassifierCreate,
@@ -43,6 +50,8 @@ from service.classifiers.schemas import (
     PredictionOut,
     PredictRequest,
     PredictResponse,
+    WriteBackCreated,
+    WriteBackRequest,
 )
 from service.classifiers.service import (
     ClassifierError,
@@ -54,6 +63,8 @@ from service.classifiers.service import (
     NotReadyError,
     TooManyExamplesError,
 )
+from service.classifiers.write_back import job_for
+from service.jobs.celery_app import INDEX_QUEUE
 
 router = APIRouter(prefix="/classifiers", tags=["classifiers"])
 
@@ -228,4 +239,42 @@ async def predict(
         model_id=fit.model_id,
         fit_id=fit.fit_id,
         predictions=[PredictionOut.of(n, p) for n, p in zip(names, predictions, strict=True)],
+    )
+
+
+@router.post(
+    "/{classifier_id}/write-back",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=WriteBackCreated,
+    dependencies=[Depends(require_write_key)],
+    responses=error_responses(401, 404, 422, 503),
+)
+async def write_back(
+    classifier_id: str,
+    body: WriteBackRequest,
+    request: Request,
+    response: Response,
+    classifiers: ClassifiersDep,
+    jobs: Jobs,
+) -> WriteBackCreated:
+    """Queue a job that predicts every item with the answering fit and stores the label in
+    `label_field` and its probability in `probability_field` (merged into each item's
+    metadata), so that `POST /search` can filter on them; 202 with the job's id and URL."""
+    assert body.probability_field is not None  # the schema defaults it
+    with _as_http():
+        record = await run_in_threadpool(classifiers.get, classifier_id)
+        job = job_for(record, classifiers.answering_fit(record), body.label_field, body.probability_field)
+    with _broker():
+        created = await run_in_threadpool(jobs.submit, job, "items", INDEX_QUEUE)
+    url = str(request.url_for("get_job", job_id=created.id))
+    response.headers["Location"] = url
+    return WriteBackCreated(
+        id=created.id,
+        url=url,
+        state=created.state.value,
+        classifier_id=job.classifier_id,
+        fit_id=job.fit_id,
+        model_id=job.model_id,
+        label_field=job.label_field,
+        probability_field=job.probability_field,
     )
