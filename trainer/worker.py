@@ -24,7 +24,7 @@ from typing import Any
 from celery import signals
 from redis.exceptions import RedisError
 
-from service.jobs.celery_app import INDEX_QUEUE, TRAIN_QUEUE, TRAIN_TASK, app
+from service.jobs.celery_app import INDEX_QUEUE, JOB_TASKS, TRAIN_QUEUE, app
 from service.jobs.store import JobStore
 from service.settings import env_settings
 
@@ -36,7 +36,7 @@ def revive_orphans(store: JobStore) -> list[str]:
     revived = [job_id for job_id in store.orphans() if store.claim_revival(job_id)]
     for job_id in revived:
         log.warning("job %s: its worker stopped renewing the lock; re-sending it", job_id)
-        app.send_task(TRAIN_TASK, args=[job_id])
+        app.send_task(JOB_TASKS[store.kind(job_id)], args=[job_id])
     return revived
 
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     concurrency = args.concurrency or env_settings().worker_concurrency
     stop = threading.Event()
-    if TRAIN_QUEUE in args.queues.split(","):
+    if {TRAIN_QUEUE, INDEX_QUEUE} & set(args.queues.split(",")):
 
         @signals.worker_ready.connect(weak=False)
         def _start_watch(**_: Any) -> None:

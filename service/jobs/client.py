@@ -15,9 +15,10 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from service.contract.finetune_config import FinetuneJobRequest
+from service.contract.index_config import IndexJobRequest
 from service.contract.train_config import TrainJobRequest
-from service.jobs.celery_app import TRAIN_TASK, create_celery
-from service.jobs.store import JobRecord, JobStore
+from service.jobs.celery_app import JOB_TASKS, create_celery
+from service.jobs.store import JobKind, JobRecord, JobStore
 from service.settings import Settings, env_settings
 
 T = TypeVar("T")
@@ -63,23 +64,23 @@ class JobClient:
         except RedisError as exc:
             raise JobsUnavailableError(f"the job broker at {self.broker_url} does not answer: {exc}") from exc
 
-    def submit(self, request: TrainJobRequest | FinetuneJobRequest, dataset: Path) -> JobRecord:
+    def submit(self, request: TrainJobRequest | FinetuneJobRequest | IndexJobRequest, dataset: Path) -> JobRecord:
         """Record the job as queued, then queue its task; undone if the message cannot be sent."""
         store = self.store
         job_id = new_job_id()
-        record = self._call(
-            store.create, job_id, request=request.model_dump(mode="json"), dataset=str(dataset), name=request.name
-        )
+        kind: JobKind = "index" if isinstance(request, IndexJobRequest) else "train"
+        body = request.model_dump(mode="json")
+        record = self._call(store.create, job_id, request=body, dataset=str(dataset), name=request.name, kind=kind)
         try:
             assert self._celery is not None
-            self._celery.send_task(TRAIN_TASK, args=[job_id], task_id=job_id)
+            self._celery.send_task(JOB_TASKS[kind], args=[job_id], task_id=job_id)
         except Exception as exc:
             self._call(store.delete, job_id)
             raise JobsUnavailableError(f"could not queue the job: {exc}") from exc
         return record
 
-    def list(self, *, offset: int = 0, limit: int = 50) -> tuple[int, list[JobRecord]]:
-        return self._call(self.store.list, offset=offset, limit=limit)
+    def list(self, *, offset: int = 0, limit: int = 50, kind: JobKind = "train") -> tuple[int, list[JobRecord]]:
+        return self._call(self.store.list, offset=offset, limit=limit, kind=kind)
 
     def get(self, job_id: str) -> JobRecord | None:
         return self._call(self.store.get, job_id)

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Request, Response, status
 
 from service.api.deps import require_write_key
 from service.api.errors import ApiError, error_responses
-from service.api.routes.jobs import JobCreated, Jobs, _broker, resolve_dataset
+from service.api.routes.jobs import JobCreated, Jobs, broker, resolve_dataset
 from service.contract.finetune_config import FinetuneJobRequest
 from service.settings import Settings
 
@@ -43,7 +43,7 @@ def submit_finetune_job(body: FinetuneJobRequest, request: Request, response: Re
             "job's checkpoint (GET /train-jobs lists them)",
         )
     dataset = resolve_dataset(body.dataset, settings)
-    with _broker():
+    with broker():
         record = jobs.submit(body, dataset)
     url = str(request.url_for("get_job", job_id=record.id))
     response.headers["Location"] = url
