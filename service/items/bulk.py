@@ -27,6 +27,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -214,14 +215,32 @@ def index_dataset(
     store, blobs = open_store(settings)
     report, seen = IndexReport(space=space, total=total), list[str]()
     try:
-        while batch := tuple(itertools.islice(sources, batch_size)):
-            if should_stop and should_stop():
-                report.stopped = True
-                return report
-            seen.extend(source.id for source in batch)
-            _index_batch(settings, store, blobs, space, encoder, batch, report)
-            if on_progress:
-                on_progress(report)
+        # Two stages: this thread reads, decodes and embeds batch i while a writer thread stores
+        # batch i-1 (originals fsynced, one transaction), so disk waits overlap inference.
+        with ThreadPoolExecutor(1, thread_name_prefix="bulk-write") as writer:
+            writing: Future[None] | None = None
+            while batch := tuple(itertools.islice(sources, batch_size)):
+                if should_stop and should_stop():
+                    report.stopped = True
+                    break
+                seen.extend(source.id for source in batch)
+                todo, datas, images = _read_batch(settings, store, blobs, batch, report)
+                vectors = encoder.embed(encoder.policy.batch(images)) if todo else None  # [n, D]
+                if writing is not None:  # batch i-1 is committed
+                    writing.result()
+                    writing = None
+                    if on_progress:
+                        on_progress(report)
+                if vectors is not None:
+                    writing = writer.submit(_store_batch, store, blobs, space, todo, datas, vectors, report)
+                elif on_progress:
+                    on_progress(report)
+            if writing is not None:
+                writing.result()
+                if on_progress:
+                    on_progress(report)
+        if report.stopped:
+            return report
         manifest = _manifest(settings, dataset, ids, id_prefix)
         before = set(manifest.read_text().split("\n")) - {""} if manifest.is_file() else set()
         report.vanished = sorted(before - set(seen))
@@ -240,16 +259,11 @@ def index_dataset(
     return report
 
 
-def _index_batch(
-    settings: Settings,
-    store: ItemStore,
-    blobs: BlobStore,
-    space: str,
-    encoder: Encoder,
-    batch: tuple[Source, ...],
-    report: IndexReport,
-) -> None:
-    """Skip unchanged ids, embed the rest, and store them in one transaction."""
+def _read_batch(
+    settings: Settings, store: ItemStore, blobs: BlobStore, batch: tuple[Source, ...], report: IndexReport
+) -> tuple[list[Source], list[bytes], list[Image.Image]]:
+    """The sources of `batch` to (re)index, their bytes and decoded images; unchanged ids are
+    counted as skipped, unreadable ones as failed."""
     stored = store.shas([s.id for s in batch])
     todo, datas, images = [], [], []
     for source in batch:
@@ -265,9 +279,19 @@ def _index_batch(
             continue
         todo.append(source)
         datas.append(data)
-    if not todo:
-        return
-    vectors = encoder.embed(encoder.policy.batch(images))  # [n, D]
+    return todo, datas, images
+
+
+def _store_batch(
+    store: ItemStore,
+    blobs: BlobStore,
+    space: str,
+    todo: list[Source],
+    datas: list[bytes],
+    vectors: np.ndarray,
+    report: IndexReport,
+) -> None:
+    """Originals first (durable), then the items and their vectors [n, D] in one transaction."""
     new = [NewItem(s.id, blobs.put(d), s.content_type, s.metadata) for s, d in zip(todo, datas, strict=True)]
     _, old_pks, orphans = store.add(new, {space: vectors}, replace=True)
     for sha in orphans:
