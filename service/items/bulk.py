@@ -10,8 +10,9 @@ batched, idempotent and resumable; `simclr-embed index DATASET` runs it from a s
   parse as numbers become numbers); an .npz's `y_<split>` labels as `label`.
 * Idempotent: an id already stored with the same bytes (sha256) is skipped, one with other
   bytes is replaced, a new one is added; each batch is one store transaction, so a killed
-  run resumes by running again (a run stopped by `should_stop` returns between batches). The ids a run indexed are kept in a manifest; ids of the
-  previous run whose files vanished are reported, and deleted only when asked.
+  run resumes by running again (a run stopped by `should_stop` returns between batches).
+  The ids a run indexed are kept in a manifest; ids of the previous run whose files vanished
+  are reported, and deleted only when asked.
 
 The served index of any API on the same store picks the new items up from the change log.
 """
