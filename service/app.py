@@ -23,7 +23,18 @@ from starlette.concurrency import run_in_threadpool
 from service import __version__
 from service.api.errors import install_error_handlers
 from service.api.limits import BodyLimitMiddleware, DecodeBudget
-from service.api.routes import classifiers, embed, finetune_jobs, health, items, jobs, models, search, web
+from service.api.routes import (
+    classifiers,
+    embed,
+    finetune_jobs,
+    health,
+    index_jobs,
+    items,
+    jobs,
+    models,
+    search,
+    web,
+)
 from service.classifiers.service import build_classifier_service
 from service.contract.registry import ModelRegistry
 from service.items.service import build_item_service
@@ -64,7 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.decode_budget = DecodeBudget(settings.decode_budget_pixels)
     install_error_handlers(app)
-    for module in (health, embed, items, search, models, jobs, finetune_jobs, classifiers, web):
+    for module in (health, embed, items, search, models, jobs, finetune_jobs, index_jobs, classifiers, web):
         app.include_router(module.router)
     # Added last = outermost: metrics time everything, the size limit guards every body.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)

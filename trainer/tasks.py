@@ -1,17 +1,19 @@
-"""Celery tasks: `train_job` runs a job record: a pretraining job or a fine-tuning job (queue
-`train`), or a classifier's write-back of predictions into the items' metadata (sent to queue
-`index`, so it does not wait behind training); `reindex` (queue `index`) re-embeds the items
-under a newly activated model.
+"""Celery tasks: `train_job` runs a train-kind job record: a pretraining or fine-tuning job
+(queue `train`), or a classifier's write-back of predictions into the items' metadata (sent to
+queue `index`, so it does not wait behind training); `index_job` (queue `index`) a bulk indexing
+job; `reindex` (queue `index`) re-embeds the items under a newly activated model.
 
 A job may be delivered more than once (a worker died; Redis's visibility timeout ran out
 while it still trained; a sweeper re-sent an orphan). Every delivery is safe:
 
 * a finished job returns at once;
-* only the holder of the job's owner lock trains, renewing it with a heartbeat; a delivery
+* only the holder of the job's owner lock runs it, renewing it with a heartbeat; a delivery
   that finds the lock held ends without touching the job;
 * training resumes from `<jobs_dir>/<job_id>/checkpoints/last.pt`;
 * the model id is derived from the job id, so the export runs only while that id is not yet
-  in the registry: a redelivery after publishing never publishes twice.
+  in the registry: a redelivery after publishing never publishes twice;
+* an indexing job commits each batch in one store transaction and skips ids stored with
+  the same bytes, so a redelivery adds what is missing and never stores an image twice.
 """
 
 from __future__ import annotations
@@ -35,11 +37,13 @@ from service.classifiers.schemas import WriteBackJob
 from service.classifiers.service import ClassifierError
 from service.classifiers.write_back import write_back
 from service.contract.finetune_config import FinetuneJobRequest
+from service.contract.index_config import IndexJobRequest
 from service.contract.registry import ModelNotFoundError, ModelRegistry
 from service.contract.train_config import TrainConfig, TrainJobRequest
+from service.items.bulk import BulkIndexError, IndexReport, index_dataset
 from service.items.reindex import reembed_all, space_of
-from service.jobs.celery_app import INDEX_TASK, TRAIN_TASK, app
-from service.jobs.store import TERMINAL, JobRecord, JobState, JobStore, model_id_for
+from service.jobs.celery_app import INDEX_JOB_TASK, INDEX_TASK, TRAIN_TASK, app
+from service.jobs.store import TERMINAL, IndexCounts, JobRecord, JobState, JobStore, model_id_for
 from service.settings import Settings
 from service.shutdown import StopFlag
 from trainer.data import DatasetError
@@ -145,9 +149,12 @@ def _published(registry: ModelRegistry, model_id: str) -> bool:
     return True
 
 
-@app.task(name=TRAIN_TASK, ignore_result=True)
-def train_job(job_id: str) -> str:
-    """Run (or resume) job `job_id`; returns the state it left the job in, for the worker log."""
+JobBody = Callable[[Settings, JobStore, JobRecord, str, "_Heartbeat"], str]
+
+
+def _run_owned(job_id: str, body: JobBody) -> str:
+    """Run (or resume) job `job_id` with `body` as the holder of its owner lock; returns the
+    state it left the job in, for the worker log."""
     settings = Settings()
     store = JobStore.from_url(str(settings.broker_url), settings)
     record = _persist(store.get, job_id, with_history=False)
@@ -163,7 +170,14 @@ def train_job(job_id: str) -> str:
     heartbeat = _Heartbeat(store, job_id, token, settings.heartbeat_s)
     heartbeat.start()
     try:
-        return _run(settings, store, job_id, token, heartbeat)
+        if _persist(store.cancel_requested, job_id):
+            _persist(store.finish, job_id, JobState.cancelled)
+            return JobState.cancelled.value
+        if not _persist(store.start, job_id):
+            return "finished-elsewhere"
+        record = _persist(store.get, job_id, with_history=False)
+        assert record is not None
+        return body(settings, store, record, token, heartbeat)
     finally:
         heartbeat.stop()
         try:
@@ -172,14 +186,20 @@ def train_job(job_id: str) -> str:
             log.warning("job %s: lock not released; it lapses after its TTL", job_id)
 
 
-def _run(settings: Settings, store: JobStore, job_id: str, token: str, heartbeat: _Heartbeat) -> str:
-    if _persist(store.cancel_requested, job_id):
-        _persist(store.finish, job_id, JobState.cancelled)
-        return JobState.cancelled.value
-    if not _persist(store.start, job_id):
-        return "finished-elsewhere"
-    record = _persist(store.get, job_id, with_history=False)
-    assert record is not None
+@app.task(name=TRAIN_TASK, ignore_result=True)
+def train_job(job_id: str) -> str:
+    """Run (or resume) pretraining or fine-tuning job `job_id`."""
+    return _run_owned(job_id, _run_training)
+
+
+@app.task(name=INDEX_JOB_TASK, ignore_result=True)
+def index_job(job_id: str) -> str:
+    """Run (or resume) bulk indexing job `job_id`."""
+    return _run_owned(job_id, _run_index)
+
+
+def _run_training(settings: Settings, store: JobStore, record: JobRecord, token: str, heartbeat: _Heartbeat) -> str:
+    job_id = record.id
     if record.request.get("method") == "finetune":
         return _run_finetune(settings, store, job_id, token, record, heartbeat)
     if record.request.get("method") == "write_back":
@@ -213,6 +233,66 @@ def _run(settings: Settings, store: JobStore, job_id: str, token: str, heartbeat
         log.exception("job %s failed", job_id)
         return _failed(store, job_id, f"{type(exc).__name__}: {exc}")
     _persist(store.finish, job_id, JobState.succeeded, model_id=model_id)
+    return JobState.succeeded.value
+
+
+SHOWN_IDS = 100  # failed and vanished ids kept in a job's progress
+
+
+def _index_progress(report: IndexReport, elapsed_s: float) -> dict[str, Any]:
+    """A bulk indexing run's tallies as job progress: `step` counts images, of `total_steps`."""
+    rate = report.processed / elapsed_s if elapsed_s > 0 and report.processed else None
+    counts = IndexCounts(
+        added=report.added,
+        replaced=report.replaced,
+        skipped=report.skipped,
+        failed=len(report.failed),
+        failed_ids=report.failed[:SHOWN_IDS],
+        vanished=len(report.vanished),
+        vanished_ids=report.vanished[:SHOWN_IDS],
+        deleted=report.deleted,
+    )
+    warning = f"{len(report.failed)} image(s) could not be read or decoded" if report.failed else None
+    return {
+        "step": report.processed,
+        "total_steps": report.total,
+        "images_per_s": rate,
+        "eta_s": (report.total - report.processed) / rate if rate else None,
+        "index": counts,
+        "warning": warning,
+    }
+
+
+def _run_index(settings: Settings, store: JobStore, record: JobRecord, token: str, heartbeat: _Heartbeat) -> str:
+    """A bulk indexing job (service.items.bulk, as `simclr-embed index`). It keeps no checkpoint:
+    every batch is one store transaction, so a redelivered job runs again, skipping the images
+    already stored with the same bytes."""
+    request = IndexJobRequest.model_validate(record.request)
+    control = JobControl(str(settings.broker_url), record.id, token)
+    started = time.monotonic()
+    try:
+        report = index_dataset(
+            settings,
+            Path(record.dataset),
+            folders_as=request.folders_as,
+            sidecar=Path(request.metadata) if request.metadata else None,
+            split=request.split,
+            ids=request.ids,
+            id_prefix=request.id_prefix,
+            delete_missing=request.delete_missing,
+            batch_size=request.batch_size,
+            on_progress=lambda report: control.progress(_index_progress(report, time.monotonic() - started)),
+            should_stop=control.should_stop,
+        )
+    except BulkIndexError as exc:
+        return _failed(store, record.id, f"bulk_index_error: {exc}")
+    except Exception as exc:  # a job's failure is the job's state, never a crashed worker
+        log.exception("job %s failed", record.id)
+        return _failed(store, record.id, f"{type(exc).__name__}: {exc}")
+    control.progress(_index_progress(report, time.monotonic() - started))
+    if report.stopped:
+        return _stopped(store, record.id, heartbeat)
+    _persist(store.finish, record.id, JobState.succeeded, model_id=report.space)
     return JobState.succeeded.value
 
 

@@ -8,8 +8,8 @@ which nothing forks afterwards, and `train()` spawns (never forks) its DDP ranks
 `--concurrency N > 1` (CPU hosts) it uses `prefork` with one task per child: the parent
 imports torch but never touches CUDA, and each job gets a freshly forked child.
 
-The worker also re-sends orphans: running jobs whose owner lock lapsed because their
-worker died. With Redis, their unacknowledged message would otherwise wait for the broker's
+The worker also re-sends orphans: running jobs (training or indexing) whose owner lock
+lapsed because their worker died. With Redis, their unacknowledged message would otherwise wait for the broker's
 visibility timeout (an hour by default) before another worker resumes them.
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 from celery import signals
 from redis.exceptions import RedisError
 
-from service.jobs.celery_app import INDEX_QUEUE, TRAIN_QUEUE, TRAIN_TASK, app
+from service.jobs.celery_app import INDEX_QUEUE, JOB_TASKS, TRAIN_QUEUE, app
 from service.jobs.store import JobStore
 from service.settings import env_settings
 
@@ -32,11 +32,12 @@ log = logging.getLogger(__name__)
 
 
 def revive_orphans(store: JobStore) -> list[str]:
-    """Re-send every running job whose owner is gone; one re-send per lock TTL across workers."""
+    """Re-send every running job whose owner is gone, to the task of its kind (training or
+    indexing); one re-send per lock TTL across workers."""
     revived = [job_id for job_id in store.orphans() if store.claim_revival(job_id)]
     for job_id in revived:
         log.warning("job %s: its worker stopped renewing the lock; re-sending it", job_id)
-        app.send_task(TRAIN_TASK, args=[job_id])
+        app.send_task(JOB_TASKS[store.kind(job_id)], args=[job_id])
     return revived
 
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     concurrency = args.concurrency or env_settings().worker_concurrency
     stop = threading.Event()
-    if TRAIN_QUEUE in args.queues.split(","):
+    if {TRAIN_QUEUE, INDEX_QUEUE} & set(args.queues.split(",")):
 
         @signals.worker_ready.connect(weak=False)
         def _start_watch(**_: Any) -> None:

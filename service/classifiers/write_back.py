@@ -42,7 +42,7 @@ from service.contract.registry import ModelRegistry
 from service.items.backend import Item
 from service.items.blobs import BlobStore
 from service.items.reindex import open_store
-from service.items.store import ItemStore
+from service.items.sqlstore import SqlItemStore
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class WriteBackReport:
 Scorer = Callable[[Sequence[Item]], tuple[list[str], np.ndarray]]  # items -> (ids scored, proba [n, K])
 
 
-def _vector_scorer(store: ItemStore, record: ClassifierRecord, fit: Fit) -> Scorer:
+def _vector_scorer(store: SqlItemStore, record: ClassifierRecord, fit: Fit) -> Scorer:
     model = predictor(record.method, fit)
 
     def score(items: Sequence[Item]) -> tuple[list[str], np.ndarray]:

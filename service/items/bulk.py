@@ -1,15 +1,18 @@
 """Bulk indexing: every image of a dataset (a folder tree, or an .npz) into the item store,
 batched, idempotent and resumable; `simclr-embed index DATASET` runs it from a shell.
 
-* Ids: a folder image's path relative to the dataset (posix); an .npz image's
-  `<file stem>-<index>` (`<stem>-<split>-<index>` for a split other than train).
+* Ids: a folder image's path relative to the dataset (posix; `ids="stem"`: its file name
+  without the suffix, which must then be unique in the tree); an .npz image's
+  `<file stem>-<index>` (`<stem>-<split>-<index>` for a split other than train); `id_prefix`
+  goes before either, so several datasets share one store without clashing.
 * Metadata: with `folders_as=FIELD`, the first sub-folder's name; from a sidecar keyed by
   `path` (the relative path, or the id for .npz): JSON Lines (types kept) or CSV (values that
   parse as numbers become numbers); an .npz's `y_<split>` labels as `label`.
 * Idempotent: an id already stored with the same bytes (sha256) is skipped, one with other
   bytes is replaced, a new one is added; each batch is one store transaction, so a killed
-  run resumes by running again. The ids a run indexed are kept in a manifest; ids of the
-  previous run whose files vanished are reported, and deleted only when asked.
+  run resumes by running again (a run stopped by `should_stop` returns between batches).
+  The ids a run indexed are kept in a manifest; ids of the previous run whose files vanished
+  are reported, and deleted only when asked.
 
 The served index of any API on the same store picks the new items up from the change log.
 """
@@ -20,12 +23,15 @@ import csv
 import functools
 import hashlib
 import io
+import itertools
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -34,7 +40,7 @@ from service.contract.imaging import ImageDecodeError, decode_image
 from service.contract.registry import ModelRegistry
 from service.items.backend import NewItem
 from service.items.blobs import BlobStore
-from service.items.reindex import Encoder, load_encoder, open_store
+from service.items.reindex import Encoder, load_encoder, open_store, space_of
 from service.items.sqlstore import SqlItemStore
 from service.settings import Settings
 
@@ -42,6 +48,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
 CONTENT_TYPES |= {".bmp": "image/bmp", ".gif": "image/gif", ".tif": "image/tiff", ".tiff": "image/tiff"}
+IdScheme = Literal["path", "stem"]  # how a folder image's id is made (see the module doc)
 
 
 class BulkIndexError(ValueError):
@@ -58,12 +65,22 @@ class Source:
 
 @dataclass
 class IndexReport:
+    space: str = ""  # the vector space written (service.contract.variants.vector_space)
+    total: int = 0  # images in the dataset
     added: int = 0
     replaced: int = 0
     skipped: int = 0
     failed: list[str] = field(default_factory=list)
-    vanished: list[str] = field(default_factory=list)
+    vanished: list[str] = field(default_factory=list)  # ids of the previous run whose files are gone
     deleted: int = 0
+    stopped: bool = False  # `should_stop` ended the run early; running it again resumes it
+
+    @property
+    def processed(self) -> int:
+        return self.added + self.replaced + self.skipped + len(self.failed)
+
+
+Sources = tuple[int, Iterator[Source]]  # (how many, the images in id order)
 
 
 def _number(text: str) -> Any:
@@ -104,11 +121,23 @@ def _merge(*parts: dict[str, Any] | None) -> dict[str, Any] | None:
     return merged or None
 
 
-def _folder_sources(root: Path, folders_as: str | None, sidecar: dict[str, dict[str, Any]]) -> Iterator[Source]:
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
-        rel = path.relative_to(root).as_posix()
-        folder = {folders_as: path.relative_to(root).parts[0]} if folders_as and "/" in rel else None
-        yield Source(rel, path.read_bytes, CONTENT_TYPES[path.suffix.lower()], _merge(folder, sidecar.get(rel)))
+def _folder_sources(
+    root: Path, folders_as: str | None, sidecar: dict[str, dict[str, Any]], ids: IdScheme, prefix: str
+) -> Sources:
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    rels = [p.relative_to(root).as_posix() for p in paths]
+    names = rels if ids == "path" else [p.stem for p in paths]
+    clashes = sorted(name for name, n in Counter(names).items() if n > 1)
+    if clashes:
+        raise BulkIndexError(f"{root}: file names repeat in the tree ({', '.join(clashes[:5])}); use ids by path")
+
+    def generate() -> Iterator[Source]:
+        for path, rel, name in zip(paths, rels, names, strict=True):
+            folder = {folders_as: path.relative_to(root).parts[0]} if folders_as and "/" in rel else None
+            kind = CONTENT_TYPES[path.suffix.lower()]
+            yield Source(prefix + name, path.read_bytes, kind, _merge(folder, sidecar.get(rel)))
+
+    return len(paths), generate()
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -117,7 +146,7 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _npz_sources(path: Path, split: str, sidecar: dict[str, dict[str, Any]]) -> Iterator[Source]:
+def _npz_sources(path: Path, split: str, sidecar: dict[str, dict[str, Any]], prefix: str) -> Sources:
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
@@ -133,16 +162,23 @@ def _npz_sources(path: Path, split: str, sidecar: dict[str, dict[str, Any]]) -> 
         raise BulkIndexError(
             f"{path}: images must be uint8 [N, H, W] or [N, H, W, C], not {images.dtype} {images.shape}"
         )
-    prefix = path.stem if split == "train" else f"{path.stem}-{split}"
-    for i in range(len(images)):
-        item_id = f"{prefix}-{i}"
-        label = {"label": labels[i].item()} if labels is not None else None
-        image = images[i] if images.ndim == 4 else images[i][..., None]
-        yield Source(item_id, functools.partial(_png, image), "image/png", _merge(label, sidecar.get(item_id)))
+    stem = path.stem if split == "train" else f"{path.stem}-{split}"
+
+    def generate() -> Iterator[Source]:
+        for i in range(len(images)):
+            key = f"{stem}-{i}"
+            label = {"label": labels[i].item()} if labels is not None else None
+            image = images[i] if images.ndim == 4 else images[i][..., None]
+            read = functools.partial(_png, image)
+            yield Source(prefix + key, read, "image/png", _merge(label, sidecar.get(key)))
+
+    return len(images), generate()
 
 
-def _manifest(settings: Settings, dataset: Path) -> Path:
-    digest = hashlib.sha256(str(dataset.resolve()).encode()).hexdigest()[:16]
+def _manifest(settings: Settings, dataset: Path, ids: IdScheme, prefix: str) -> Path:
+    """The ids of the last run over `dataset` with this id scheme (so vanished files are found)."""
+    key = str(dataset.resolve()) if (ids, prefix) == ("path", "") else f"{dataset.resolve()}\0{ids}\0{prefix}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return settings.items_dir / "index-runs" / f"{digest}.ids"
 
 
@@ -153,39 +189,61 @@ def index_dataset(
     folders_as: str | None = None,
     sidecar: Path | None = None,
     split: str = "train",
+    ids: IdScheme = "path",
+    id_prefix: str = "",
     delete_missing: bool = False,
     batch_size: int = 64,
     encoder: Encoder | None = None,
     on_progress: Callable[[IndexReport], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> IndexReport:
-    """Index every image of `dataset` under the active model's vector space (see the module doc)."""
+    """Index every image of `dataset` under the active model's vector space (see the module doc).
+
+    `on_progress` is called after each batch; `should_stop` is asked before each one, and a
+    True ends the run early with `stopped` set (vanished files are then not looked for)."""
     registry = ModelRegistry(settings.models_dir)
-    space = registry.active()
-    if space is None:
+    model_id = registry.active()
+    if model_id is None:
         raise BulkIndexError("no active model: train or activate one first")
+    space = space_of(settings, registry, model_id)  # the vector space the API serves it in
     encoder = encoder or load_encoder(settings, registry, space)
     meta = read_sidecar(sidecar) if sidecar else {}
     if dataset.is_dir():
-        sources = _folder_sources(dataset, folders_as, meta)
+        total, sources = _folder_sources(dataset, folders_as, meta, ids, id_prefix)
     elif dataset.suffix == ".npz":
-        sources = _npz_sources(dataset, split, meta)
+        total, sources = _npz_sources(dataset, split, meta, id_prefix)
     else:
         raise BulkIndexError(f"{dataset}: expected a folder of images or an .npz file")
     store, blobs = open_store(settings)
-    report, seen = IndexReport(), []
+    report, seen = IndexReport(space=space, total=total), list[str]()
     try:
-        batch: list[Source] = []
-        for source in sources:
-            seen.append(source.id)
-            batch.append(source)
-            if len(batch) == batch_size:
-                _index_batch(settings, store, blobs, space, encoder, batch, report)
-                batch = []
+        # Two stages: this thread reads, decodes and embeds batch i while a writer thread stores
+        # batch i-1 (originals fsynced, one transaction), so disk waits overlap inference.
+        with ThreadPoolExecutor(1, thread_name_prefix="bulk-write") as writer:
+            writing: Future[None] | None = None
+            while batch := tuple(itertools.islice(sources, batch_size)):
+                if should_stop and should_stop():
+                    report.stopped = True
+                    break
+                seen.extend(source.id for source in batch)
+                todo, datas, images = _read_batch(settings, store, blobs, batch, report)
+                vectors = encoder.embed(encoder.policy.batch(images)) if todo else None  # [n, D]
+                if writing is not None:  # batch i-1 is committed
+                    writing.result()
+                    writing = None
+                    if on_progress:
+                        on_progress(report)
+                if vectors is not None:
+                    writing = writer.submit(_store_batch, store, blobs, space, todo, datas, vectors, report)
+                elif on_progress:
+                    on_progress(report)
+            if writing is not None:
+                writing.result()
                 if on_progress:
                     on_progress(report)
-        if batch:
-            _index_batch(settings, store, blobs, space, encoder, batch, report)
-        manifest = _manifest(settings, dataset)
+        if report.stopped:
+            return report
+        manifest = _manifest(settings, dataset, ids, id_prefix)
         before = set(manifest.read_text().split("\n")) - {""} if manifest.is_file() else set()
         report.vanished = sorted(before - set(seen))
         if delete_missing:
@@ -203,16 +261,11 @@ def index_dataset(
     return report
 
 
-def _index_batch(
-    settings: Settings,
-    store: SqlItemStore,
-    blobs: BlobStore,
-    space: str,
-    encoder: Encoder,
-    batch: list[Source],
-    report: IndexReport,
-) -> None:
-    """Skip unchanged ids, embed the rest, and store them in one transaction."""
+def _read_batch(
+    settings: Settings, store: SqlItemStore, blobs: BlobStore, batch: tuple[Source, ...], report: IndexReport
+) -> tuple[list[Source], list[bytes], list[Image.Image]]:
+    """The sources of `batch` to (re)index, their bytes and decoded images; unchanged ids are
+    counted as skipped, unreadable ones as failed."""
     stored = store.shas([s.id for s in batch])
     todo, datas, images = [], [], []
     for source in batch:
@@ -228,9 +281,19 @@ def _index_batch(
             continue
         todo.append(source)
         datas.append(data)
-    if not todo:
-        return
-    vectors = encoder.embed(encoder.policy.batch(images))  # [n, D]
+    return todo, datas, images
+
+
+def _store_batch(
+    store: SqlItemStore,
+    blobs: BlobStore,
+    space: str,
+    todo: list[Source],
+    datas: list[bytes],
+    vectors: np.ndarray,
+    report: IndexReport,
+) -> None:
+    """Originals first (durable), then the items and their vectors [n, D] in one transaction."""
     new = [NewItem(s.id, blobs.put(d), s.content_type, s.metadata) for s, d in zip(todo, datas, strict=True)]
     _, old_pks, orphans = store.add(new, {space: vectors}, replace=True)
     for sha in orphans:

@@ -20,13 +20,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metadata", type=Path, metavar="FILE", help="sidecar .jsonl or .csv keyed by `path`")
     ap.add_argument("--split", default="train", help=".npz split to index (x_<split>, y_<split>)")
     ap.add_argument(
+        "--ids", choices=["path", "stem"], default="path", help="a folder image's id: relative path, or file stem"
+    )
+    ap.add_argument("--id-prefix", default="", metavar="TEXT", help="put TEXT before every id")
+    ap.add_argument(
         "--delete-missing", action="store_true", help="delete items whose files vanished since the last run"
     )
     ap.add_argument("--batch-size", type=int, default=64)
     args = ap.parse_args(argv)
 
     def progress(report: IndexReport) -> None:
-        print(f"added {report.added}, replaced {report.replaced}, skipped {report.skipped}", file=sys.stderr)
+        done = f"{report.processed}/{report.total}"
+        print(f"{done}: added {report.added}, replaced {report.replaced}, skipped {report.skipped}", file=sys.stderr)
 
     try:
         report = index_dataset(
@@ -35,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
             folders_as=args.folders_as,
             sidecar=args.metadata,
             split=args.split,
+            ids=args.ids,
+            id_prefix=args.id_prefix,
             delete_missing=args.delete_missing,
             batch_size=args.batch_size,
             on_progress=progress,

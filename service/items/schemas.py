@@ -17,10 +17,15 @@ MAX_QUERIES = 100
 
 
 def validate_item_id(item_id: str) -> str:
-    """1-256 printable characters, no '/' (ids are path segments of /items/{id})."""
-    if not 1 <= len(item_id) <= MAX_ID_CHARS or not item_id.isprintable() or "/" in item_id:
+    """1-256 printable characters; '/' only between non-empty parts, as in the relative paths
+    bulk indexing makes ids of (`/items/{id}` takes the whole rest of the URL path), and not
+    ending in `/image` (that is `/items/{id}/image`)."""
+    bad_slash = item_id.startswith("/") or item_id.endswith("/") or "//" in item_id or item_id.endswith("/image")
+    if not 1 <= len(item_id) <= MAX_ID_CHARS or not item_id.isprintable() or bad_slash:
         raise InvalidItemRequestError(
-            f"item ids must be 1-{MAX_ID_CHARS} printable characters without '/'; got {item_id[:40]!r}",
+            f"item ids must be 1-{MAX_ID_CHARS} printable characters, '/' only between non-empty parts and "
+            "not ending in '/image'; "
+            f"got {item_id[:40]!r}",
             code="invalid_item_id",
         )
     return item_id

@@ -227,7 +227,9 @@ class SqlItemStore:
                 db.execute("UPDATE items SET metadata = ? WHERE pk = ?", (_dumps(metadata), current.pk))
                 models = self._models_of(db, current.pk)
                 out.append(
-                    Item(current.pk, current.id, metadata, current.sha256, current.content_type, current.created, models)
+                    Item(
+                        current.pk, current.id, metadata, current.sha256, current.content_type, current.created, models
+                    )
                 )
         return out
 

@@ -23,6 +23,8 @@ from service.settings import Settings, env_settings
 
 TRAIN_TASK = "trainer.tasks.train_job"
 INDEX_TASK = "trainer.tasks.reindex"
+INDEX_JOB_TASK = "trainer.tasks.index_job"
+JOB_TASKS = {"train": TRAIN_TASK, "index": INDEX_JOB_TASK}  # the task that runs a job of each kind
 TRAIN_QUEUE = "train"
 INDEX_QUEUE = "index"
 
@@ -32,7 +34,11 @@ def create_celery(broker_url: str | None, settings: Settings | None = None) -> C
     settings = settings or env_settings()
     app = Celery("simclr_embed", broker=broker_url, backend=broker_url, include=["trainer.tasks"])
     app.conf.update(
-        task_routes={TRAIN_TASK: {"queue": TRAIN_QUEUE}, INDEX_TASK: {"queue": INDEX_QUEUE}},
+        task_routes={
+            TRAIN_TASK: {"queue": TRAIN_QUEUE},
+            INDEX_TASK: {"queue": INDEX_QUEUE},
+            INDEX_JOB_TASK: {"queue": INDEX_QUEUE},
+        },
         task_default_queue=TRAIN_QUEUE,
         task_acks_late=True,
         task_reject_on_worker_lost=True,

@@ -15,9 +15,10 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from service.contract.finetune_config import FinetuneJobRequest
+from service.contract.index_config import IndexJobRequest
 from service.contract.train_config import TrainJobRequest
-from service.jobs.celery_app import TRAIN_TASK, create_celery
-from service.jobs.store import JobRecord, JobStore
+from service.jobs.celery_app import JOB_TASKS, create_celery
+from service.jobs.store import JobKind, JobRecord, JobStore
 from service.settings import Settings, env_settings
 
 if TYPE_CHECKING:  # the classifier service (onnxruntime) is not needed to send a job
@@ -68,28 +69,28 @@ class JobClient:
 
     def submit(
         self,
-        request: TrainJobRequest | FinetuneJobRequest | WriteBackJob,
+        request: TrainJobRequest | FinetuneJobRequest | WriteBackJob | IndexJobRequest,
         dataset: Path | str,
         queue: str | None = None,
     ) -> JobRecord:
-        """Record the job as queued, then queue its task (on `queue`, default the train queue);
-        undone if the message cannot be sent."""
+        """Record the job as queued, then queue its kind's task (on `queue`, default the task's
+        own route); undone if the message cannot be sent."""
         store = self.store
         job_id = new_job_id()
-        record = self._call(
-            store.create, job_id, request=request.model_dump(mode="json"), dataset=str(dataset), name=request.name
-        )
+        kind: JobKind = "index" if isinstance(request, IndexJobRequest) else "train"
+        body = request.model_dump(mode="json")
+        record = self._call(store.create, job_id, request=body, dataset=str(dataset), name=request.name, kind=kind)
         try:
             assert self._celery is not None
-            routing = {"queue": queue} if queue else {}  # else the task's route: the train queue
-            self._celery.send_task(TRAIN_TASK, args=[job_id], task_id=job_id, **routing)
+            routing = {"queue": queue} if queue else {}  # else the task's route
+            self._celery.send_task(JOB_TASKS[kind], args=[job_id], task_id=job_id, **routing)
         except Exception as exc:
             self._call(store.delete, job_id)
             raise JobsUnavailableError(f"could not queue the job: {exc}") from exc
         return record
 
-    def list(self, *, offset: int = 0, limit: int = 50) -> tuple[int, list[JobRecord]]:
-        return self._call(self.store.list, offset=offset, limit=limit)
+    def list(self, *, offset: int = 0, limit: int = 50, kind: JobKind = "train") -> tuple[int, list[JobRecord]]:
+        return self._call(self.store.list, offset=offset, limit=limit, kind=kind)
 
     def get(self, job_id: str) -> JobRecord | None:
         return self._call(self.store.get, job_id)

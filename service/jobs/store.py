@@ -2,12 +2,13 @@
 
 Keys (all under ``simclr-embed:``)::
 
-    job:<id>          hash: state, name, request (JSON), dataset, progress (JSON), model_id,
+    job:<id>          hash: kind, state, name, request (JSON), dataset, progress (JSON), model_id,
                       error, created_at, started_at, finished_at, cancel_requested, attempts
     job:<id>:loss     list of JSON [step, loss], capped to the newest `loss_history_max`
     job:<id>:lock     the owner token of the worker running the job, with a TTL
     job:<id>:revive   set while a re-sent delivery of an orphaned job is on its way
-    jobs              sorted set: id -> creation time (listing, newest first)
+    jobs              sorted set: id -> creation time of training jobs (listing, newest first)
+    jobs:index        the same for bulk indexing jobs
     jobs:active       set: ids of jobs not yet finished (queued or running)
 
 Why a lock: with Redis as broker, a task that runs longer than the visibility timeout is
@@ -24,7 +25,7 @@ import json
 import time
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 import redis
 from pydantic import BaseModel, Field
@@ -47,6 +48,20 @@ class JobState(StrEnum):
 
 
 TERMINAL = frozenset({JobState.succeeded, JobState.failed, JobState.cancelled})
+JobKind = Literal["train", "index"]  # training and fine-tuning jobs; bulk indexing jobs
+
+
+class IndexCounts(BaseModel):
+    """A bulk indexing job's tallies so far (service.items.bulk.IndexReport)."""
+
+    added: int = 0
+    replaced: int = 0
+    skipped: int = 0  # already indexed with the same bytes
+    failed: int = 0  # files that could not be read or decoded
+    failed_ids: list[str] = Field(default_factory=list, description="the first 100 of them")
+    vanished: int = 0  # ids of the previous run over this dataset whose files are gone
+    vanished_ids: list[str] = Field(default_factory=list, description="the first 100 of them")
+    deleted: int = 0  # vanished items deleted (with `delete_missing`)
 
 
 class JobProgress(BaseModel):
@@ -62,12 +77,14 @@ class JobProgress(BaseModel):
     defaults: dict[str, Any] = {}  # the defaults decided for the run: {field: {"value", "source"}}
     precision: str | None = None  # what the run trains in: "fp32" or "bf16" (trainer/precision.py)
     warning: str | None = None  # e.g. a bf16 run resumed in fp32 on a machine without native bf16
+    index: IndexCounts | None = None  # a bulk indexing job's tallies (step counts its images)
 
 
 class JobRecord(BaseModel):
     """What a client sees of a job."""
 
     id: str
+    kind: JobKind = "train"
     state: JobState
     name: str | None = None
     dataset: str
@@ -155,12 +172,19 @@ class JobStore:
     def _key(job_id: str, suffix: str = "") -> str:
         return f"{PREFIX}job:{job_id}{suffix}"
 
+    @staticmethod
+    def _listing(kind: JobKind) -> str:
+        return f"{PREFIX}jobs" if kind == "train" else f"{PREFIX}jobs:{kind}"
+
     # -- records ----------------------------------------------------------------------------
 
-    def create(self, job_id: str, *, request: dict[str, Any], dataset: str, name: str | None) -> JobRecord:
+    def create(
+        self, job_id: str, *, request: dict[str, Any], dataset: str, name: str | None, kind: JobKind = "train"
+    ) -> JobRecord:
         now = utcnow()
         fields = {
             "id": job_id,
+            "kind": kind,
             "state": JobState.queued.value,
             "request": json.dumps(request),
             "dataset": dataset,
@@ -171,7 +195,7 @@ class JobStore:
         }
         with self.redis.pipeline() as pipe:
             pipe.hset(self._key(job_id), mapping=fields)
-            pipe.zadd(f"{PREFIX}jobs", {job_id: time.time()})
+            pipe.zadd(self._listing(kind), {job_id: time.time()})
             pipe.sadd(f"{PREFIX}jobs:active", self._key(job_id))
             pipe.execute()
         return self._record(fields, [])
@@ -180,7 +204,8 @@ class JobStore:
         """Forget a job that could not be queued (the API answers 503 for it)."""
         with self.redis.pipeline() as pipe:
             pipe.delete(self._key(job_id), self._key(job_id, ":loss"))
-            pipe.zrem(f"{PREFIX}jobs", job_id)
+            for listing in (self._listing("train"), self._listing("index")):
+                pipe.zrem(listing, job_id)
             pipe.srem(f"{PREFIX}jobs:active", self._key(job_id))
             pipe.execute()
 
@@ -191,10 +216,10 @@ class JobStore:
         history = self.redis.lrange(self._key(job_id, ":loss"), 0, -1) if with_history else []
         return self._record(fields, history)
 
-    def list(self, *, offset: int = 0, limit: int = 50) -> tuple[int, list[JobRecord]]:
-        """(total, a page newest first); pages carry no loss history."""
-        total = self.redis.zcard(f"{PREFIX}jobs")
-        ids = self.redis.zrevrange(f"{PREFIX}jobs", offset, offset + limit - 1)
+    def list(self, *, offset: int = 0, limit: int = 50, kind: JobKind = "train") -> tuple[int, list[JobRecord]]:
+        """(total, a page of jobs of `kind` newest first); pages carry no loss history."""
+        total = self.redis.zcard(self._listing(kind))
+        ids = self.redis.zrevrange(self._listing(kind), offset, offset + limit - 1)
         with self.redis.pipeline() as pipe:
             for job_id in ids:
                 pipe.hgetall(self._key(job_id))
@@ -205,6 +230,7 @@ class JobStore:
     def _record(fields: dict[str, str], history: builtins.list[str]) -> JobRecord:
         return JobRecord(
             id=fields["id"],
+            kind=fields.get("kind") or "train",
             state=JobState(fields["state"]),
             name=fields.get("name") or None,
             dataset=fields["dataset"],
@@ -257,6 +283,11 @@ class JobStore:
         self.redis.hset(self._key(job_id), "cancel_requested", "1")
         self.transition(job_id, JobState.cancelled, {JobState.queued}, finished_at=utcnow())
         return self.get(job_id)
+
+    def kind(self, job_id: str) -> JobKind:
+        """Which task runs the job (a record written before kinds existed is a training job)."""
+        kind = self.redis.hget(self._key(job_id), "kind")
+        return "index" if kind == "index" else "train"
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.redis.hget(self._key(job_id), "cancel_requested") == "1"

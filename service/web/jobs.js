@@ -1,5 +1,6 @@
 // Jobs tab: the list of training jobs with state and progress, one job's live view (progress,
-// throughput, loss curve; polled every second while it runs), and the form that submits a job.
+// throughput, loss curve; polled every second while it runs), the form that submits a job, and
+// the bulk indexing jobs (POST /index-jobs) with state, progress and tallies.
 
 import { json } from "./api.js";
 import { lossChart } from "./chart.js";
@@ -22,13 +23,13 @@ function poll(fn, ms) {
   timer = setTimeout(fn, ms);
 }
 
-function progressBar(job, label) {
+function progressBar(job, label, unit = "steps") {
   const p = job.progress || {};
   const total = p.total_steps || 0;
   const step = job.state === "succeeded" && total ? total : p.step || 0;
   const bar = el("progress", { max: total || 1, value: total ? step : 0, "aria-label": label, dataset: { step, total } });
   const pct = total ? Math.round((100 * step) / total) : 0;
-  return el("div", { class: "progress" }, bar, el("span", { class: "muted" }, total ? `${step} / ${total} steps (${pct}%)` : "waiting"));
+  return el("div", { class: "progress" }, bar, el("span", { class: "muted" }, total ? `${step} / ${total} ${unit} (${pct}%)` : "waiting"));
 }
 
 function stateBadge(state) {
@@ -47,7 +48,42 @@ async function loadList() {
     el("td", {}, job.model_id || "–"),
   )));
   $("jobs-empty").hidden = page.total > 0;
+  const indexing = await loadIndexJobs();
+  return indexing || page.items.some((job) => ACTIVE.has(job.state));
+}
+
+// A bulk indexing job's tallies (service/jobs/store.py IndexCounts), in words.
+function tallies(job) {
+  const c = (job.progress || {}).index;
+  if (!c) return "–";
+  const parts = [`${c.added} added`, `${c.replaced} replaced`, `${c.skipped} unchanged`];
+  if (c.failed) parts.push(`${c.failed} unreadable`);
+  if (c.vanished) parts.push(`${c.vanished} vanished${c.deleted ? ` (${c.deleted} deleted)` : ""}`);
+  return parts.join(", ");
+}
+
+async function loadIndexJobs() {
+  const page = await json("/index-jobs?limit=50");
+  $("index-jobs-body").replaceChildren(...page.items.map((job) => {
+    const active = ACTIVE.has(job.state);
+    const cancel = el("button", { type: "button", class: "secondary", onclick: (e) => guarded(e.currentTarget, () => cancelIndexJob(job.id)) }, "Cancel");
+    return el("tr", { dataset: { id: job.id, state: job.state } },
+      el("td", { title: job.id }, job.name || job.dataset),
+      el("td", {}, stateBadge(job.state)),
+      el("td", {}, progressBar(job, `progress of indexing job ${job.name || job.id}`, "images")),
+      el("td", { class: "tallies" }, job.error ? el("span", { class: "job-error" }, job.error) : tallies(job)),
+      el("td", {}, when(job.created_at)),
+      el("td", {}, active ? cancel : null),
+    );
+  }));
+  $("index-jobs-empty").hidden = page.total > 0;
   return page.items.some((job) => ACTIVE.has(job.state));
+}
+
+async function cancelIndexJob(id) {
+  await json(`/index-jobs/${encodeURIComponent(id)}`, { method: "DELETE" });
+  announce(`Cancel requested for indexing job ${id}.`);
+  await loadList();
 }
 
 async function refreshList() {

@@ -41,7 +41,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import SettingsDep, read_images, require_read_key, require_write_key
 from service.api.errors import ApiError, error_responses
-from service.api.routes.jobs import Jobs, _broker
+from service.api.routes.jobs import Jobs, broker
 from service.classifiers.schemas import (
     MAX_TOP_K,
     ClassifierCreate,
@@ -264,7 +264,7 @@ async def write_back(
     with _as_http():
         record = await run_in_threadpool(classifiers.get, classifier_id)
         job = job_for(record, classifiers.answering_fit(record), body.label_field, body.probability_field)
-    with _broker():
+    with broker():
         created = await run_in_threadpool(jobs.submit, job, "items", INDEX_QUEUE)
     url = str(request.url_for("get_job", job_id=created.id))
     response.headers["Location"] = url

@@ -5,6 +5,8 @@ parts (one JSON object per file, in order), or JSON `{"images": [base64...], "id
 "metadata": [...]}`. An id that exists is 409 `item_exists` unless `?replace=true`, which
 overwrites it (new image, metadata and vectors). A request is all or nothing.
 `PATCH /items/{id}` merges or replaces an item's metadata without re-uploading it.
+An id may hold '/' (bulk indexing makes ids of relative paths): `/items/{id}` takes the rest
+of the URL path, and `/items/{id}/image` is matched first.
 """
 
 from __future__ import annotations
@@ -88,30 +90,7 @@ def list_items(
 
 
 @router.get(
-    "/items/{item_id}",
-    response_model=ItemOut,
-    dependencies=[Depends(require_read_key)],
-    responses=error_responses(401, 404, 503),
-)
-def get_item(item_id: str, items: ItemsDep) -> ItemOut:
-    return ItemOut.of(items.get(item_id))
-
-
-@router.patch(
-    "/items/{item_id}",
-    response_model=ItemOut,
-    dependencies=[Depends(require_write_key)],
-    responses=error_responses(400, 401, 404, 422, 503),  # 400: a body that is not JSON
-)
-def patch_item(item_id: str, patch: ItemPatch, items: ItemsDep) -> ItemOut:
-    """Merge `metadata` into the item's (null values remove keys), or replace it with
-    `replace: true`; the image and vectors are untouched."""
-    metadata = parse_metadata(json.dumps(patch.metadata) if patch.metadata is not None else None)
-    return ItemOut.of(items.update_metadata(item_id, metadata, merge=not patch.replace))
-
-
-@router.get(
-    "/items/{item_id}/image",
+    "/items/{item_id:path}/image",
     response_class=Response,
     responses={
         200: {"content": {"image/*": {}}, "description": "the original bytes as uploaded"},
@@ -124,8 +103,42 @@ def get_item_image(item_id: str, items: ItemsDep) -> Response:
     return Response(data, media_type=content_type, headers={"Cache-Control": "private, max-age=3600"})
 
 
+@router.api_route(
+    "/items/{item_id:path}/image",
+    methods=["PATCH", "DELETE"],
+    include_in_schema=False,
+    dependencies=[Depends(require_write_key)],  # a write without a key is 401 first, as on every route
+)
+def image_is_read_only(item_id: str) -> Response:
+    """An original is only read: without this, `{item_id:path}` would take `<id>/image` as an id."""
+    raise ApiError(405, "method_not_allowed", "an item's image is read-only: GET it", headers={"Allow": "GET"})
+
+
+@router.get(
+    "/items/{item_id:path}",
+    response_model=ItemOut,
+    dependencies=[Depends(require_read_key)],
+    responses=error_responses(401, 404, 503),
+)
+def get_item(item_id: str, items: ItemsDep) -> ItemOut:
+    return ItemOut.of(items.get(item_id))
+
+
+@router.patch(
+    "/items/{item_id:path}",
+    response_model=ItemOut,
+    dependencies=[Depends(require_write_key)],
+    responses=error_responses(400, 401, 404, 422, 503),  # 400: a body that is not JSON
+)
+def patch_item(item_id: str, patch: ItemPatch, items: ItemsDep) -> ItemOut:
+    """Merge `metadata` into the item's (null values remove keys), or replace it with
+    `replace: true`; the image and vectors are untouched."""
+    metadata = parse_metadata(json.dumps(patch.metadata) if patch.metadata is not None else None)
+    return ItemOut.of(items.update_metadata(item_id, metadata, merge=not patch.replace))
+
+
 @router.delete(
-    "/items/{item_id}",
+    "/items/{item_id:path}",
     status_code=204,
     dependencies=[Depends(require_write_key)],
     responses=error_responses(401, 404, 503),

@@ -14,7 +14,7 @@ from service.api.deps import Offset, require_read_key, require_write_key
 from service.api.errors import ApiError, error_responses
 from service.contract.train_config import TrainJobRequest
 from service.jobs.client import JobClient, JobsUnavailableError
-from service.jobs.store import JobRecord
+from service.jobs.store import JobKind, JobRecord
 from service.settings import Settings
 
 router = APIRouter(prefix="/train-jobs", tags=["train-jobs"])
@@ -40,11 +40,12 @@ def get_jobs(request: Request) -> JobClient:
     return jobs
 
 
-def resolve_dataset(raw: str, settings: Settings) -> Path:
-    """The dataset's real path, which must lie under a dataset root after `..` and symlinks resolve.
+def resolve_under_roots(raw: str, settings: Settings, what: str = "dataset") -> Path:
+    """The real path of `raw` (a `what`: dataset, metadata file), which must exist under a
+    dataset root after `..` and symlinks resolve. A relative path is taken under the first root.
 
-    A relative path is taken under the first root. A path that escapes answers 400
-    `dataset_outside_roots`; one that does not exist answers 404 `dataset_not_found`.
+    A path that escapes answers 400 `<what>_outside_roots`; one that does not exist answers
+    404 `<what>_not_found`; one the OS refuses (NUL bytes, loops) 400 `invalid_<what>_path`.
     """
     roots = settings.resolved_dataset_roots
     candidate = Path(raw)  # no `~` expansion: a path names a place under the roots, not a user's home
@@ -54,19 +55,26 @@ def resolve_dataset(raw: str, settings: Settings) -> Path:
     except FileNotFoundError:
         pass  # checked below, once the path is known to lie under a root
     except (ValueError, OSError, RuntimeError) as exc:
-        raise ApiError(400, "invalid_dataset_path", f"dataset {raw!r} is not a usable path: {exc}") from exc
+        raise ApiError(400, f"invalid_{what}_path", f"{what} {raw!r} is not a usable path: {exc}") from exc
     if not any(resolved.is_relative_to(root) for root in roots):
         listed = ", ".join(str(r) for r in roots)
-        raise ApiError(400, "dataset_outside_roots", f"dataset {raw!r} lies outside the dataset roots ({listed})")
+        raise ApiError(400, f"{what}_outside_roots", f"{what} {raw!r} lies outside the dataset roots ({listed})")
     if not resolved.exists():
-        raise ApiError(404, "dataset_not_found", f"dataset {raw!r} does not exist under the dataset roots")
+        raise ApiError(404, f"{what}_not_found", f"{what} {raw!r} does not exist under the dataset roots")
+    return resolved
+
+
+def resolve_dataset(raw: str, settings: Settings) -> Path:
+    """A dataset's real path under a root (see resolve_under_roots): a folder or an .npz file,
+    else 400 `dataset_unsupported`."""
+    resolved = resolve_under_roots(raw, settings)
     if not (resolved.is_dir() or (resolved.is_file() and resolved.suffix == ".npz")):
         raise ApiError(400, "dataset_unsupported", f"dataset {raw!r} must be a folder of images or a .npz file")
     return resolved
 
 
 @contextmanager
-def _broker() -> Iterator[None]:
+def broker() -> Iterator[None]:
     """Broker trouble answers 503 `jobs_unavailable` rather than a 500."""
     try:
         yield
@@ -74,9 +82,11 @@ def _broker() -> Iterator[None]:
         raise ApiError(503, exc.code, str(exc)) from exc
 
 
-def _found(record: JobRecord | None, job_id: str) -> JobRecord:
-    if record is None:
-        raise ApiError(404, "job_not_found", f"no training job {job_id!r}")
+def found(record: JobRecord | None, job_id: str, kind: JobKind = "train") -> JobRecord:
+    """The record of a job of `kind`, else 404 `job_not_found`."""
+    if record is None or record.kind != kind:
+        what = "training" if kind == "train" else "indexing"
+        raise ApiError(404, "job_not_found", f"no {what} job {job_id!r}")
     return record
 
 
@@ -101,7 +111,7 @@ def submit_job(body: TrainJobRequest, request: Request, response: Response, jobs
     `no_readable_images: no image under ... could be decoded`).
     """
     dataset = resolve_dataset(body.dataset, request.app.state.settings)
-    with _broker():
+    with broker():
         record = jobs.submit(body, dataset)
     url = str(request.url_for("get_job", job_id=record.id))
     response.headers["Location"] = url
@@ -111,7 +121,7 @@ def submit_job(body: TrainJobRequest, request: Request, response: Response, jobs
 @router.get("", response_model=JobPage, dependencies=[Depends(require_read_key)], responses=error_responses(401, 503))
 def list_jobs(jobs: Jobs, offset: Offset = 0, limit: Annotated[int, Query(ge=1, le=200)] = 50) -> JobPage:
     """Jobs, newest first, without loss histories."""
-    with _broker():
+    with broker():
         total, items = jobs.list(offset=offset, limit=limit)
     return JobPage(total=total, offset=offset, limit=limit, items=items)
 
@@ -123,8 +133,8 @@ def list_jobs(jobs: Jobs, offset: Offset = 0, limit: Annotated[int, Query(ge=1, 
     responses=error_responses(401, 404, 503),
 )
 def get_job(job_id: str, jobs: Jobs) -> JobRecord:
-    with _broker():
-        return _found(jobs.get(job_id), job_id)
+    with broker():
+        return found(jobs.get(job_id), job_id)
 
 
 @router.delete(
@@ -136,5 +146,6 @@ def get_job(job_id: str, jobs: Jobs) -> JobRecord:
 )
 def cancel_job(job_id: str, jobs: Jobs) -> JobRecord:
     """Cancel: a queued job at once; a running one stops at its next step and keeps its checkpoint."""
-    with _broker():
-        return _found(jobs.cancel(job_id), job_id)
+    with broker():
+        found(jobs.get(job_id), job_id)
+        return found(jobs.cancel(job_id), job_id)

@@ -105,3 +105,17 @@ def test_npz_with_jsonl_sidecar_reaches_the_running_api(
     assert sorted(h["id"] for h in found) == ["small-0", "small-3"]
     with pytest.raises(BulkIndexError, match="expected a folder"):
         index_dataset(make_settings(data_dir, store_url=store_url), sidecar)
+
+
+def test_ids_by_stem_with_a_prefix_and_clashing_stems(
+    folder: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = run_cli(monkeypatch, data_dir, capsys, str(folder), "--ids", "stem", "--id-prefix", "shop1:")
+    assert (report["total"], report["added"]) == (4, 4)
+    store, _ = open_store(make_settings(data_dir))
+    present = store.shas(["shop1:a", "shop1:b", "shop1:c", "shop1:top", "a", "cats/a.png", "shop1:cats/a.png"])
+    assert sorted(present) == ["shop1:a", "shop1:b", "shop1:c", "shop1:top"]
+    store.close()
+    (folder / "dogs" / "a.png").write_bytes(picture(9))  # a second `a`
+    with pytest.raises(BulkIndexError, match=r"file names repeat in the tree \(a\)"):
+        index_dataset(make_settings(data_dir), folder, ids="stem")

@@ -141,3 +141,21 @@ def test_activation_reembeds_and_swaps_when_complete(client: TestClient) -> None
             "model_id": MODEL_B,
             "results": [{"id": ids[i], "score": pytest.approx(1.0, abs=1e-5), "metadata": None}],
         }
+
+
+def test_ids_with_slashes_are_whole_urls(client: TestClient) -> None:
+    """Bulk indexing makes ids of relative paths: `/items/{id}` takes the rest of the URL path."""
+    a, b = noise(7, 2)
+    assert add(client, ["cats/a.png", "cats"], [a, b]).status_code == 201
+    assert client.get("/items/cats/a.png").json()["id"] == "cats/a.png"
+    assert client.get("/items/cats").json()["id"] == "cats"
+    assert client.get("/items/cats/a.png/image").content == a
+    patched = client.patch("/items/cats/a.png", json={"metadata": {"n": 1}})
+    assert patched.status_code == 200 and patched.json()["metadata"] == {"n": 1}
+    refused = client.delete("/items/cats/a.png/image")
+    assert (refused.status_code, refused.headers["allow"]) == (405, "GET")
+    assert client.delete("/items/cats/a.png").status_code == 204
+    assert client.get("/items/cats/a.png").status_code == 404 and client.get("/items/cats").status_code == 200
+    for bad in ("/lead", "trail/", "two//parts", "x/image"):
+        answer = add(client, [bad], [a])
+        assert (answer.status_code, answer.json()["error"]["code"]) == (422, "invalid_item_id"), bad
