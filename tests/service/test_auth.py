@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MODEL_B, make_settings, multipart, png
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from tests.service.conftest import MODEL_B, make_settings, multipart, png
 
 
 @pytest.fixture

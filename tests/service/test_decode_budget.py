@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_settings, multipart, png
 from fastapi.testclient import TestClient
 
 from service.api.errors import ApiError
 from service.api.limits import DecodeBudget
 from service.app import create_app
 from service.settings import Settings
+from tests.service.conftest import make_settings, multipart, png
 
 
 def test_request_over_its_pixel_budget_is_413_with_the_numbers(data_dir: Path) -> None:

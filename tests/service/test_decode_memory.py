@@ -18,8 +18,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import live_server, parse_vectors
 from PIL import Image
+
+from tests.service.conftest import live_server, parse_vectors
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

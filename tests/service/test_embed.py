@@ -11,11 +11,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import DIM, MODEL_A, MODEL_B, Models, direct_ort, live_server, multipart, parse_vectors, png
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.contract.registry import ModelRegistry
+from tests.service.conftest import DIM, MODEL_A, MODEL_B, Models, direct_ort, live_server, multipart, parse_vectors, png
 from trainer.export import reference_embed
 
 

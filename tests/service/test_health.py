@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 from _procs import RedisServer
-from conftest import MODEL_A, make_settings, multipart, png
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from tests.service.conftest import MODEL_A, make_settings, multipart, png
 
 
 def test_healthz_always_answers(client: TestClient) -> None:

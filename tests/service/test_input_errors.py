@@ -13,11 +13,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import MODEL_A, direct_ort, live_server, make_settings, multipart, parse_vectors, png
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.app import create_app
+from tests.service.conftest import MODEL_A, direct_ort, live_server, make_settings, multipart, parse_vectors, png
 
 LIMIT = 256 * 1024
 

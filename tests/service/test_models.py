@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from conftest import MODEL_A, MODEL_B, direct_ort, make_settings, multipart, parse_vectors, png
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from tests.service.conftest import MODEL_A, MODEL_B, direct_ort, make_settings, multipart, parse_vectors, png
 
 
 def test_list_marks_the_active_model(client: TestClient) -> None:

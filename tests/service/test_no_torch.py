@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+from tests.service.conftest import REPO
 
 SCRIPT = """
 import asyncio, sys
