@@ -124,8 +124,14 @@ class Settings(BaseSettings):
     classifier_max_examples: int = Field(
         2000,
         ge=4,
-        description="most labeled examples POST /classifiers fits synchronously "
+        description="most labeled examples POST /classifiers fits synchronously; a larger set fits as a job "
         "(CV + fit at 512-d, one loaded core: 13 s at 1000, 74 s at 5000; bench/classifier_fit.py)",
+    )
+    classifier_job_max_examples: int = Field(
+        50_000,
+        ge=4,
+        description="most labeled examples a classifier fit job takes (above: 413 too_many_examples); "
+        "the examples travel in the job's record",
     )
 
     # -- jobs -------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Celery tasks: `train_job` runs a train-kind job record: a pretraining or fine-tuning job
-(queue `train`), or a classifier's write-back of predictions into the items' metadata (sent to
-queue `index`, so it does not wait behind training); `index_job` (queue `index`) a bulk indexing
+(queue `train`), or a classifier's write-back of predictions into the items' metadata or a
+classifier fit too large for the request (both sent to queue `index`, so they do not wait
+behind training); `index_job` (queue `index`) a bulk indexing
 job; `reindex` (queue `index`) re-embeds the items under a newly activated model.
 
 A job may be delivered more than once (a worker died; Redis's visibility timeout ran out
@@ -33,7 +34,8 @@ from celery import signals
 from celery.exceptions import Reject
 from redis.exceptions import RedisError
 
-from service.classifiers.schemas import WriteBackJob
+from service.classifiers.fit_job import run_fit_job
+from service.classifiers.schemas import ClassifierFitJob, WriteBackJob
 from service.classifiers.service import ClassifierError
 from service.classifiers.write_back import write_back
 from service.contract.finetune_config import FinetuneJobRequest
@@ -204,6 +206,8 @@ def _run_training(settings: Settings, store: JobStore, record: JobRecord, token:
         return _run_finetune(settings, store, job_id, token, record, heartbeat)
     if record.request.get("method") == "write_back":
         return _run_write_back(settings, store, job_id, token, record, heartbeat)
+    if record.request.get("method") == "fit_classifier":
+        return _run_fit_classifier(store, job_id, record, settings)
     request = TrainJobRequest.model_validate(record.request)
     cfg = TrainConfig.model_validate(request.model_dump(exclude={"dataset", "activate", "name"}))
     registry = ModelRegistry(settings.models_dir)
@@ -364,6 +368,23 @@ def _run_write_back(
     except Exception as exc:  # a job's failure is the job's state, never a crashed worker
         log.exception("job %s failed", job_id)
         return _failed(store, job_id, f"{type(exc).__name__}: {exc}")
+    _persist(store.finish, job_id, JobState.succeeded)
+    return JobState.succeeded.value
+
+
+def _run_fit_classifier(store: JobStore, job_id: str, record: JobRecord, settings: Settings) -> str:
+    """A classifier fit too large for the request (service/classifiers/fit_job.py): the
+    classifier's id is in the job's request; a redelivered job finds it stored and succeeds."""
+    job = ClassifierFitJob.model_validate(record.request)
+    try:
+        made = run_fit_job(settings, job)
+    except ClassifierError as exc:
+        return _failed(store, job_id, f"{exc.code}: {exc}")
+    except Exception as exc:  # a job's failure is the job's state, never a crashed worker
+        log.exception("job %s failed", job_id)
+        return _failed(store, job_id, f"{type(exc).__name__}: {exc}")
+    examples = int(made.fits[0].cv["examples"])
+    _persist(store.record_progress, job_id, {"step": examples, "total_steps": examples})
     _persist(store.finish, job_id, JobState.succeeded)
     return JobState.succeeded.value
 

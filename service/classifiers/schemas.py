@@ -210,3 +210,33 @@ class WriteBackCreated(BaseModel):
     model_id: str
     label_field: str
     probability_field: str
+
+
+class ClassifierFitJob(BaseModel):
+    """A fit too large for the request, as stored in its job record and run by the worker
+    (service/classifiers/fit_job.py): the examples checked at submission, in their order (the
+    folds depend on it), and the id the classifier is stored under when the fit succeeds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["fit_classifier"] = "fit_classifier"
+    classifier_id: str
+    classifier_name: str
+    classifier_method: Literal["logreg", "knn"]
+    label_key: str | None = None
+    model_id: str = Field(description="the model (vector space) served at submission; the fit uses its vectors")
+    examples: list[Example]
+    name: str | None = None
+
+
+class ClassifierFitCreated(BaseModel):
+    """202 of `POST /classifiers` above the synchronous limit: the job that fits it."""
+
+    id: str = Field(description="the job id; follow it at `url` (GET /train-jobs/{id})")
+    url: str
+    state: str
+    classifier_id: str = Field(description="the id the classifier gets once the job succeeds")
+    name: str
+    method: str
+    model_id: str
+    examples: int

@@ -74,6 +74,10 @@ class ClassifierNotFoundError(ClassifierError):
 class ClassifierExistsError(ClassifierError):
     code = "classifier_exists"
 
+    @classmethod
+    def named(cls, name: str) -> ClassifierExistsError:
+        return cls(f"a classifier named {name!r} exists; pick another name or delete it")
+
 
 class InvalidExamplesError(ClassifierError):
     """One class only, fewer than two examples of a class, a label of the wrong type, ..."""
@@ -280,6 +284,67 @@ def ranked(fit: Fit, proba: np.ndarray, top_k: int) -> list[Prediction]:
     return out
 
 
+class VectorSource(Protocol):
+    """Stored vectors by item id: the API's item service (ItemSource) or a worker's item store."""
+
+    def vector(self, item_id: str, model_id: str) -> np.ndarray | None: ...
+
+    def exists(self, item_id: str) -> bool: ...
+
+
+def example_vectors(
+    source: VectorSource, pairs: Sequence[tuple[str, Label]], model_id: str, *, drop_missing: bool
+) -> tuple[np.ndarray, list[Label]]:
+    """The examples' stored `model_id` vectors float32 [N, D] and their labels [N], in `pairs`
+    order (the folds depend on it). Unknown ids raise UnknownItemsError unless `drop_missing`
+    (a refit skips items deleted since); ids without a vector raise ItemsNotEmbeddedError."""
+    rows: list[np.ndarray] = []
+    labels: list[Label] = []
+    unknown: list[str] = []
+    unembedded: list[str] = []
+    for item_id, label in pairs:
+        vector = source.vector(item_id, model_id)
+        if vector is None:
+            (unembedded if source.exists(item_id) else unknown).append(item_id)
+        else:
+            rows.append(vector)
+            labels.append(label)
+    if unknown and not drop_missing:
+        raise UnknownItemsError(unknown)
+    if unembedded:
+        raise ItemsNotEmbeddedError(unembedded, model_id)
+    return (np.stack(rows) if rows else np.zeros((0, 1), dtype=np.float32)), labels
+
+
+def store_new(
+    store: ClassifierStore,
+    classifier_id: str,
+    name: str,
+    method: str,
+    label_key: str | None,
+    pairs: list[tuple[str, Label]],
+    fit: Fit,
+) -> ClassifierRecord:
+    """Store a new classifier with its first fit (the API's synchronous fit and a fit job alike)."""
+    try:
+        return store.create(classifier_id, name, method, label_key, pairs, fit)
+    except DuplicateNameError as exc:
+        raise ClassifierExistsError.named(name) from exc
+
+
+@dataclass(frozen=True)
+class PendingFit:
+    """A classifier whose examples were checked but are too many to fit in the request: a
+    worker fits them (service/classifiers/fit_job.py) and stores it under `classifier_id`."""
+
+    classifier_id: str
+    name: str
+    method: str
+    label_key: str | None
+    model_id: str  # the served model at submission: the vectors it is fitted on
+    pairs: list[tuple[str, Label]]
+
+
 class ClassifierService:
     def __init__(self, settings: Settings, items: ItemService, runtime: Runtime) -> None:
         self.settings = settings
@@ -379,8 +444,8 @@ class ClassifierService:
             ]
         if limit is not None and len(pairs) > limit:
             raise TooManyExamplesError(
-                f"{len(pairs)} examples; a classifier is fitted synchronously on at most {limit} "
-                "(SIMCLR_EMBED_CLASSIFIER_MAX_EXAMPLES): label a class-balanced subset"
+                f"{len(pairs)} examples; a classifier is fitted on at most {limit} "
+                "(SIMCLR_EMBED_CLASSIFIER_JOB_MAX_EXAMPLES): label a class-balanced subset"
             )
         seen: dict[str, Label] = {}
         for item_id, label in pairs:
@@ -407,26 +472,34 @@ class ClassifierService:
         examples: list[tuple[str, object]] | None,
         label_key: str | None,
         model_id: str | None = None,
-    ) -> ClassifierRecord:
+    ) -> ClassifierRecord | PendingFit:
         """Fit on the served model's vectors and store (blocking: seconds; call off the event loop).
 
-        `method` "finetune" takes no examples: it wraps `model_id`, a classifier model a
-        fine-tuning job published, with the validation accuracy the job measured."""
+        More than `classifier_max_examples` examples (at most `classifier_job_max_examples`)
+        are checked as a fit would check them (labels, unknown ids, vectors, classes, the
+        name) and come back as a PendingFit for a job to fit. `method` "finetune" takes no
+        examples: it wraps `model_id`, a classifier model a fine-tuning job published, with the
+        validation accuracy the job measured."""
         if method not in METHODS:
             raise InvalidExamplesError(f"method must be one of {', '.join(METHODS)}", "invalid_method")
         if method == "finetune":
             return self._store_new(name, method, None, [], self._finetuned_fit(model_id or ""))
         model_id = self._served()
-        pairs = self.resolve_examples(examples, label_key, self.settings.classifier_max_examples)
-        return self._store_new(name, method, label_key, pairs, self._fit(method, pairs, model_id, drop_missing=False))
+        pairs = self.resolve_examples(examples, label_key, self.settings.classifier_job_max_examples)
+        if len(pairs) <= self.settings.classifier_max_examples:
+            return self._store_new(
+                name, method, label_key, pairs, self._fit(method, pairs, model_id, drop_missing=False)
+            )
+        _, labels = example_vectors(self.items, pairs, model_id, drop_missing=False)
+        _encode(labels)
+        if self.store.name_taken(name):
+            raise ClassifierExistsError.named(name)
+        return PendingFit(uuid.uuid4().hex[:12], name, method, label_key, model_id, pairs)
 
     def _store_new(
         self, name: str, method: str, label_key: str | None, pairs: list[tuple[str, Label]], fit: Fit
     ) -> ClassifierRecord:
-        try:
-            return self.store.create(uuid.uuid4().hex[:12], name, method, label_key, pairs, fit)
-        except DuplicateNameError as exc:
-            raise ClassifierExistsError(f"a classifier named {name!r} exists; pick another name or delete it") from exc
+        return store_new(self.store, uuid.uuid4().hex[:12], name, method, label_key, pairs, fit)
 
     def _finetuned_fit(self, model_id: str) -> Fit:
         """A fine-tuned classifier model as a fit: its classes, label counts and validation accuracy."""
@@ -464,23 +537,7 @@ class ClassifierService:
 
     def _fit(self, method: str, pairs: list[tuple[str, Label]], model_id: str, *, drop_missing: bool) -> Fit:
         """Fit `pairs` on their stored `model_id` vectors. A refit (`drop_missing`) skips items deleted since."""
-        rows: list[np.ndarray] = []
-        labels: list[Label] = []
-        unknown: list[str] = []
-        unembedded: list[str] = []
-        for item_id, label in pairs:
-            vector = self.items.vector(item_id, model_id)
-            if vector is None:
-                (unembedded if self.items.exists(item_id) else unknown).append(item_id)
-            else:
-                rows.append(vector)
-                labels.append(label)
-        if unknown and not drop_missing:
-            raise UnknownItemsError(unknown)
-        if unembedded:
-            raise ItemsNotEmbeddedError(unembedded, model_id)
-        x = np.stack(rows) if rows else np.zeros((0, 1), dtype=np.float32)  # [N, D]
-        return fit_examples(method, x, labels, model_id)
+        return fit_examples(method, *example_vectors(self.items, pairs, model_id, drop_missing=drop_missing), model_id)
 
     def all(self) -> list[ClassifierRecord]:
         return self.store.all()

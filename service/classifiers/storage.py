@@ -168,6 +168,10 @@ class ClassifierStore(DurableSqlite):
             ).fetchall()
         return [r[0] for r in rows]
 
+    def name_taken(self, name: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM classifiers WHERE name = ?", (name,)).fetchone() is not None
+
     def delete(self, classifier_id: str) -> bool:
         with self._tx() as db:
             return db.execute("DELETE FROM classifiers WHERE id = ?", (classifier_id,)).rowcount > 0

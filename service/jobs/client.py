@@ -22,7 +22,7 @@ from service.jobs.store import JobKind, JobRecord, JobStore
 from service.settings import Settings, env_settings
 
 if TYPE_CHECKING:  # the classifier service (onnxruntime) is not needed to send a job
-    from service.classifiers.schemas import WriteBackJob
+    from service.classifiers.schemas import ClassifierFitJob, WriteBackJob
 
 T = TypeVar("T")
 
@@ -69,7 +69,7 @@ class JobClient:
 
     def submit(
         self,
-        request: TrainJobRequest | FinetuneJobRequest | WriteBackJob | IndexJobRequest,
+        request: TrainJobRequest | FinetuneJobRequest | WriteBackJob | ClassifierFitJob | IndexJobRequest,
         dataset: Path | str,
         queue: str | None = None,
     ) -> JobRecord:

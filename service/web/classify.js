@@ -74,6 +74,10 @@ async function create(event) {
   if ($("source-key").checked) body.label_key = $("classifier-label-key").value.trim();
   else body.examples = parseLabels($("classifier-labels").value);
   const made = await json("/classifiers", { method: "POST", body });
+  if (made.classifier_id) { // 202: more examples than the synchronous limit, fitted as a job
+    announce(`Fitting ${made.examples} examples as job ${made.id} (Jobs tab); classifier ${made.name} is listed here once it succeeds.`);
+    return;
+  }
   announce(`Created classifier ${made.name}: cross-validated accuracy ${(100 * made.cv.accuracy).toFixed(1)}%.`);
   await load(made.id);
 }

@@ -86,11 +86,12 @@ class Api:
 
 
 class Stack(Api):
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None) -> None:
+        """`env`: settings of this stack's API and workers beyond the base ones (SIMCLR_EMBED_*)."""
         self.tmp = tmp
         self.redis = RedisServer(tmp / "redis")
         self.redis.start()
-        self.env = {**base_env(tmp / "data"), "SIMCLR_EMBED_BROKER_URL": self.redis.url}
+        self.env = {**base_env(tmp / "data"), "SIMCLR_EMBED_BROKER_URL": self.redis.url, **(env or {})}
         self.workers: list[subprocess.Popen[bytes]] = []
         port = free_port()
         self.api = self._spawn(

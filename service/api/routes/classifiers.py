@@ -1,10 +1,12 @@
 """Routes: few-label classifiers on the frozen embeddings (`/classifiers`).
 
 `POST /classifiers` fits synchronously (cross-validation takes seconds) up to
-`classifier_max_examples` labeled examples; a larger set is refused with 413
-`too_many_examples` rather than queued as a job: the fit reads the vectors of this host's item
-store, and at that limit a class-balanced subset already gives the accuracy a few labels can
-(docs/benchmarks.md), so a job would add a queue and a state machine for little gain.
+`classifier_max_examples` labeled examples and answers 201 with the classifier. A larger set,
+up to `classifier_job_max_examples`, is checked in the request as a fit would check it (the
+same 4xx as below) and then fitted as a job on a worker (service/classifiers/fit_job.py): 202
+with the job's id, its `GET /train-jobs/{job id}` URL and the id the classifier gets once the
+job succeeds (`GET /classifiers/{classifier_id}`); a fit that fails on the worker (an item
+deleted meanwhile, the name taken meanwhile) is the job's `error`.
 
 | problem | status | code |
 |---|---|---|
@@ -16,11 +18,11 @@ store, and at that limit a class-balanced subset already gives the accuracy a fe
 | an item with two different labels | 422 | `conflicting_labels` |
 | no item has the `label_key` field | 422 | `no_examples` |
 | items without a vector under the bound model | 409 | `items_not_embedded` |
-| more examples than `classifier_max_examples` | 413 | `too_many_examples` |
+| more examples than `classifier_job_max_examples` | 413 | `too_many_examples` |
 | no index served yet | 503 | `index_not_ready` |
 | finetune: no such model / not a classifier model | 404 / 422 | `model_not_found` / `not_a_classifier_model` |
 | write-back into the field the labels came from | 422 | `overwrites_labels` |
-| write-back with no job broker | 503 | `jobs_unavailable` |
+| write-back, or a fit above `classifier_max_examples`, with no job broker | 503 | `jobs_unavailable` |
 
 `POST /classifiers/{id}/write-back` queues a job (service/classifiers/write_back.py) that
 stores every item's predicted label and its probability in two metadata fields; follow it at
@@ -36,15 +38,18 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response, status
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import SettingsDep, read_images, require_read_key, require_write_key
 from service.api.errors import ApiError, error_responses
-from service.api.routes.jobs import Jobs, broker
+from service.api.routes.jobs import Jobs, broker, get_jobs
+from service.classifiers.fit_job import fit_job_for
 from service.classifiers.schemas import (
     MAX_TOP_K,
     ClassifierCreate,
+    ClassifierFitCreated,
     ClassifierList,
     ClassifierOut,
     PredictionOut,
@@ -63,6 +68,7 @@ from service.classifiers.service import (
     NotReadyError,
     TooManyExamplesError,
 )
+from service.classifiers.storage import ClassifierRecord
 from service.classifiers.write_back import job_for
 from service.jobs.celery_app import INDEX_QUEUE
 
@@ -102,16 +108,38 @@ ClassifiersDep = Annotated[ClassifierService, Depends(get_classifiers)]
     status_code=201,
     response_model=ClassifierOut,
     dependencies=[Depends(require_write_key)],
-    responses=error_responses(400, 401, 404, 409, 413, 422, 503),  # 400: a body that is not JSON
+    responses={
+        202: {"model": ClassifierFitCreated, "description": "more than `classifier_max_examples`: fitted as a job"},
+        **error_responses(400, 401, 404, 409, 413, 422, 503),  # 400: a body that is not JSON
+    },
 )
-async def create_classifier(body: ClassifierCreate, classifiers: ClassifiersDep) -> ClassifierOut:
-    """Fit on the served model's vectors of the examples; answers with the cross-validated accuracy."""
+async def create_classifier(
+    body: ClassifierCreate, request: Request, classifiers: ClassifiersDep
+) -> ClassifierOut | JSONResponse:
+    """Fit on the served model's vectors of the examples; answers with the cross-validated
+    accuracy (201), or, above `classifier_max_examples`, queues the fit as a job (202)."""
     examples = None if body.examples is None else [(e.item_id, e.label) for e in body.examples]
     with _as_http():
-        record = await run_in_threadpool(
+        made = await run_in_threadpool(
             classifiers.create, body.name, body.method, examples, body.label_key, body.model_id
         )
-    return ClassifierOut.of(record, record.fits[0])
+    if isinstance(made, ClassifierRecord):
+        return ClassifierOut.of(made, made.fits[0])
+    job = fit_job_for(made)
+    with broker():
+        created = await run_in_threadpool(get_jobs(request).submit, job, "items", INDEX_QUEUE)
+    url = str(request.url_for("get_job", job_id=created.id))
+    answer = ClassifierFitCreated(
+        id=created.id,
+        url=url,
+        state=created.state.value,
+        classifier_id=job.classifier_id,
+        name=job.classifier_name,
+        method=job.classifier_method,
+        model_id=job.model_id,
+        examples=len(job.examples),
+    )
+    return JSONResponse(answer.model_dump(mode="json"), status_code=202, headers={"Location": url})
 
 
 @router.get("", response_model=ClassifierList, dependencies=[Depends(require_read_key)], responses=error_responses(401))
