@@ -275,7 +275,7 @@ async def predict(
     status_code=status.HTTP_202_ACCEPTED,
     response_model=WriteBackCreated,
     dependencies=[Depends(require_write_key)],
-    responses=error_responses(401, 404, 422, 503),
+    responses=error_responses(400, 401, 404, 422, 503),  # 400: a body that is not JSON
 )
 async def write_back(
     classifier_id: str,
