@@ -2,7 +2,7 @@
 
 Chosen by `SIMCLR_EMBED_STORE_URL=postgresql://user@host/db`. The logic is the shared
 `SqlItemStore` (sqlstore.py); this module holds only what PostgreSQL does differently: the
-schema and its migrations, how a transaction is opened, and the SQL of metadata filters.
+schema and its migrations, and how a transaction is opened.
 
 Transactions. Every write takes `pg_advisory_xact_lock(WRITE_LOCK)` first, so writers run
 one at a time, as SQLite's do: a check-then-write (an add that must not overwrite, the
@@ -40,7 +40,6 @@ itself when the server is back.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
@@ -50,7 +49,6 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from service.items.errors import StoreUnavailableError
-from service.items.filters import Condition
 from service.items.sqlstore import Db, SqlItemStore, apply_migrations
 
 WRITE_LOCK = 0x53494D434C52_01  # advisory lock keys (per database): "SIMCLR" + 1, + 2
@@ -129,30 +127,11 @@ class _PgDb:
         return cur
 
 
-def _field(field: str) -> str:
-    return f"(metadata::jsonb -> '{field}')"  # field names are checked by filters.FIELD_NAME: no quotes inside
-
-
-def _condition_sql(cond: Condition, args: list[Any]) -> str:
-    """A filter condition on jsonb values: jsonb equality keeps JSON types apart (the string
-    "3" is not 3, true is not 1) and compares numbers numerically (3 = 3.0); a range also
-    tests the type, since jsonb orders every number below every boolean."""
-    value = _field(cond.field)
-    if cond.op in ("eq", "in"):
-        values = [cond.value] if cond.op == "eq" else list(cond.value)
-        args.extend(json.dumps(v) for v in values)
-        return f"({value} IN ({','.join(['?::jsonb'] * len(values))}))"
-    symbol = {"gte": ">=", "gt": ">", "lte": "<=", "lt": "<"}[cond.op]
-    args.append(json.dumps(cond.value))
-    return f"(jsonb_typeof({value}) = 'number' AND {value} {symbol} ?::jsonb)"
-
-
 class PgItemStore(SqlItemStore):
     """Thread-safe: a pool of connections (`pool_size` at most), each lent to one statement
     or transaction."""
 
     def __init__(self, url: str, *, pool_size: int = 8, timeout_s: float = 5.0) -> None:
-        super().__init__()
         self.url = url
         self.timeout_s = timeout_s
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
@@ -215,15 +194,3 @@ class PgItemStore(SqlItemStore):
     def _conn(self) -> Iterator[Db]:
         with self._connection() as conn:
             yield _PgDb(conn)
-
-    def _condition_sql(self, cond: Condition, args: list[Any]) -> str:
-        return _condition_sql(cond, args)
-
-    def _field_indexes(self, db: Db) -> set[str]:
-        rows = db.execute(
-            "SELECT indexname FROM pg_indexes WHERE tablename = 'items' AND indexname LIKE 'items_meta_%'"
-        )
-        return {r[0] for r in rows}
-
-    def _create_field_index(self, db: Db, index: str, field: str) -> None:
-        db.execute(f"CREATE INDEX {index} ON items (({_field(field)}))")

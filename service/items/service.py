@@ -39,7 +39,6 @@ from service.items.errors import (
 )
 from service.items.filters import Condition
 from service.items.follower import LogFollower
-from service.items.index import VectorIndex
 from service.items.reindex import (
     Encoder,
     build_from_store,
@@ -147,6 +146,7 @@ class ItemService:
         if space == self.served:
             return
         follower, source = load_or_build_index(self.settings, self.store, space, self._dim(space))
+        follower.load_records()
         with self._mutex:
             follower.poll()  # rows committed while it was built
             old = self.served
@@ -253,6 +253,7 @@ class ItemService:
         try:
             follower = build_from_store(self.settings, store, space, dim)
             write_snapshot(self.settings, follower)  # of the copy, before it serves
+            follower.load_records()
         except Exception:
             log.exception("rebuilding the index of %s (%s) failed; the old one keeps serving", space, why)
             store.close()
@@ -357,9 +358,11 @@ class ItemService:
 
     def update_metadata(self, item_id: str, metadata: dict[str, Any] | None, *, merge: bool) -> Item:
         """Replace an item's metadata, or merge into it (a key set to null removes it)."""
-        item = self.store.update_metadata(item_id, metadata, merge=merge)
-        if item is None:
-            raise ItemNotFoundError(f"no item with id {item_id!r}")
+        with self._mutex:
+            item = self.store.update_metadata(item_id, metadata, merge=merge)
+            if item is None:
+                raise ItemNotFoundError(f"no item with id {item_id!r}")
+            self._apply_log()  # searches filter on the new metadata at once
         return item
 
     def page(self, offset: int, limit: int) -> tuple[list[Item], int]:
@@ -367,24 +370,29 @@ class ItemService:
 
     # -- search -------------------------------------------------------------------------
 
-    def _served_index(self) -> tuple[str, VectorIndex]:
+    def _served(self) -> tuple[str, LogFollower]:
         with self._mutex:
             self._targets()
             assert self.served is not None and self._follower is not None
-            return self.served, self._follower.index
+            return self.served, self._follower
 
     def _candidates(
-        self, space: str, index: VectorIndex, queries: np.ndarray, want: int, where: Sequence[Condition]
+        self, follower: LogFollower, queries: np.ndarray, want: int, where: Sequence[Condition]
     ) -> tuple[np.ndarray, np.ndarray]:
         """(scores [Q, k'], pks [Q, k']) of the best `want` per query among the items meeting
-        `where`: FAISS with an IDSelector on the matching pks (exact on Flat), or, on an
-        approximate index, an exact scan of the matching items when they are few enough."""
+        `where` (evaluated on the metadata kept with the index): FAISS with an IDSelector on
+        the matching pks (exact on Flat), or, on an approximate index, an exact scan of the
+        matching items' stored vectors when they are few enough and the store answers."""
+        index = follower.index
         if not where:
             return index.search(queries, want)
-        subset = self.store.matching_pks(where)
+        subset = follower.matching(where)
         if index.exact or len(subset) > self.settings.index_filter_scan_max:
             return index.search(queries, want, subset)
-        pks, vecs = self.store.vectors_of(space, subset.tolist())  # [M], [M, D]
+        try:
+            pks, vecs = self.store.vectors_of(follower.space, subset.tolist())  # [M], [M, D]
+        except StoreUnavailableError:  # the store is down: the index's own (approximate) answer
+            return index.search(queries, want, subset)
         if not len(pks):
             return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
         scores = queries @ vecs.T  # [Q, M]
@@ -401,7 +409,8 @@ class ItemService:
     ) -> tuple[str, list[list[Hit]]]:
         """Top-k items per query by inner product with each unit-normalised vector ([Q, D]),
         in one FAISS pass. `exclude[q]`: a pk left out of query q's results."""
-        served, index = self._served_index()
+        served, follower = self._served()
+        index = follower.index
         if space is not None and space != served:
             # the caller embedded with a model we are no longer serving
             raise ItemConflictError(f"the served index is now {served}; retry the search", code="model_changed")
@@ -416,8 +425,8 @@ class ItemService:
             raise InvalidItemRequestError("the vector must be finite and non-zero", code="invalid_vector")
         excluded = list(exclude) if exclude is not None else [None] * len(queries)
         extra = int(any(p is not None for p in excluded))
-        scores, pks = self._candidates(served, index, (queries / norms).astype(np.float32), k + extra, options.where)
-        items = self.store.by_pks(sorted({int(p) for p in pks.ravel()}))
+        scores, pks = self._candidates(follower, (queries / norms).astype(np.float32), k + extra, options.where)
+        items = follower.records({int(p) for p in pks.ravel()})
         floor = -np.inf if options.min_score is None else options.min_score
         results = []
         for row_scores, row_pks, skip in zip(scores, pks, excluded, strict=True):
@@ -433,7 +442,7 @@ class ItemService:
         self, item_ids: Sequence[str], k: int, options: SearchOptions = SearchOptions(), *, exclude_self: bool = False
     ) -> tuple[str, list[list[Hit]]]:
         """Search with the stored vectors of `item_ids`, optionally leaving each item out of its own results."""
-        served, _ = self._served_index()
+        served, _ = self._served()
         vectors, pks = [], []
         for item_id in item_ids:
             item = self.get(item_id)  # 404 when the item does not exist
@@ -454,7 +463,7 @@ class ItemService:
         The served index can swap while the image is being embedded (a re-embedding just
         completed); the query is then embedded again with the new model, not refused."""
         for retries_left in (2, 1, 0):
-            served, _ = self._served_index()
+            served, _ = self._served()
             vectors = await self._embed(served, image)  # [1, D]
             try:
                 model_id, hits = await asyncio.to_thread(self.search_vectors, vectors, k, served, options)
