@@ -40,6 +40,8 @@ itself when the server is back.
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
@@ -50,6 +52,8 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from service.items.errors import StoreUnavailableError
 from service.items.sqlstore import Db, SqlItemStore, apply_migrations
+
+log = logging.getLogger(__name__)
 
 WRITE_LOCK = 0x53494D434C52_01  # advisory lock keys (per database): "SIMCLR" + 1, + 2
 MIGRATE_LOCK = 0x53494D434C52_02
@@ -144,8 +148,23 @@ class PgItemStore(SqlItemStore):
             open=True,
             name="item-store",
         )
+        self._schema_ready = False
+        self._schema_lock = threading.Lock()
         try:
-            with self._connection() as conn, conn.transaction():
+            self._ensure_schema()
+        except StoreUnavailableError as exc:  # started while the server is down: migrate on first use
+            log.warning("%s; the schema is checked again on the next use", exc.message)
+        except BaseException:
+            self._pool.close()
+            raise
+
+    def _ensure_schema(self) -> None:
+        """Apply the migrations above the stored version (once per store object; several hosts
+        starting at once take turns on an advisory lock)."""
+        with self._schema_lock:
+            if self._schema_ready:
+                return
+            with self._pooled() as conn, conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
                 conn.execute("CREATE TABLE IF NOT EXISTS simclr_schema (version INTEGER NOT NULL)")
                 row = conn.execute("SELECT version FROM simclr_schema").fetchone()
@@ -154,16 +173,21 @@ class PgItemStore(SqlItemStore):
                     apply_migrations(_PgDb(conn), version, MIGRATIONS)
                     conn.execute("DELETE FROM simclr_schema")
                     conn.execute("INSERT INTO simclr_schema(version) VALUES (%s)", (SCHEMA_VERSION,))
-        except BaseException:
-            self._pool.close()
-            raise
+            self._schema_ready = True
 
     def close(self) -> None:
         self._pool.close()
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
-        """A pooled connection; an unreachable server becomes StoreUnavailableError."""
+        """A pooled connection to a migrated schema; an unreachable server becomes StoreUnavailableError."""
+        if not self._schema_ready:
+            self._ensure_schema()
+        with self._pooled() as conn:
+            yield conn
+
+    @contextmanager
+    def _pooled(self) -> Iterator[psycopg.Connection[Any]]:
         try:
             with self._pool.connection() as conn:
                 yield conn

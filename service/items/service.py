@@ -98,12 +98,25 @@ class ItemService:
         self._mutex = threading.RLock()
         self._job: tuple[str, threading.Thread, threading.Event] | None = None
         self._closing = threading.Event()
+        self._unstarted: str | None = None  # why the store failed at start: _start_serving is retried
         self._poller = threading.Thread(target=self._follow_loop, name="index-follow", daemon=True)
 
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Pick the served space (the active model's when complete), load its index, follow the log.
+        """Serve an index (`_start_serving`) and follow the log. A store unreachable at start
+        leaves the host up without an index (not ready, writes 503); the follow loop retries
+        until the store answers, with no restart."""
+        try:
+            self._start_serving()
+        except StoreUnavailableError as exc:
+            log.warning("the item store is unreachable at start (%s); retrying while following", exc.message)
+            self._unstarted = exc.message
+        self.runtime.add_listener(self.on_activate)
+        self._poller.start()
+
+    def _start_serving(self) -> None:
+        """Pick the served space (the active model's when complete), load its index.
 
         Models are held as vector spaces (model and variant, `space_of`) from here on."""
         active_id = self.registry.active()
@@ -115,8 +128,7 @@ class ItemService:
             self._install(completed[0])
         if active_id and active != self.served:
             self.on_activate(active_id)
-        self.runtime.add_listener(self.on_activate)
-        self._poller.start()
+        self._unstarted = None
 
     def close(self) -> None:
         """Stop re-embedding and following, snapshot the served index, close the store."""
@@ -198,6 +210,8 @@ class ItemService:
         process completed; start a background snapshot when enough has changed."""
         while not self._closing.wait(self.settings.index_follow_s):
             try:
+                if self._unstarted is not None:
+                    self._start_serving()
                 follower = self._follower
                 if follower is not None:
                     follower.poll()
@@ -280,6 +294,8 @@ class ItemService:
         return vectors
 
     def _targets(self) -> list[str]:
+        if self.served is None and self._unstarted is not None:
+            raise StoreUnavailableError(self._unstarted)  # no index yet: it is loaded once the store answers
         if self.served is None:
             raise IndexNotReadyError("no model's index is being served yet; activate a model and retry")
         return [self.served] + ([self.pending] if self.pending else [])
@@ -474,13 +490,18 @@ class ItemService:
         raise AssertionError("the last try returns or raises")
 
     def stats(self) -> dict[str, Any]:
-        """For /readyz and /metrics."""
+        """For /readyz and /metrics (`store`: "ok", or why the store does not answer)."""
         follower = self._follower
         index = follower.index if follower else None
+        try:
+            items, store = self.store.count(), "ok"
+        except StoreUnavailableError as exc:
+            items, store = None, exc.message
         return {
             "served_model": self.served,
             "pending_model": self.pending,
-            "items": self.store.count(),
+            "items": items,
+            "store": store,
             "index_size": index.ntotal if index else 0,
             "index_kind": index.kind if index else None,
             "log_position": follower.position if follower else None,

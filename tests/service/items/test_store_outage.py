@@ -111,3 +111,34 @@ def test_writes_get_503_while_postgres_is_down_and_recover_after(
         for i in acked[::5]:
             hit = client.post("/search", files={"file": ("q.png", images[i], "image/png")}, data={"k": "1"})
             assert hit.status_code == 200 and hit.json()["results"][0]["id"] == f"w{i}"
+
+
+@pytest.mark.integration
+def test_a_host_started_while_postgres_is_down_comes_up_and_recovers_by_itself(
+    data_dir: Path, private_postgres: PrivatePostgres
+) -> None:
+    image = pictures(1, 1)[0]
+    private_postgres.stop()  # initialised, not running: the API starts against a dead server
+    settings = make_settings(data_dir, store_url=private_postgres.url, store_timeout_s=1.0)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        assert client.get("/healthz").status_code == 200  # alive
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert "PostgreSQL" in ready.json()["checks"]["store"] and ready.json()["checks"]["index"] != "ok"
+        files = [("files", ("a.png", image, "image/png"))]
+        down_write = client.post("/items", files=files, data={"ids": ["a"]})
+        down_read = client.get("/items", params={"limit": 10})
+        for r in (down_write, down_read):
+            assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable", r.text
+
+        private_postgres.start()
+        back_at = time.monotonic()
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() - back_at < 15, client.get("/readyz").json()
+            time.sleep(0.1)
+        assert client.get("/readyz").json()["checks"]["store"] == "ok"
+        added = client.post("/items", files=files, data={"ids": ["a"]})
+        assert added.status_code == 201, added.text
+        hit = client.post("/search", files={"file": ("q.png", image, "image/png")}, data={"k": "1"})
+        assert hit.status_code == 200 and hit.json()["results"][0]["id"] == "a"
+        assert client.get("/items").json()["total"] == 1
