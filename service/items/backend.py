@@ -24,6 +24,7 @@ vector space (a `vector_space(model, variant)` string, opaque here):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -108,7 +109,12 @@ class ItemBackend(Protocol):
 
     # writes: each is one transaction, counters and log rows included
     def add(
-        self, items: list[NewItem], vectors: dict[str, np.ndarray], *, replace: bool = False
+        self,
+        items: list[NewItem],
+        vectors: dict[str, np.ndarray],
+        *,
+        replace: bool = False,
+        present: Callable[[str], bool] | None = None,
     ) -> tuple[list[int], list[int], list[str]]: ...
     def delete(self, item_id: str) -> tuple[int, list[str]] | None: ...
     def update_metadata(self, item_id: str, metadata: dict[str, Any] | None, *, merge: bool) -> Item | None: ...
@@ -137,6 +143,10 @@ class ItemBackend(Protocol):
     def changes_since(self, space: str, after: int, limit: int) -> ChangeBatch: ...
     def first_seq(self, space: str) -> int | None: ...
     def compact_log(self, space: str, upto: int, older_than_s: float) -> int: ...
+
+    # originals no row refers to (the deferred collection, sqlstore.py)
+    def claim_orphans(self, grace_s: float, limit: int = 1000) -> list[str]: ...
+    def finish_orphans(self, shas: list[str]) -> None: ...
 
     # the re-embedding job
     def claim_reembed(self, space: str, owner: str, lease_s: float) -> bool: ...

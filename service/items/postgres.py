@@ -104,7 +104,10 @@ CREATE TABLE reembed (
 )
 """
 # Step i brings the schema to version i + 1. Vectors are stored EXTERNAL: float bytes do not compress.
-MIGRATIONS = (_V1,)
+_V2 = """
+CREATE TABLE orphans (sha256 TEXT PRIMARY KEY, since DOUBLE PRECISION NOT NULL, deleting DOUBLE PRECISION)
+"""
+MIGRATIONS = (_V1, _V2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -35,6 +36,7 @@ from service.items.errors import (
     InvalidItemRequestError,
     ItemConflictError,
     ItemNotFoundError,
+    OriginalInCollectionError,
     StoreUnavailableError,
 )
 from service.items.filters import Condition
@@ -98,6 +100,7 @@ class ItemService:
         self._mutex = threading.RLock()
         self._job: tuple[str, threading.Thread, threading.Event] | None = None
         self._closing = threading.Event()
+        self._swept_at = time.monotonic()
         self._unstarted: str | None = None  # why the store failed at start: _start_serving is retried
         self._poller = threading.Thread(target=self._follow_loop, name="index-follow", daemon=True)
 
@@ -217,6 +220,8 @@ class ItemService:
                     follower.poll()
                     self._maybe_snapshot(follower)
                     self._maybe_upkeep(follower)
+                if time.monotonic() - self._swept_at >= self.settings.originals_sweep_s:
+                    self.sweep_originals()
                 pending = self.pending
                 if pending is not None and self._job is None and self.store.state(pending).complete:
                     self._install(pending)
@@ -224,6 +229,17 @@ class ItemService:
                 log.warning("following the change log: %s", exc.message)
             except Exception:  # a failed poll (e.g. the store busy) is retried at the next tick
                 log.exception("following the change log failed; retrying")
+
+    def sweep_originals(self) -> int:
+        """Delete the originals no item has referred to for `originals_grace_s` (sqlstore.py,
+        "Originals": decided in the store's transaction, so no host's add of the same bytes
+        loses its file); returns how many were deleted."""
+        self._swept_at = time.monotonic()
+        shas = self.store.claim_orphans(self.settings.originals_grace_s)
+        for sha in shas:
+            self.blobs.delete(sha)
+        self.store.finish_orphans(shas)
+        return len(shas)
 
     def _maybe_snapshot(self, follower: LogFollower) -> None:
         due = max(self.settings.index_snapshot_every, follower.index.ntotal // SNAPSHOT_FRACTION)
@@ -319,8 +335,11 @@ class ItemService:
             for space in self._targets():
                 if space not in vectors:
                     vectors[space] = await self._embed(space, images)
-            if await asyncio.to_thread(self._commit_add, ids, datas, types, metadata, vectors, replace):
-                return list(ids)
+            try:
+                if await asyncio.to_thread(self._commit_add, ids, datas, types, metadata, vectors, replace):
+                    return list(ids)
+            except OriginalInCollectionError:  # a sweep is deleting one of these files: write it again
+                await asyncio.sleep(OriginalInCollectionError.retry_after_s)
 
     def _commit_add(
         self,
@@ -337,10 +356,8 @@ class ItemService:
                 return False  # the spaces changed while embedding: embed with the new model first
             shas = [self.blobs.put(d) for d in datas]
             new = [NewItem(i, s, t, m) for i, s, t, m in zip(ids, shas, types, metadata, strict=True)]
-            _, _, orphans = self.store.add(new, {m: vectors[m] for m in targets}, replace=replace)
+            self.store.add(new, {m: vectors[m] for m in targets}, replace=replace, present=self.blobs.exists)
             self._apply_log()
-            for sha in orphans:
-                self.blobs.delete(sha)
         return True
 
     def _apply_log(self) -> None:
@@ -365,12 +382,9 @@ class ItemService:
 
     def delete(self, item_id: str) -> None:
         with self._mutex:
-            removed = self.store.delete(item_id)
-            if removed is None:
+            if self.store.delete(item_id) is None:
                 raise ItemNotFoundError(f"no item with id {item_id!r}")
-            self._apply_log()
-            for sha in removed[1]:
-                self.blobs.delete(sha)
+            self._apply_log()  # an original no longer referenced is left to sweep_originals
 
     def update_metadata(self, item_id: str, metadata: dict[str, Any] | None, *, merge: bool) -> Item:
         """Replace an item's metadata, or merge into it (a key set to null removes it)."""

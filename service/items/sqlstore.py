@@ -20,24 +20,38 @@ metadata as text, sha256 and content type of the original, created time; `pk` is
 reused, so a FAISS id never is), `vectors` (one float32 blob per item and space), `models`
 (per space: `changes`, the last change-log sequence number; `count`, its vectors; the
 `complete` flag), `counters` (the item count), `changelog` (space, seq, item pk, op: 1
-added, 0 removed, 2 metadata updated, time) and `reembed` (the re-embedding job of a space).
+added, 0 removed, 2 metadata updated, time), `reembed` (the re-embedding job of a space)
+and `orphans` (originals no row refers to: sha256, since when, and when a sweep began
+deleting the file).
+
+Originals are removed by a deferred collection, decided in the store's transactions, so
+that a host deleting an orphan cannot race another adding the same bytes: the write that
+drops an original's last reference records it in `orphans`; a write adding those bytes
+clears the row, or, while a sweep is deleting that file, refuses
+(`OriginalInCollectionError`: the caller writes the file again and retries); it also checks,
+inside its transaction (serialised with the sweep's), that each file exists, since one
+written before a sweep's unlink may be gone by the time the sweep has finished.
+`claim_orphans` marks the rows older than a grace period that are still unreferenced (one
+transaction), the caller deletes their files, and `finish_orphans` drops the rows. A sweep
+that died mid-way is taken over after `COLLECT_LEASE_S`.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import numpy as np
 
 from service.items.backend import ChangeBatch, HitRecord, Item, ModelState, NewItem, ReembedProgress
-from service.items.errors import ItemExistsError
+from service.items.errors import ItemExistsError, OriginalInCollectionError
 
 ADDED, REMOVED, UPDATED = 1, 0, 2  # change-log ops
 ITEM_COLUMNS = "pk, id, metadata, sha256, content_type, created"
+COLLECT_LEASE_S = 300.0  # a sweep's claim on an orphan lapses after this long (the sweeper died)
 IN_CHUNK = 10_000  # ids per IN (...) list: under SQLite's bound-variable limit and PostgreSQL's
 
 
@@ -142,11 +156,30 @@ class SqlItemStore:
 
     @staticmethod
     def _orphans(db: Db, shas: set[str]) -> list[str]:
-        return [
+        """Record the originals among `shas` that no item refers to now as candidates for the sweep."""
+        found = [
             s
             for s in sorted(shas)
             if db.execute("SELECT 1 FROM items WHERE sha256 = ? LIMIT 1", (s,)).fetchone() is None
         ]
+        db.executemany(
+            "INSERT INTO orphans(sha256, since) VALUES (?, ?) ON CONFLICT(sha256) DO NOTHING",
+            [(s, time.time()) for s in found],
+        )
+        return found
+
+    @staticmethod
+    def _adopt(db: Db, shas: Sequence[str], now: float) -> None:
+        """Clear the orphan rows of originals being referenced again, unless a sweep is deleting one."""
+        marks = _marks(len(shas))
+        busy = db.execute(
+            f"SELECT sha256 FROM orphans WHERE sha256 IN ({marks}) AND deleting > ?", [*shas, now - COLLECT_LEASE_S]
+        ).fetchall()
+        if busy:
+            raise OriginalInCollectionError(
+                f"the original {busy[0][0]} is being deleted by a sweep of unreferenced originals; retry"
+            )
+        db.execute(f"DELETE FROM orphans WHERE sha256 IN ({marks})", list(shas))
 
     @staticmethod
     def _models_of(db: Db, pk: int) -> list[str]:
@@ -159,15 +192,26 @@ class SqlItemStore:
     # -- writes -------------------------------------------------------------------------
 
     def add(
-        self, items: Sequence[NewItem], vectors: dict[str, np.ndarray], *, replace: bool = False
+        self,
+        items: Sequence[NewItem],
+        vectors: dict[str, np.ndarray],
+        *,
+        replace: bool = False,
+        present: Callable[[str], bool] | None = None,
     ) -> tuple[list[int], list[int], list[str]]:
         """Insert `items` with one vector per item for each space in `vectors` ([N, D] each).
 
-        Returns (new pks in order, pks replaced, sha256s no longer referenced). Without
-        `replace`, any existing id raises ItemExistsError and nothing is written."""
+        Returns (new pks in order, pks replaced, sha256s no longer referenced: recorded for
+        the sweep). Without `replace`, any existing id raises ItemExistsError and nothing is
+        written; OriginalInCollectionError when a sweep is deleting one of the originals, or
+        `present(sha256)` (the originals' store) says one is missing."""
         ids = [it.id for it in items]
         now = time.time()
         with self._tx() as db:
+            shas = sorted({it.sha256 for it in items})
+            self._adopt(db, shas, now)
+            if present is not None and (gone := [s for s in shas if not present(s)]):
+                raise OriginalInCollectionError(f"the original {gone[0]} was deleted by a sweep; write it again")
             old = db.execute(f"SELECT pk, id, sha256 FROM items WHERE id IN ({_marks(len(ids))})", ids).fetchall()
             if old and not replace:
                 raise ItemExistsError(sorted(r[1] for r in old))
@@ -193,7 +237,8 @@ class SqlItemStore:
         return pks, old_pks, orphans
 
     def delete(self, item_id: str) -> tuple[int, list[str]] | None:
-        """Remove an item and its vectors; returns (pk, sha256s no longer referenced) or None."""
+        """Remove an item and its vectors; returns (pk, sha256s no longer referenced: recorded
+        for the sweep) or None."""
         with self._tx() as db:
             row = db.execute("SELECT pk, sha256 FROM items WHERE id = ?", (item_id,)).fetchone()
             if row is None:
@@ -423,6 +468,32 @@ class SqlItemStore:
                 (space, upto, time.time() - older_than_s),
             )
             return int(cur.rowcount)
+
+    # -- originals no row refers to ----------------------------------------------------
+
+    def claim_orphans(self, grace_s: float, limit: int = 1000) -> list[str]:
+        """Mark for deletion the orphans recorded over `grace_s` ago (or claimed by a sweep that
+        lapsed) that no item refers to, and return them; rows of referenced ones are dropped."""
+        now = time.time()
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT sha256 FROM orphans WHERE (deleting IS NULL AND since <= ?) OR deleting <= ? LIMIT ?",
+                (now - grace_s, now - COLLECT_LEASE_S, limit),
+            ).fetchall()
+            claimed = []
+            for (sha,) in rows:
+                if db.execute("SELECT 1 FROM items WHERE sha256 = ? LIMIT 1", (sha,)).fetchone() is None:
+                    db.execute("UPDATE orphans SET deleting = ? WHERE sha256 = ?", (now, sha))
+                    claimed.append(sha)
+                else:
+                    db.execute("DELETE FROM orphans WHERE sha256 = ?", (sha,))
+        return claimed
+
+    def finish_orphans(self, shas: Sequence[str]) -> None:
+        """The files of claimed orphans are deleted: drop their rows (adds of those bytes may go on)."""
+        if shas:
+            with self._tx() as db:
+                db.execute(f"DELETE FROM orphans WHERE sha256 IN ({_marks(len(shas))})", list(shas))
 
     # -- the re-embedding job -----------------------------------------------------------
 

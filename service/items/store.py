@@ -25,7 +25,7 @@ from service.items.sqlite import DurableSqlite
 from service.items.sqlstore import SqlItemStore, apply_migrations
 
 __all__ = ["Item", "ItemStore", "NewItem"]  # NewItem and Item: re-exported for the store's callers
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _BASE = """
 CREATE TABLE IF NOT EXISTS items (
@@ -78,7 +78,12 @@ CREATE TABLE reembed (
 );
 """
 
-MIGRATIONS = (_BASE, _TO_V2)  # a version-1 store (user_version 0) skips the base's existing tables
+# 2 -> 3: originals no row refers to, awaiting the sweep (sqlstore.py, "Originals").
+_TO_V3 = """
+CREATE TABLE orphans (sha256 TEXT PRIMARY KEY, since REAL NOT NULL, deleting REAL)
+"""
+
+MIGRATIONS = (_BASE, _TO_V2, _TO_V3)  # a version-1 store (user_version 0) skips the base's existing tables
 
 
 class ItemStore(DurableSqlite, SqlItemStore):

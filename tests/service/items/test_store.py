@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from service.items.backend import HitRecord
-from service.items.errors import ItemExistsError
+from service.items.errors import ItemExistsError, OriginalInCollectionError
 from service.items.filters import parse_filter
 from service.items.follower import LogFollower, LogPosition
 from service.items.index import VectorIndex
@@ -143,6 +143,34 @@ def test_follower_keeps_ids_and_metadata_with_the_index(store: SqlItemStore) -> 
     later.load_records()
     assert later.records([pk["a"], c_pk]) == follower.records([pk["a"], c_pk])
     assert later.matching(n_is_2).tolist() == follower.matching(n_is_2).tolist()
+
+
+def test_an_original_is_collected_only_when_unreferenced_after_the_grace(store: SqlItemStore) -> None:
+    """The deferred collection: a delete records the orphan, the same bytes added again clear
+    it, a sweep claims only what is still unreferenced past the grace, and an add of bytes
+    being deleted is refused until the sweep has finished."""
+    rng = np.random.default_rng(6)
+    store.add(new(["a", "b"]), {"s": unit(rng, 2)})
+    store.delete("a")
+    assert store.claim_orphans(grace_s=3600) == []  # recorded, but within the grace
+    store.add([NewItem("a2", "sha-a", "image/png")], {"s": unit(rng, 1)})  # the same bytes again
+    assert store.claim_orphans(grace_s=0) == []  # referenced again: the candidate is gone
+    store.delete("a2")
+    store.delete("b")
+    claimed = store.claim_orphans(grace_s=0)
+    assert claimed == ["sha-a", "sha-b"]
+    with pytest.raises(OriginalInCollectionError):  # its file is being deleted: write it again, retry
+        store.add([NewItem("b2", "sha-b", "image/png")], {"s": unit(rng, 1)})
+    assert store.get("b2") is None
+    assert store.claim_orphans(grace_s=0) == []  # claimed once
+    store.finish_orphans(claimed)
+    store.add([NewItem("b2", "sha-b", "image/png")], {"s": unit(rng, 1)})
+    store.delete("b2")
+    assert store.claim_orphans(grace_s=0) == ["sha-b"]
+    # a file written before a sweep's unlink: the add's own transaction finds it missing
+    with pytest.raises(OriginalInCollectionError):
+        store.add([NewItem("c", "sha-c", "image/png")], {"s": unit(rng, 1)}, present=lambda sha: sha != "sha-c")
+    assert store.get("c") is None and store.count() == 0
 
 
 def test_compaction_and_a_snapshot_older_than_the_log(store: SqlItemStore) -> None:
