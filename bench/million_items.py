@@ -57,14 +57,14 @@ def old_count_ms(path: Path) -> float:
         db.close()
 
 
-def filtered_ms(store: ItemStore, index: VectorIndex, rng: np.random.Generator, share: float) -> float:
+def filtered_ms(follower: LogFollower, rng: np.random.Generator, share: float) -> float:
     """Median of 5 filtered searches (k=10) keeping items whose `u` < share."""
     where = parse_filter({"u": {"lt": share}})
     times = []
     for _ in range(5):
-        query = unit(rng, 1, index.dim)
+        query = unit(rng, 1, follower.index.dim)
         start = time.perf_counter()
-        index.search(query, 10, store.matching_pks(where))
+        follower.index.search(query, 10, follower.matching(where))
         times.append((time.perf_counter() - start) * 1e3)
     return float(np.median(times))
 
@@ -124,7 +124,7 @@ def main() -> None:
         if done in checkpoints:
             print(
                 f"| {done:,} | {np.median(window):.1f} | {old_count_ms(store.path):.1f} | "
-                f"{filtered_ms(store, follower.index, rng, 0.01):.1f} | {filtered_ms(store, follower.index, rng, 0.5):.1f} |",
+                f"{filtered_ms(follower, rng, 0.01):.1f} | {filtered_ms(follower, rng, 0.5):.1f} |",
                 flush=True,
             )
     if snapshotter is not None:

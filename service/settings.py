@@ -110,6 +110,10 @@ class Settings(BaseSettings):
         ge=1,
         description="changes between FAISS snapshots (at least a tenth of the index); written in the background",
     )
+    originals_grace_s: float = Field(
+        3_600.0, ge=0.0, description="an original no item refers to is deleted after this long (the sweep)"
+    )
+    originals_sweep_s: float = Field(60.0, gt=0.0, description="how often a host sweeps unreferenced originals")
     index_follow_s: float = Field(
         0.25, gt=0.0, le=10.0, description="how often the served index applies the store's change log"
     )

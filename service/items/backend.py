@@ -7,7 +7,8 @@ vector space (a `vector_space(model, variant)` string, opaque here):
 
 * Counters are kept in the write's own transaction: `state()` and `count()` read a row, never
   scan, so a write's cost does not grow with the collection.
-* Every vector added or removed appends one row to the space's change log, in the same
+* Every vector added or removed, and every metadata update of an item with a vector in the
+  space, appends one row to the space's change log, in the same
   transaction, with a per-space sequence number taken from the space's counter row. Because
   that row is updated (and, in PostgreSQL, row-locked) by every writer until it commits, the
   numbers become visible in commit order and without holes; a rolled-back write gives its
@@ -23,12 +24,11 @@ vector space (a `vector_space(model, variant)` string, opaque here):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-
-from service.items.filters import Condition
 
 
 @dataclass(frozen=True)
@@ -61,12 +61,22 @@ class ModelState:
 
 
 @dataclass(frozen=True)
+class HitRecord:
+    """What a search hit shows of an item, kept beside the served index: its id and metadata."""
+
+    id: str
+    metadata: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
 class ChangeBatch:
     """Change-log rows of one space after a position, in sequence order.
 
     Per row: `seqs` int64 [M], `pks` int64 [M], `added` bool [M] (else removed) and
-    `present` bool [M] (an addition whose vector still exists); `vectors` float32 [P, D] holds
-    the vectors of the present additions, in row order. An addition that is not present was
+    `present` bool [M] (an addition whose vector still exists) and `updated` bool [M] (a
+    metadata update: neither added nor removed); `vectors` float32 [P, D] holds the vectors of
+    the present additions, in row order; `records` maps the pk of each added or updated item
+    that still exists to its current id and metadata. An addition that is not present was
     deleted since: its removal row follows, here or in a later batch."""
 
     seqs: np.ndarray
@@ -74,6 +84,8 @@ class ChangeBatch:
     added: np.ndarray
     present: np.ndarray
     vectors: np.ndarray
+    updated: np.ndarray | None = None  # None: no metadata updates in this batch
+    records: dict[int, HitRecord] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -97,7 +109,12 @@ class ItemBackend(Protocol):
 
     # writes: each is one transaction, counters and log rows included
     def add(
-        self, items: list[NewItem], vectors: dict[str, np.ndarray], *, replace: bool = False
+        self,
+        items: list[NewItem],
+        vectors: dict[str, np.ndarray],
+        *,
+        replace: bool = False,
+        present: Callable[[str], bool] | None = None,
     ) -> tuple[list[int], list[int], list[str]]: ...
     def delete(self, item_id: str) -> tuple[int, list[str]] | None: ...
     def update_metadata(self, item_id: str, metadata: dict[str, Any] | None, *, merge: bool) -> Item | None: ...
@@ -121,12 +138,15 @@ class ItemBackend(Protocol):
     def vectors_of(self, space: str, pks: list[int]) -> tuple[np.ndarray, np.ndarray]: ...
     def state(self, space: str) -> ModelState: ...
     def completed_models(self) -> list[str]: ...
-    def matching_pks(self, conditions: list[Condition]) -> np.ndarray: ...
 
     # the change log
     def changes_since(self, space: str, after: int, limit: int) -> ChangeBatch: ...
     def first_seq(self, space: str) -> int | None: ...
     def compact_log(self, space: str, upto: int, older_than_s: float) -> int: ...
+
+    # originals no row refers to (the deferred collection, sqlstore.py)
+    def claim_orphans(self, grace_s: float, limit: int = 1000) -> list[str]: ...
+    def finish_orphans(self, shas: list[str]) -> None: ...
 
     # the re-embedding job
     def claim_reembed(self, space: str, owner: str, lease_s: float) -> bool: ...

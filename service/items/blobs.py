@@ -35,6 +35,9 @@ class BlobStore:
         write_atomic(final, data)
         return sha
 
+    def exists(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
     def get(self, sha256: str) -> bytes:
         return self.path(sha256).read_bytes()
 

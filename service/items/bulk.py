@@ -26,6 +26,7 @@ import io
 import itertools
 import json
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +41,7 @@ from service.contract.imaging import ImageDecodeError, decode_image
 from service.contract.registry import ModelRegistry
 from service.items.backend import NewItem
 from service.items.blobs import BlobStore
+from service.items.errors import OriginalInCollectionError
 from service.items.reindex import Encoder, load_encoder, open_store, space_of
 from service.items.sqlstore import SqlItemStore
 from service.settings import Settings
@@ -249,10 +251,8 @@ def index_dataset(
         if delete_missing:
             for item_id in report.vanished:
                 removed = store.delete(item_id)
-                if removed is not None:
+                if removed is not None:  # its original, if now unreferenced, is left to the sweep
                     report.deleted += 1
-                    for sha in removed[1]:
-                        blobs.delete(sha)
         kept = set(seen) | (set() if delete_missing else set(report.vanished))
         manifest.parent.mkdir(parents=True, exist_ok=True)
         manifest.write_text("\n".join(sorted(kept)) + "\n")
@@ -293,10 +293,14 @@ def _store_batch(
     vectors: np.ndarray,
     report: IndexReport,
 ) -> None:
-    """Originals first (durable), then the items and their vectors [n, D] in one transaction."""
-    new = [NewItem(s.id, blobs.put(d), s.content_type, s.metadata) for s, d in zip(todo, datas, strict=True)]
-    _, old_pks, orphans = store.add(new, {space: vectors}, replace=True)
-    for sha in orphans:
-        blobs.delete(sha)
+    """Originals first (durable), then the items and their vectors [n, D] in one transaction
+    (again, originals included, while a sweep is deleting one of the same bytes)."""
+    while True:
+        new = [NewItem(s.id, blobs.put(d), s.content_type, s.metadata) for s, d in zip(todo, datas, strict=True)]
+        try:
+            _, old_pks, _ = store.add(new, {space: vectors}, replace=True, present=blobs.exists)
+            break
+        except OriginalInCollectionError:
+            time.sleep(OriginalInCollectionError.retry_after_s)
     report.replaced += len(old_pks)
     report.added += len(todo) - len(old_pks)

@@ -62,3 +62,11 @@ class StoreUnavailableError(ItemError):
     was written. Retry once it is back: the service reconnects by itself."""
 
     code = "store_unavailable"
+
+
+class OriginalInCollectionError(ItemError):
+    """An original with these bytes is being deleted by a sweep of unreferenced originals
+    (on this host or another); write it again and retry once the sweep has finished."""
+
+    code = "original_in_collection"
+    retry_after_s = 0.05  # a sweep holds an original for one unlink and one short transaction

@@ -12,6 +12,11 @@ hole that fills later; a hole that stays open for `gap_grace_s` is a rolled-back
 is passed. The SQLite store's numbers come from the space's counter row, updated in the
 write's transaction, so they appear without holes and `above` stays empty there.
 
+Beside the index the follower keeps what a hit shows of each item (`records`: pk -> id and
+metadata, `HitRecord`), filled from the store when the index is installed (`load_records`)
+and kept by the same log rows (a metadata update is a log row too), so searches, filtered
+ones included, answer from memory, also while the store is unreachable.
+
 pks are never reused and each is added at most once and removed at most once per space, so
 within one batch additions are applied before removals. A removal whose addition was read
 after its vector was already gone (`gone`) has nothing to remove and is skipped, so an HNSW
@@ -23,11 +28,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.items.backend import ChangeBatch, ItemBackend
+from service.items.backend import ChangeBatch, HitRecord, ItemBackend
+from service.items.filters import Condition, predicate
 from service.items.index import VectorIndex
 
 log = logging.getLogger(__name__)
@@ -68,6 +75,29 @@ class LogFollower:
         self.applied = 0  # rows applied by this follower (the snapshot writer's trigger)
         self._hole_since: dict[int, float] = {}
         self._lock = threading.Lock()
+        self._records: dict[int, HitRecord] = {}
+        self._records_lock = threading.Lock()  # apart from _lock: a search never waits on a store read
+
+    def load_records(self, page: int = 10_000) -> None:
+        """Read every item's id and metadata from the store (before following on from here:
+        log rows applied later only ever bring them up to date)."""
+        after = 0
+        while items := self.store.items_after(after, page):
+            with self._records_lock:
+                self._records.update((it.pk, HitRecord(it.id, it.metadata)) for it in items)
+            after = items[-1].pk
+
+    def records(self, pks: Iterable[int]) -> dict[int, HitRecord]:
+        """The kept id and metadata of each of `pks` that has them."""
+        with self._records_lock:
+            return {p: r for p in pks if (r := self._records.get(p)) is not None}
+
+    def matching(self, where: Sequence[Condition]) -> np.ndarray:
+        """pks (int64, ascending) of the kept items whose metadata meets every condition."""
+        meets = predicate(where)
+        with self._records_lock:
+            found = [p for p, r in self._records.items() if meets(r.metadata)]
+        return np.asarray(sorted(found), dtype=np.int64)
 
     @property
     def position(self) -> int:
@@ -93,15 +123,21 @@ class LogFollower:
     def _apply(self, batch: ChangeBatch) -> int:
         fresh = ~np.isin(batch.seqs, np.fromiter(self.at.above, dtype=np.int64, count=len(self.at.above)))
         vec_row = np.cumsum(batch.present) - 1  # row -> index into batch.vectors
+        updated = batch.updated if batch.updated is not None else np.zeros(len(batch.seqs), dtype=bool)
+        with self._records_lock:  # before the index: a searchable pk always has its record
+            self._records.update(batch.records)  # current ids and metadata (idempotent, so replayed rows too)
         adds = fresh & batch.added & batch.present
         if adds.any():
             self.index.add(batch.pks[adds], batch.vectors[vec_row[adds]])
         self.at.gone.update(int(p) for p in batch.pks[fresh & batch.added & ~batch.present])
-        removes = [int(p) for p in batch.pks[fresh & ~batch.added]]
+        removes = [int(p) for p in batch.pks[fresh & ~batch.added & ~updated]]
         live = [p for p in removes if p not in self.at.gone]
         self.at.gone.difference_update(removes)
         if live:
             self.index.remove(np.asarray(live, dtype=np.int64))
+        with self._records_lock:
+            for pk in removes:
+                self._records.pop(pk, None)
         self.at.above.update(int(s) for s in batch.seqs[fresh])
         return int(fresh.sum())
 

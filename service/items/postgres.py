@@ -2,7 +2,7 @@
 
 Chosen by `SIMCLR_EMBED_STORE_URL=postgresql://user@host/db`. The logic is the shared
 `SqlItemStore` (sqlstore.py); this module holds only what PostgreSQL does differently: the
-schema and its migrations, how a transaction is opened, and the SQL of metadata filters.
+schema and its migrations, and how a transaction is opened.
 
 Transactions. Every write takes `pg_advisory_xact_lock(WRITE_LOCK)` first, so writers run
 one at a time, as SQLite's do: a check-then-write (an add that must not overwrite, the
@@ -40,7 +40,8 @@ itself when the server is back.
 
 from __future__ import annotations
 
-import json
+import logging
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
@@ -50,8 +51,9 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from service.items.errors import StoreUnavailableError
-from service.items.filters import Condition
 from service.items.sqlstore import Db, SqlItemStore, apply_migrations
+
+log = logging.getLogger(__name__)
 
 WRITE_LOCK = 0x53494D434C52_01  # advisory lock keys (per database): "SIMCLR" + 1, + 2
 MIGRATE_LOCK = 0x53494D434C52_02
@@ -102,7 +104,10 @@ CREATE TABLE reembed (
 )
 """
 # Step i brings the schema to version i + 1. Vectors are stored EXTERNAL: float bytes do not compress.
-MIGRATIONS = (_V1,)
+_V2 = """
+CREATE TABLE orphans (sha256 TEXT PRIMARY KEY, since DOUBLE PRECISION NOT NULL, deleting DOUBLE PRECISION)
+"""
+MIGRATIONS = (_V1, _V2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -129,30 +134,11 @@ class _PgDb:
         return cur
 
 
-def _field(field: str) -> str:
-    return f"(metadata::jsonb -> '{field}')"  # field names are checked by filters.FIELD_NAME: no quotes inside
-
-
-def _condition_sql(cond: Condition, args: list[Any]) -> str:
-    """A filter condition on jsonb values: jsonb equality keeps JSON types apart (the string
-    "3" is not 3, true is not 1) and compares numbers numerically (3 = 3.0); a range also
-    tests the type, since jsonb orders every number below every boolean."""
-    value = _field(cond.field)
-    if cond.op in ("eq", "in"):
-        values = [cond.value] if cond.op == "eq" else list(cond.value)
-        args.extend(json.dumps(v) for v in values)
-        return f"({value} IN ({','.join(['?::jsonb'] * len(values))}))"
-    symbol = {"gte": ">=", "gt": ">", "lte": "<=", "lt": "<"}[cond.op]
-    args.append(json.dumps(cond.value))
-    return f"(jsonb_typeof({value}) = 'number' AND {value} {symbol} ?::jsonb)"
-
-
 class PgItemStore(SqlItemStore):
     """Thread-safe: a pool of connections (`pool_size` at most), each lent to one statement
     or transaction."""
 
     def __init__(self, url: str, *, pool_size: int = 8, timeout_s: float = 5.0) -> None:
-        super().__init__()
         self.url = url
         self.timeout_s = timeout_s
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
@@ -165,8 +151,23 @@ class PgItemStore(SqlItemStore):
             open=True,
             name="item-store",
         )
+        self._schema_ready = False
+        self._schema_lock = threading.Lock()
         try:
-            with self._connection() as conn, conn.transaction():
+            self._ensure_schema()
+        except StoreUnavailableError as exc:  # started while the server is down: migrate on first use
+            log.warning("%s; the schema is checked again on the next use", exc.message)
+        except BaseException:
+            self._pool.close()
+            raise
+
+    def _ensure_schema(self) -> None:
+        """Apply the migrations above the stored version (once per store object; several hosts
+        starting at once take turns on an advisory lock)."""
+        with self._schema_lock:
+            if self._schema_ready:
+                return
+            with self._pooled() as conn, conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
                 conn.execute("CREATE TABLE IF NOT EXISTS simclr_schema (version INTEGER NOT NULL)")
                 row = conn.execute("SELECT version FROM simclr_schema").fetchone()
@@ -175,16 +176,21 @@ class PgItemStore(SqlItemStore):
                     apply_migrations(_PgDb(conn), version, MIGRATIONS)
                     conn.execute("DELETE FROM simclr_schema")
                     conn.execute("INSERT INTO simclr_schema(version) VALUES (%s)", (SCHEMA_VERSION,))
-        except BaseException:
-            self._pool.close()
-            raise
+            self._schema_ready = True
 
     def close(self) -> None:
         self._pool.close()
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
-        """A pooled connection; an unreachable server becomes StoreUnavailableError."""
+        """A pooled connection to a migrated schema; an unreachable server becomes StoreUnavailableError."""
+        if not self._schema_ready:
+            self._ensure_schema()
+        with self._pooled() as conn:
+            yield conn
+
+    @contextmanager
+    def _pooled(self) -> Iterator[psycopg.Connection[Any]]:
         try:
             with self._pool.connection() as conn:
                 yield conn
@@ -215,15 +221,3 @@ class PgItemStore(SqlItemStore):
     def _conn(self) -> Iterator[Db]:
         with self._connection() as conn:
             yield _PgDb(conn)
-
-    def _condition_sql(self, cond: Condition, args: list[Any]) -> str:
-        return _condition_sql(cond, args)
-
-    def _field_indexes(self, db: Db) -> set[str]:
-        rows = db.execute(
-            "SELECT indexname FROM pg_indexes WHERE tablename = 'items' AND indexname LIKE 'items_meta_%'"
-        )
-        return {r[0] for r in rows}
-
-    def _create_field_index(self, db: Db, index: str, field: str) -> None:
-        db.execute(f"CREATE INDEX {index} ON items (({_field(field)}))")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -35,11 +36,11 @@ from service.items.errors import (
     InvalidItemRequestError,
     ItemConflictError,
     ItemNotFoundError,
+    OriginalInCollectionError,
     StoreUnavailableError,
 )
 from service.items.filters import Condition
 from service.items.follower import LogFollower
-from service.items.index import VectorIndex
 from service.items.reindex import (
     Encoder,
     build_from_store,
@@ -99,12 +100,26 @@ class ItemService:
         self._mutex = threading.RLock()
         self._job: tuple[str, threading.Thread, threading.Event] | None = None
         self._closing = threading.Event()
+        self._swept_at = time.monotonic()
+        self._unstarted: str | None = None  # why the store failed at start: _start_serving is retried
         self._poller = threading.Thread(target=self._follow_loop, name="index-follow", daemon=True)
 
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Pick the served space (the active model's when complete), load its index, follow the log.
+        """Serve an index (`_start_serving`) and follow the log. A store unreachable at start
+        leaves the host up without an index (not ready, writes 503); the follow loop retries
+        until the store answers, with no restart."""
+        try:
+            self._start_serving()
+        except StoreUnavailableError as exc:
+            log.warning("the item store is unreachable at start (%s); retrying while following", exc.message)
+            self._unstarted = exc.message
+        self.runtime.add_listener(self.on_activate)
+        self._poller.start()
+
+    def _start_serving(self) -> None:
+        """Pick the served space (the active model's when complete), load its index.
 
         Models are held as vector spaces (model and variant, `space_of`) from here on."""
         active_id = self.registry.active()
@@ -116,8 +131,7 @@ class ItemService:
             self._install(completed[0])
         if active_id and active != self.served:
             self.on_activate(active_id)
-        self.runtime.add_listener(self.on_activate)
-        self._poller.start()
+        self._unstarted = None
 
     def close(self) -> None:
         """Stop re-embedding and following, snapshot the served index, close the store."""
@@ -147,6 +161,7 @@ class ItemService:
         if space == self.served:
             return
         follower, source = load_or_build_index(self.settings, self.store, space, self._dim(space))
+        follower.load_records()
         with self._mutex:
             follower.poll()  # rows committed while it was built
             old = self.served
@@ -198,11 +213,15 @@ class ItemService:
         process completed; start a background snapshot when enough has changed."""
         while not self._closing.wait(self.settings.index_follow_s):
             try:
+                if self._unstarted is not None:
+                    self._start_serving()
                 follower = self._follower
                 if follower is not None:
                     follower.poll()
                     self._maybe_snapshot(follower)
                     self._maybe_upkeep(follower)
+                if time.monotonic() - self._swept_at >= self.settings.originals_sweep_s:
+                    self.sweep_originals()
                 pending = self.pending
                 if pending is not None and self._job is None and self.store.state(pending).complete:
                     self._install(pending)
@@ -210,6 +229,17 @@ class ItemService:
                 log.warning("following the change log: %s", exc.message)
             except Exception:  # a failed poll (e.g. the store busy) is retried at the next tick
                 log.exception("following the change log failed; retrying")
+
+    def sweep_originals(self) -> int:
+        """Delete the originals no item has referred to for `originals_grace_s` (sqlstore.py,
+        "Originals": decided in the store's transaction, so no host's add of the same bytes
+        loses its file); returns how many were deleted."""
+        self._swept_at = time.monotonic()
+        shas = self.store.claim_orphans(self.settings.originals_grace_s)
+        for sha in shas:
+            self.blobs.delete(sha)
+        self.store.finish_orphans(shas)
+        return len(shas)
 
     def _maybe_snapshot(self, follower: LogFollower) -> None:
         due = max(self.settings.index_snapshot_every, follower.index.ntotal // SNAPSHOT_FRACTION)
@@ -253,6 +283,7 @@ class ItemService:
         try:
             follower = build_from_store(self.settings, store, space, dim)
             write_snapshot(self.settings, follower)  # of the copy, before it serves
+            follower.load_records()
         except Exception:
             log.exception("rebuilding the index of %s (%s) failed; the old one keeps serving", space, why)
             store.close()
@@ -279,6 +310,8 @@ class ItemService:
         return vectors
 
     def _targets(self) -> list[str]:
+        if self.served is None and self._unstarted is not None:
+            raise StoreUnavailableError(self._unstarted)  # no index yet: it is loaded once the store answers
         if self.served is None:
             raise IndexNotReadyError("no model's index is being served yet; activate a model and retry")
         return [self.served] + ([self.pending] if self.pending else [])
@@ -302,8 +335,11 @@ class ItemService:
             for space in self._targets():
                 if space not in vectors:
                     vectors[space] = await self._embed(space, images)
-            if await asyncio.to_thread(self._commit_add, ids, datas, types, metadata, vectors, replace):
-                return list(ids)
+            try:
+                if await asyncio.to_thread(self._commit_add, ids, datas, types, metadata, vectors, replace):
+                    return list(ids)
+            except OriginalInCollectionError:  # a sweep is deleting one of these files: write it again
+                await asyncio.sleep(OriginalInCollectionError.retry_after_s)
 
     def _commit_add(
         self,
@@ -320,10 +356,8 @@ class ItemService:
                 return False  # the spaces changed while embedding: embed with the new model first
             shas = [self.blobs.put(d) for d in datas]
             new = [NewItem(i, s, t, m) for i, s, t, m in zip(ids, shas, types, metadata, strict=True)]
-            _, _, orphans = self.store.add(new, {m: vectors[m] for m in targets}, replace=replace)
+            self.store.add(new, {m: vectors[m] for m in targets}, replace=replace, present=self.blobs.exists)
             self._apply_log()
-            for sha in orphans:
-                self.blobs.delete(sha)
         return True
 
     def _apply_log(self) -> None:
@@ -348,18 +382,17 @@ class ItemService:
 
     def delete(self, item_id: str) -> None:
         with self._mutex:
-            removed = self.store.delete(item_id)
-            if removed is None:
+            if self.store.delete(item_id) is None:
                 raise ItemNotFoundError(f"no item with id {item_id!r}")
-            self._apply_log()
-            for sha in removed[1]:
-                self.blobs.delete(sha)
+            self._apply_log()  # an original no longer referenced is left to sweep_originals
 
     def update_metadata(self, item_id: str, metadata: dict[str, Any] | None, *, merge: bool) -> Item:
         """Replace an item's metadata, or merge into it (a key set to null removes it)."""
-        item = self.store.update_metadata(item_id, metadata, merge=merge)
-        if item is None:
-            raise ItemNotFoundError(f"no item with id {item_id!r}")
+        with self._mutex:
+            item = self.store.update_metadata(item_id, metadata, merge=merge)
+            if item is None:
+                raise ItemNotFoundError(f"no item with id {item_id!r}")
+            self._apply_log()  # searches filter on the new metadata at once
         return item
 
     def page(self, offset: int, limit: int) -> tuple[list[Item], int]:
@@ -367,24 +400,29 @@ class ItemService:
 
     # -- search -------------------------------------------------------------------------
 
-    def _served_index(self) -> tuple[str, VectorIndex]:
+    def _served(self) -> tuple[str, LogFollower]:
         with self._mutex:
             self._targets()
             assert self.served is not None and self._follower is not None
-            return self.served, self._follower.index
+            return self.served, self._follower
 
     def _candidates(
-        self, space: str, index: VectorIndex, queries: np.ndarray, want: int, where: Sequence[Condition]
+        self, follower: LogFollower, queries: np.ndarray, want: int, where: Sequence[Condition]
     ) -> tuple[np.ndarray, np.ndarray]:
         """(scores [Q, k'], pks [Q, k']) of the best `want` per query among the items meeting
-        `where`: FAISS with an IDSelector on the matching pks (exact on Flat), or, on an
-        approximate index, an exact scan of the matching items when they are few enough."""
+        `where` (evaluated on the metadata kept with the index): FAISS with an IDSelector on
+        the matching pks (exact on Flat), or, on an approximate index, an exact scan of the
+        matching items' stored vectors when they are few enough and the store answers."""
+        index = follower.index
         if not where:
             return index.search(queries, want)
-        subset = self.store.matching_pks(where)
+        subset = follower.matching(where)
         if index.exact or len(subset) > self.settings.index_filter_scan_max:
             return index.search(queries, want, subset)
-        pks, vecs = self.store.vectors_of(space, subset.tolist())  # [M], [M, D]
+        try:
+            pks, vecs = self.store.vectors_of(follower.space, subset.tolist())  # [M], [M, D]
+        except StoreUnavailableError:  # the store is down: the index's own (approximate) answer
+            return index.search(queries, want, subset)
         if not len(pks):
             return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
         scores = queries @ vecs.T  # [Q, M]
@@ -401,7 +439,8 @@ class ItemService:
     ) -> tuple[str, list[list[Hit]]]:
         """Top-k items per query by inner product with each unit-normalised vector ([Q, D]),
         in one FAISS pass. `exclude[q]`: a pk left out of query q's results."""
-        served, index = self._served_index()
+        served, follower = self._served()
+        index = follower.index
         if space is not None and space != served:
             # the caller embedded with a model we are no longer serving
             raise ItemConflictError(f"the served index is now {served}; retry the search", code="model_changed")
@@ -416,8 +455,8 @@ class ItemService:
             raise InvalidItemRequestError("the vector must be finite and non-zero", code="invalid_vector")
         excluded = list(exclude) if exclude is not None else [None] * len(queries)
         extra = int(any(p is not None for p in excluded))
-        scores, pks = self._candidates(served, index, (queries / norms).astype(np.float32), k + extra, options.where)
-        items = self.store.by_pks(sorted({int(p) for p in pks.ravel()}))
+        scores, pks = self._candidates(follower, (queries / norms).astype(np.float32), k + extra, options.where)
+        items = follower.records({int(p) for p in pks.ravel()})
         floor = -np.inf if options.min_score is None else options.min_score
         results = []
         for row_scores, row_pks, skip in zip(scores, pks, excluded, strict=True):
@@ -433,7 +472,7 @@ class ItemService:
         self, item_ids: Sequence[str], k: int, options: SearchOptions = SearchOptions(), *, exclude_self: bool = False
     ) -> tuple[str, list[list[Hit]]]:
         """Search with the stored vectors of `item_ids`, optionally leaving each item out of its own results."""
-        served, _ = self._served_index()
+        served, _ = self._served()
         vectors, pks = [], []
         for item_id in item_ids:
             item = self.get(item_id)  # 404 when the item does not exist
@@ -454,7 +493,7 @@ class ItemService:
         The served index can swap while the image is being embedded (a re-embedding just
         completed); the query is then embedded again with the new model, not refused."""
         for retries_left in (2, 1, 0):
-            served, _ = self._served_index()
+            served, _ = self._served()
             vectors = await self._embed(served, image)  # [1, D]
             try:
                 model_id, hits = await asyncio.to_thread(self.search_vectors, vectors, k, served, options)
@@ -465,13 +504,18 @@ class ItemService:
         raise AssertionError("the last try returns or raises")
 
     def stats(self) -> dict[str, Any]:
-        """For /readyz and /metrics."""
+        """For /readyz and /metrics (`store`: "ok", or why the store does not answer)."""
         follower = self._follower
         index = follower.index if follower else None
+        try:
+            items, store = self.store.count(), "ok"
+        except StoreUnavailableError as exc:
+            items, store = None, exc.message
         return {
             "served_model": self.served,
             "pending_model": self.pending,
-            "items": self.store.count(),
+            "items": items,
+            "store": store,
             "index_size": index.ntotal if index else 0,
             "index_kind": index.kind if index else None,
             "log_position": follower.position if follower else None,

@@ -10,36 +10,48 @@ What differs is left to the engine's subclass (store.py for SQLite, postgres.py)
 * `_tx()`: one write transaction, serialised against every other writer of the store (so
   check-then-write is atomic and the counter rows never deadlock), `_read()`: several
   statements on one snapshot, `_conn()`: a single statement;
-* the schema and its migrations (`apply_migrations` runs the steps above the stored version);
-* the SQL of a metadata filter condition and its indexes (`_condition_sql`,
-  `_ensure_field_indexes`).
+* the schema and its migrations (`apply_migrations` runs the steps above the stored version).
+
+Metadata filters are not evaluated here: searches evaluate them on the metadata kept beside
+the served index (follower.py, filters.matches), so they keep answering while the store is down.
 
 Tables (the same names and columns in both engines): `items` (the caller's id, JSON
 metadata as text, sha256 and content type of the original, created time; `pk` is never
 reused, so a FAISS id never is), `vectors` (one float32 blob per item and space), `models`
 (per space: `changes`, the last change-log sequence number; `count`, its vectors; the
 `complete` flag), `counters` (the item count), `changelog` (space, seq, item pk, op: 1
-added, 0 removed, time) and `reembed` (the re-embedding job of a space).
+added, 0 removed, 2 metadata updated, time), `reembed` (the re-embedding job of a space)
+and `orphans` (originals no row refers to: sha256, since when, and when a sweep began
+deleting the file).
+
+Originals are removed by a deferred collection, decided in the store's transactions, so
+that a host deleting an orphan cannot race another adding the same bytes: the write that
+drops an original's last reference records it in `orphans`; a write adding those bytes
+clears the row, or, while a sweep is deleting that file, refuses
+(`OriginalInCollectionError`: the caller writes the file again and retries); it also checks,
+inside its transaction (serialised with the sweep's), that each file exists, since one
+written before a sweep's unlink may be gone by the time the sweep has finished.
+`claim_orphans` marks the rows older than a grace period that are still unreferenced (one
+transaction), the caller deletes their files, and `finish_orphans` drops the rows. A sweep
+that died mid-way is taken over after `COLLECT_LEASE_S`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import numpy as np
 
-from service.items.backend import ChangeBatch, Item, ModelState, NewItem, ReembedProgress
-from service.items.errors import ItemExistsError
-from service.items.filters import Condition
+from service.items.backend import ChangeBatch, HitRecord, Item, ModelState, NewItem, ReembedProgress
+from service.items.errors import ItemExistsError, OriginalInCollectionError
 
-ADDED, REMOVED = 1, 0
+ADDED, REMOVED, UPDATED = 1, 0, 2  # change-log ops
 ITEM_COLUMNS = "pk, id, metadata, sha256, content_type, created"
-MAX_FIELD_INDEXES = 32
+COLLECT_LEASE_S = 300.0  # a sweep's claim on an orphan lapses after this long (the sweeper died)
 IN_CHUNK = 10_000  # ids per IN (...) list: under SQLite's bound-variable limit and PostgreSQL's
 
 
@@ -74,6 +86,10 @@ def _item(row: Sequence[Any], models: list[str] | None = None) -> Item:
     return Item(pk, item_id, meta, sha256, content_type, created, models or [])
 
 
+def _record_of(item_id: str, metadata: str | None) -> HitRecord:
+    return HitRecord(item_id, json.loads(metadata) if metadata is not None else None)
+
+
 def _dumps(metadata: dict[str, Any] | None) -> str | None:
     return json.dumps(metadata, separators=(",", ":")) if metadata is not None else None
 
@@ -85,9 +101,6 @@ def _marks(n: int) -> str:
 class SqlItemStore:
     """The `ItemBackend` over an engine subclass's connections (see the module docstring)."""
 
-    def __init__(self) -> None:
-        self._indexed_fields: set[str] = set()  # metadata fields known to have an index
-
     def _tx(self) -> AbstractContextManager[Db]:
         raise NotImplementedError
 
@@ -97,26 +110,25 @@ class SqlItemStore:
     def _conn(self) -> AbstractContextManager[Db]:
         raise NotImplementedError
 
-    def _condition_sql(self, cond: Condition, args: list[Any]) -> str:
-        raise NotImplementedError
-
-    def _field_indexes(self, db: Db) -> set[str]:
-        """The names of the `items_meta_*` indexes that exist."""
-        raise NotImplementedError
-
-    def _create_field_index(self, db: Db, index: str, field: str) -> None:
-        raise NotImplementedError
-
     def close(self) -> None:
         raise NotImplementedError
 
     # -- counters and the change log (inside a write transaction) -----------------------
 
-    def _record(self, db: Db, space: str, dim: int, added: Sequence[int], removed: Sequence[int]) -> None:
-        """Bump the space's counters and append its log rows: removals, then additions. The
-        sequence numbers come from the counter row this statement updates (and, in
-        PostgreSQL, row-locks until commit), so they become visible in commit order."""
-        n = len(added) + len(removed)
+    def _record(
+        self,
+        db: Db,
+        space: str,
+        dim: int,
+        added: Sequence[int],
+        removed: Sequence[int],
+        updated: Sequence[int] = (),
+    ) -> None:
+        """Bump the space's counters and append its log rows: removals, additions, then
+        metadata updates (which change no vector, but the metadata that followers keep beside
+        the index). The sequence numbers come from the counter row this statement updates
+        (and, in PostgreSQL, row-locks until commit), so they become visible in commit order."""
+        n = len(added) + len(removed) + len(updated)
         if not n:
             return
         (last,) = db.execute(
@@ -125,9 +137,10 @@ class SqlItemStore:
             "count = models.count + excluded.count RETURNING changes",
             (space, dim, n, len(added) - len(removed)),
         ).fetchone()
-        now, first = time.time(), last - n + 1
-        rows = [(space, first + i, int(pk), REMOVED, now) for i, pk in enumerate(removed)]
-        rows += [(space, first + len(removed) + i, int(pk), ADDED, now) for i, pk in enumerate(added)]
+        now, seq = time.time(), iter(range(last - n + 1, last + 1))
+        rows = [(space, next(seq), int(pk), REMOVED, now) for pk in removed]
+        rows += [(space, next(seq), int(pk), ADDED, now) for pk in added]
+        rows += [(space, next(seq), int(pk), UPDATED, now) for pk in updated]
         db.executemany("INSERT INTO changelog(space, seq, item, op, at) VALUES (?, ?, ?, ?, ?)", rows)
 
     def _remove_items(self, db: Db, pks: Sequence[int]) -> None:
@@ -143,11 +156,30 @@ class SqlItemStore:
 
     @staticmethod
     def _orphans(db: Db, shas: set[str]) -> list[str]:
-        return [
+        """Record the originals among `shas` that no item refers to now as candidates for the sweep."""
+        found = [
             s
             for s in sorted(shas)
             if db.execute("SELECT 1 FROM items WHERE sha256 = ? LIMIT 1", (s,)).fetchone() is None
         ]
+        db.executemany(
+            "INSERT INTO orphans(sha256, since) VALUES (?, ?) ON CONFLICT(sha256) DO NOTHING",
+            [(s, time.time()) for s in found],
+        )
+        return found
+
+    @staticmethod
+    def _adopt(db: Db, shas: Sequence[str], now: float) -> None:
+        """Clear the orphan rows of originals being referenced again, unless a sweep is deleting one."""
+        marks = _marks(len(shas))
+        busy = db.execute(
+            f"SELECT sha256 FROM orphans WHERE sha256 IN ({marks}) AND deleting > ?", [*shas, now - COLLECT_LEASE_S]
+        ).fetchall()
+        if busy:
+            raise OriginalInCollectionError(
+                f"the original {busy[0][0]} is being deleted by a sweep of unreferenced originals; retry"
+            )
+        db.execute(f"DELETE FROM orphans WHERE sha256 IN ({marks})", list(shas))
 
     @staticmethod
     def _models_of(db: Db, pk: int) -> list[str]:
@@ -160,15 +192,26 @@ class SqlItemStore:
     # -- writes -------------------------------------------------------------------------
 
     def add(
-        self, items: Sequence[NewItem], vectors: dict[str, np.ndarray], *, replace: bool = False
+        self,
+        items: Sequence[NewItem],
+        vectors: dict[str, np.ndarray],
+        *,
+        replace: bool = False,
+        present: Callable[[str], bool] | None = None,
     ) -> tuple[list[int], list[int], list[str]]:
         """Insert `items` with one vector per item for each space in `vectors` ([N, D] each).
 
-        Returns (new pks in order, pks replaced, sha256s no longer referenced). Without
-        `replace`, any existing id raises ItemExistsError and nothing is written."""
+        Returns (new pks in order, pks replaced, sha256s no longer referenced: recorded for
+        the sweep). Without `replace`, any existing id raises ItemExistsError and nothing is
+        written; OriginalInCollectionError when a sweep is deleting one of the originals, or
+        `present(sha256)` (the originals' store) says one is missing."""
         ids = [it.id for it in items]
         now = time.time()
         with self._tx() as db:
+            shas = sorted({it.sha256 for it in items})
+            self._adopt(db, shas, now)
+            if present is not None and (gone := [s for s in shas if not present(s)]):
+                raise OriginalInCollectionError(f"the original {gone[0]} was deleted by a sweep; write it again")
             old = db.execute(f"SELECT pk, id, sha256 FROM items WHERE id IN ({_marks(len(ids))})", ids).fetchall()
             if old and not replace:
                 raise ItemExistsError(sorted(r[1] for r in old))
@@ -194,7 +237,8 @@ class SqlItemStore:
         return pks, old_pks, orphans
 
     def delete(self, item_id: str) -> tuple[int, list[str]] | None:
-        """Remove an item and its vectors; returns (pk, sha256s no longer referenced) or None."""
+        """Remove an item and its vectors; returns (pk, sha256s no longer referenced: recorded
+        for the sweep) or None."""
         with self._tx() as db:
             row = db.execute("SELECT pk, sha256 FROM items WHERE id = ?", (item_id,)).fetchone()
             if row is None:
@@ -226,6 +270,8 @@ class SqlItemStore:
                     metadata = {k: v for k, v in merged.items() if v is not None} or None
                 db.execute("UPDATE items SET metadata = ? WHERE pk = ?", (_dumps(metadata), current.pk))
                 models = self._models_of(db, current.pk)
+                for space in models:
+                    self._record(db, space, 0, [], [], [current.pk])
                 out.append(
                     Item(
                         current.pk, current.id, metadata, current.sha256, current.content_type, current.created, models
@@ -382,40 +428,17 @@ class SqlItemStore:
             rows = db.execute("SELECT model_id FROM models WHERE complete = 1 ORDER BY completed_at DESC").fetchall()
         return [r[0] for r in rows]
 
-    def _ensure_field_indexes(self, fields: set[str]) -> None:
-        """An index per filtered metadata field, made on first use (up to MAX_FIELD_INDEXES)
-        in a write transaction, so two processes never race to make the same one."""
-        new = fields - self._indexed_fields
-        if not new:
-            return
-        with self._tx() as db:
-            existing = self._field_indexes(db)
-            for name in sorted(new):
-                index = "items_meta_" + hashlib.sha256(name.encode()).hexdigest()[:16]
-                if index not in existing and len(existing) < MAX_FIELD_INDEXES:
-                    self._create_field_index(db, index, name)
-                    existing.add(index)
-        self._indexed_fields |= new
-
-    def matching_pks(self, conditions: Sequence[Condition]) -> np.ndarray:
-        """pks (int64, ascending) of the items whose metadata meets every condition."""
-        self._ensure_field_indexes({c.field for c in conditions})
-        args: list[Any] = []
-        where = " AND ".join(self._condition_sql(c, args) for c in conditions) or "1 = 1"
-        with self._conn() as db:
-            # no ORDER BY: SQLite would then scan by pk instead of using the field's index
-            rows = db.execute(f"SELECT pk FROM items WHERE {where}", args).fetchall()
-        return np.sort(np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)))
-
     # -- the change log -----------------------------------------------------------------
 
     def changes_since(self, space: str, after: int, limit: int) -> ChangeBatch:
-        """Up to `limit` log rows of `space` with seq > `after`, with the added vectors (one snapshot)."""
+        """Up to `limit` log rows of `space` with seq > `after`, with the added vectors and the
+        items' current ids and metadata (one snapshot)."""
         with self._read() as db:
             dim_row = db.execute("SELECT dim FROM models WHERE model_id = ?", (space,)).fetchone()
             rows = db.execute(
-                "SELECT c.seq, c.item, c.op, v.vec FROM changelog c LEFT JOIN vectors v "
+                "SELECT c.seq, c.item, c.op, v.vec, i.id, i.metadata FROM changelog c LEFT JOIN vectors v "
                 "ON c.op = 1 AND v.model_id = c.space AND v.item = c.item "
+                "LEFT JOIN items i ON c.op <> 0 AND i.pk = c.item "
                 "WHERE c.space = ? AND c.seq > ? ORDER BY c.seq LIMIT ?",
                 (space, after, limit),
             ).fetchall()
@@ -427,6 +450,8 @@ class SqlItemStore:
             added=np.fromiter((r[2] == ADDED for r in rows), dtype=bool, count=len(rows)),
             present=np.fromiter((r[3] is not None for r in rows), dtype=bool, count=len(rows)),
             vectors=np.frombuffer(b"".join(vecs), dtype=np.float32).reshape(len(vecs), dim),
+            updated=np.fromiter((r[2] == UPDATED for r in rows), dtype=bool, count=len(rows)),
+            records={r[1]: _record_of(r[4], r[5]) for r in rows if r[4] is not None},
         )
 
     def first_seq(self, space: str) -> int | None:
@@ -443,6 +468,32 @@ class SqlItemStore:
                 (space, upto, time.time() - older_than_s),
             )
             return int(cur.rowcount)
+
+    # -- originals no row refers to ----------------------------------------------------
+
+    def claim_orphans(self, grace_s: float, limit: int = 1000) -> list[str]:
+        """Mark for deletion the orphans recorded over `grace_s` ago (or claimed by a sweep that
+        lapsed) that no item refers to, and return them; rows of referenced ones are dropped."""
+        now = time.time()
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT sha256 FROM orphans WHERE (deleting IS NULL AND since <= ?) OR deleting <= ? LIMIT ?",
+                (now - grace_s, now - COLLECT_LEASE_S, limit),
+            ).fetchall()
+            claimed = []
+            for (sha,) in rows:
+                if db.execute("SELECT 1 FROM items WHERE sha256 = ? LIMIT 1", (sha,)).fetchone() is None:
+                    db.execute("UPDATE orphans SET deleting = ? WHERE sha256 = ?", (now, sha))
+                    claimed.append(sha)
+                else:
+                    db.execute("DELETE FROM orphans WHERE sha256 = ?", (sha,))
+        return claimed
+
+    def finish_orphans(self, shas: Sequence[str]) -> None:
+        """The files of claimed orphans are deleted: drop their rows (adds of those bytes may go on)."""
+        if shas:
+            with self._tx() as db:
+                db.execute(f"DELETE FROM orphans WHERE sha256 IN ({_marks(len(shas))})", list(shas))
 
     # -- the re-embedding job -----------------------------------------------------------
 

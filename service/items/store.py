@@ -1,7 +1,6 @@
 """The item store on SQLite (the default): one file, the source of truth for items, their
 vectors per vector space, the counters and the change log. The logic is the shared
-`SqlItemStore` (sqlstore.py); this module holds SQLite's schema, transactions and
-metadata-filter SQL.
+`SqlItemStore` (sqlstore.py); this module holds SQLite's schema and transactions.
 
 Durability: WAL journal with `synchronous=FULL`, so every commit is fsynced before the API
 answers. `NORMAL` under WAL would already survive `kill -9` of the server (the commit sits in
@@ -12,27 +11,21 @@ an acknowledged add survives both.
 Tables as in sqlstore.py; `pk` is AUTOINCREMENT so a FAISS id is never reused. Schema
 versions are `PRAGMA user_version`; a store written by an older version is migrated at open,
 inside one write transaction (safe when several processes open it at once).
-
-Metadata fields named in search filters get an index on first use, on the expressions
-(`json_type(metadata, '$."f"')`, `json_extract(metadata, '$."f"')`), so a selective filter
-reads only its matches.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from service.items.backend import Item, NewItem
-from service.items.filters import Condition
 from service.items.sqlite import DurableSqlite
-from service.items.sqlstore import Db, SqlItemStore, apply_migrations
+from service.items.sqlstore import SqlItemStore, apply_migrations
 
 __all__ = ["Item", "ItemStore", "NewItem"]  # NewItem and Item: re-exported for the store's callers
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _BASE = """
 CREATE TABLE IF NOT EXISTS items (
@@ -85,50 +78,12 @@ CREATE TABLE reembed (
 );
 """
 
-MIGRATIONS = (_BASE, _TO_V2)  # a version-1 store (user_version 0) skips the base's existing tables
+# 2 -> 3: originals no row refers to, awaiting the sweep (sqlstore.py, "Originals").
+_TO_V3 = """
+CREATE TABLE orphans (sha256 TEXT PRIMARY KEY, since REAL NOT NULL, deleting REAL)
+"""
 
-
-def _path(field: str) -> str:
-    return f"'$.\"{field}\"'"  # field names are checked by filters.FIELD_NAME: no quotes inside
-
-
-def _extract(field: str) -> str:
-    return f"json_extract(metadata, {_path(field)})"
-
-
-_NUMBER = "IN ('integer', 'real')"
-
-
-def _kind(field: str) -> str:
-    return f"json_type(metadata, {_path(field)})"
-
-
-def _values_sql(field: str, values: Sequence[Any], args: list[Any]) -> str:
-    """`field` equals one of `values`, with JSON types kept apart (see filters.py). The type
-    test comes first so that the (type, value) index of the field answers it."""
-    value, kind = _extract(field), _kind(field)
-    parts = []
-    strings = [v for v in values if isinstance(v, str)]
-    numbers = [v for v in values if not isinstance(v, str | bool)]
-    if strings:
-        parts.append(f"({kind} = 'text' AND {value} IN ({','.join('?' * len(strings))}))")
-        args.extend(strings)
-    if numbers:
-        parts.append(f"({kind} {_NUMBER} AND {value} IN ({','.join('?' * len(numbers))}))")
-        args.extend(numbers)
-    for flag in sorted({v for v in values if isinstance(v, bool)}):
-        parts.append(f"{kind} = '{'true' if flag else 'false'}'")
-    return "(" + " OR ".join(parts) + ")"
-
-
-def _condition_sql(cond: Condition, args: list[Any]) -> str:
-    if cond.op == "eq":
-        return _values_sql(cond.field, [cond.value], args)
-    if cond.op == "in":
-        return _values_sql(cond.field, cond.value, args)
-    symbol = {"gte": ">=", "gt": ">", "lte": "<=", "lt": "<"}[cond.op]
-    args.append(cond.value)
-    return f"({_kind(cond.field)} {_NUMBER} AND {_extract(cond.field)} {symbol} ?)"
+MIGRATIONS = (_BASE, _TO_V2, _TO_V3)  # a version-1 store (user_version 0) skips the base's existing tables
 
 
 class ItemStore(DurableSqlite, SqlItemStore):
@@ -138,7 +93,6 @@ class ItemStore(DurableSqlite, SqlItemStore):
 
     def __init__(self, path: str | Path) -> None:
         DurableSqlite.__init__(self, path)
-        SqlItemStore.__init__(self)
         with self._tx() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version < SCHEMA_VERSION:
@@ -159,12 +113,3 @@ class ItemStore(DurableSqlite, SqlItemStore):
     def _conn(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             yield self._db
-
-    def _condition_sql(self, cond: Condition, args: list[Any]) -> str:
-        return _condition_sql(cond, args)
-
-    def _field_indexes(self, db: Db) -> set[str]:
-        return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE name LIKE 'items_meta_%'")}
-
-    def _create_field_index(self, db: Db, index: str, field: str) -> None:
-        db.execute(f"CREATE INDEX {index} ON items({_kind(field)}, {_extract(field)})")

@@ -3,7 +3,10 @@
 Readiness means ready to serve /embed and /search: a model and its index are loaded. The job
 broker is reported (`checks.broker`, the `simclr_embed_broker_up` gauge) but does not make a
 replica unready: a load balancer must not drop a replica that serves well because job
-submission is down; while it is, `POST /train-jobs` answers 503 `jobs_unavailable`.
+submission is down; while it is, `POST /train-jobs` answers 503 `jobs_unavailable`. The item
+store is reported the same way (`checks.store`): while it is unreachable a host with a
+loaded index keeps answering searches from memory, so it stays ready; one that started
+during the outage has no index yet and is not ready until the store answers.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ async def readyz(request: Request) -> JSONResponse:
         stats = await run_in_threadpool(items.stats)
         served = stats["served_model"]
         checks["index"] = f"ok: {served}, {stats['index_size']} vectors" if served else "no search index is loaded"
+        checks["store"] = stats["store"]
     checks["broker"] = await broker_check(state)
     failing = {k: checks[k] for k in SERVING_CHECKS if k in checks and not checks[k].startswith("ok")}
     if failing:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.service.conftest import MODEL_A, MODEL_B, png
+from service.app import create_app
+from tests.service.conftest import MODEL_A, MODEL_B, make_settings, png
 
 
 def noise(seed: int, n: int) -> list[bytes]:
@@ -159,3 +161,31 @@ def test_ids_with_slashes_are_whole_urls(client: TestClient) -> None:
     for bad in ("/lead", "trail/", "two//parts", "x/image"):
         answer = add(client, [bad], [a])
         assert (answer.status_code, answer.json()["error"]["code"]) == (422, "invalid_item_id"), bad
+
+
+def test_originals_are_swept_only_when_unreferenced_and_never_under_an_add(data_dir, store_url) -> None:
+    """Deleting an item leaves its original to the sweep; a sweep deleting a file holds off an
+    add of the same bytes (on any host) until it has finished, and the add then writes it again."""
+    settings = make_settings(data_dir, store_url=store_url, originals_grace_s=0.0, originals_sweep_s=3600.0)
+    images = noise(11, 2)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        items = client.app.state.items
+        assert add(client, ["x", "y"], images).status_code == 201
+        x_file, y_file = (items.blobs.path(items.get(i).sha256) for i in ("x", "y"))
+        assert client.delete("/items/x").status_code == 204
+        assert x_file.is_file()  # left to the sweep
+        assert items.sweep_originals() == 1 and not x_file.exists() and y_file.is_file()
+
+        assert client.delete("/items/y").status_code == 204
+        claimed = items.store.claim_orphans(0.0)  # another host's sweep, mid-way: claimed, file not yet deleted
+        assert claimed == [items.blobs.digest(images[1])]
+        answer: dict[str, int] = {}
+        adder = threading.Thread(target=lambda: answer.update(code=add(client, ["y2"], images[1:]).status_code))
+        adder.start()
+        adder.join(timeout=0.5)
+        assert adder.is_alive() and "code" not in answer  # held off while the sweep holds the original
+        y_file.unlink()  # the sweep deletes the file the add found present, then finishes
+        items.store.finish_orphans(claimed)
+        adder.join(timeout=10)
+        assert answer == {"code": 201}
+        assert client.get(client.get("/items/y2").json()["image_url"]).content == images[1]

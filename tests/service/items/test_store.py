@@ -12,7 +12,9 @@ import numpy as np
 import psycopg
 import pytest
 
-from service.items.errors import ItemExistsError
+from service.items.backend import HitRecord
+from service.items.errors import ItemExistsError, OriginalInCollectionError
+from service.items.filters import parse_filter
 from service.items.follower import LogFollower, LogPosition
 from service.items.index import VectorIndex
 from service.items.postgres import SCHEMA_VERSION, PgItemStore
@@ -105,10 +107,70 @@ def test_duplicates_metadata_patch_and_completion(store: SqlItemStore) -> None:
     replaced = store.update_metadata("x", {"z": 0}, merge=False)
     assert replaced is not None and store.get("x").metadata == {"z": 0}  # type: ignore[union-attr]
     assert store.update_metadata("nope", {}, merge=True) is None
-    before = store.state("a").changes
+    before = store.state("a")
     store.update_metadata("y", {"k": 1}, merge=True)
-    assert store.state("a").changes == before  # metadata is not a vector change
+    after = store.state("a")
+    # a metadata update is one log row (followers keep metadata beside the index), not a vector change
+    assert after.changes == before.changes + 1 and after.count == before.count
+    batch = store.changes_since("a", before.changes, 10)
+    assert batch.updated is not None and batch.updated.tolist() == [True] and not batch.added.any()
+    (pk,) = batch.pks.tolist()
+    assert batch.records[pk].id == "y" and batch.records[pk].metadata == {"k": 1}
     assert store.mark_complete("a", D) and not store.mark_complete("b", D)
+
+
+def test_follower_keeps_ids_and_metadata_with_the_index(store: SqlItemStore) -> None:
+    """What hits show and filters test is kept by the log: adds, metadata updates (one row per
+    space holding the item), replaces and deletes; a follower started later reads it all."""
+    rng = np.random.default_rng(4)
+    store.add(new(["a", "b", "c"], [{"n": 1}, {"n": 2}, None]), {"s": unit(rng, 3)})
+    follower = LogFollower(store, "s", VectorIndex(D), LogPosition(0))
+    follower.poll()
+    pk = {it.id: it.pk for it in store.items_after(0, 10)}
+    n_is_2 = parse_filter({"n": 2})
+    assert follower.matching(n_is_2).tolist() == [pk["b"]]
+    store.update_metadata("a", {"n": 2}, merge=False)
+    store.add(new(["c"], [{"n": 2}]), {"s": unit(rng, 1)}, replace=True)  # a new pk
+    store.delete("b")
+    follower.poll()
+    c_pk = store.get("c").pk  # type: ignore[union-attr]
+    assert follower.matching(n_is_2).tolist() == [pk["a"], c_pk]
+    assert follower.records([pk["a"], pk["b"], pk["c"], c_pk]) == {
+        pk["a"]: HitRecord("a", {"n": 2}),
+        c_pk: HitRecord("c", {"n": 2}),
+    }
+    later = LogFollower(store, "s", VectorIndex(D), LogPosition(store.state("s").changes))
+    later.load_records()
+    assert later.records([pk["a"], c_pk]) == follower.records([pk["a"], c_pk])
+    assert later.matching(n_is_2).tolist() == follower.matching(n_is_2).tolist()
+
+
+def test_an_original_is_collected_only_when_unreferenced_after_the_grace(store: SqlItemStore) -> None:
+    """The deferred collection: a delete records the orphan, the same bytes added again clear
+    it, a sweep claims only what is still unreferenced past the grace, and an add of bytes
+    being deleted is refused until the sweep has finished."""
+    rng = np.random.default_rng(6)
+    store.add(new(["a", "b"]), {"s": unit(rng, 2)})
+    store.delete("a")
+    assert store.claim_orphans(grace_s=3600) == []  # recorded, but within the grace
+    store.add([NewItem("a2", "sha-a", "image/png")], {"s": unit(rng, 1)})  # the same bytes again
+    assert store.claim_orphans(grace_s=0) == []  # referenced again: the candidate is gone
+    store.delete("a2")
+    store.delete("b")
+    claimed = store.claim_orphans(grace_s=0)
+    assert claimed == ["sha-a", "sha-b"]
+    with pytest.raises(OriginalInCollectionError):  # its file is being deleted: write it again, retry
+        store.add([NewItem("b2", "sha-b", "image/png")], {"s": unit(rng, 1)})
+    assert store.get("b2") is None
+    assert store.claim_orphans(grace_s=0) == []  # claimed once
+    store.finish_orphans(claimed)
+    store.add([NewItem("b2", "sha-b", "image/png")], {"s": unit(rng, 1)})
+    store.delete("b2")
+    assert store.claim_orphans(grace_s=0) == ["sha-b"]
+    # a file written before a sweep's unlink: the add's own transaction finds it missing
+    with pytest.raises(OriginalInCollectionError):
+        store.add([NewItem("c", "sha-c", "image/png")], {"s": unit(rng, 1)}, present=lambda sha: sha != "sha-c")
+    assert store.get("c") is None and store.count() == 0
 
 
 def test_compaction_and_a_snapshot_older_than_the_log(store: SqlItemStore) -> None:
