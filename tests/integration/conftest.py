@@ -40,3 +40,13 @@ def stack(_stack: Stack) -> Stack:
     if _stack.redis.proc is None:
         _stack.redis.start()
     return _stack
+
+
+@pytest.fixture
+def empty_store(stack: Stack) -> Stack:
+    """The session's stack with no items: a test that counts or labels every item starts clean,
+    whatever the tests before it indexed."""
+    while items := stack.http.get("/items", params={"limit": 500}).json()["items"]:
+        for item in items:
+            assert stack.http.delete(f"/items/{item['id']}").status_code == 204
+    return stack

@@ -154,7 +154,9 @@ def test_killed_worker_job_resumes_and_stores_each_image_once(live: Stack) -> No
         return answer.json()["results"] if answer.status_code == 200 else []
 
     hits = wait_until(served, 5, "the API to serve the last image")
-    assert hits[0]["id"] == "k/digits-1436" and len({h["id"] for h in hits}) == 3
+    # First, or tied at score 1 with an identical scan (digits holds duplicates); no id twice.
+    assert "k/digits-1436" in [h["id"] for h in hits if h["score"] > 0.9999] and hits[0]["score"] > 0.9999
+    assert len({h["id"] for h in hits}) == 3
 
 
 def test_cancel_stops_a_running_job_and_a_new_job_goes_on(live: Stack) -> None:

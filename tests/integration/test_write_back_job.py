@@ -58,7 +58,8 @@ def reference_logreg(x: np.ndarray, weights: np.ndarray, bias: np.ndarray) -> np
     return np.stack(out)
 
 
-def test_write_back_labels_every_item_and_filtered_search_uses_them(stack: Stack, job_datasets: Path) -> None:
+def test_write_back_labels_every_item_and_filtered_search_uses_them(empty_store: Stack, job_datasets: Path) -> None:
+    stack = empty_store
     pretrain = stack.submit(max_steps=4, activate=True)
     model_id = stack.wait_state(pretrain, "succeeded", 240)["model_id"]
 
