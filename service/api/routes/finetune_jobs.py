@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, Request, Response, status
 from service.api.deps import require_write_key
 from service.api.errors import ApiError, error_responses
 from service.api.routes.classifiers import ClassifiersDep, _as_http
-from service.api.routes.jobs import JobCreated, Jobs, broker, resolve_dataset
+from service.api.routes.jobs import JobCreated, Jobs, queue_job, resolve_dataset
 from service.contract.finetune_config import FinetuneExample, FinetuneJobRequest
 from service.settings import Settings
 
@@ -63,8 +63,4 @@ def submit_finetune_job(
         examples = [FinetuneExample(item_id=i, label=label) for i, label in pairs]
         dataset = f"items ({len(pairs)} labeled" + (f" by {body.label_key!r})" if body.label_key else ")")
         body = body.model_copy(update={"examples": examples, "label_key": None})
-    with broker():
-        record = jobs.submit(body, dataset)
-    url = str(request.url_for("get_job", job_id=record.id))
-    response.headers["Location"] = url
-    return {"id": record.id, "url": url, "state": record.state.value}
+    return queue_job(jobs, body, dataset, request, response, "get_job")

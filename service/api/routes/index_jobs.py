@@ -15,7 +15,16 @@ from fastapi import APIRouter, Depends, Query, Request, Response, status
 
 from service.api.deps import Offset, require_read_key, require_write_key
 from service.api.errors import ApiError, error_responses
-from service.api.routes.jobs import JobCreated, JobPage, Jobs, broker, found, resolve_dataset, resolve_under_roots
+from service.api.routes.jobs import (
+    JobCreated,
+    JobPage,
+    Jobs,
+    broker,
+    found,
+    queue_job,
+    resolve_dataset,
+    resolve_under_roots,
+)
 from service.contract.index_config import IndexJobRequest
 from service.contract.registry import ModelRegistry
 from service.jobs.store import JobRecord
@@ -58,11 +67,7 @@ def submit_index_job(body: IndexJobRequest, request: Request, response: Response
         raise ApiError(
             409, "no_active_model", "no encoder model is active: train one (POST /train-jobs) or activate one"
         )
-    with broker():
-        record = jobs.submit(body, dataset)
-    url = str(request.url_for("get_index_job", job_id=record.id))
-    response.headers["Location"] = url
-    return {"id": record.id, "url": url, "state": record.state.value}
+    return queue_job(jobs, body, dataset, request, response, "get_index_job")
 
 
 @router.get("", response_model=JobPage, dependencies=[Depends(require_read_key)], responses=error_responses(401, 503))

@@ -111,9 +111,15 @@ def submit_job(body: TrainJobRequest, request: Request, response: Response, jobs
     `no_readable_images: no image under ... could be decoded`).
     """
     dataset = resolve_dataset(body.dataset, request.app.state.settings)
+    return queue_job(jobs, body, dataset, request, response, "get_job")
+
+
+def queue_job(jobs: Any, body: Any, dataset: Any, request: Request, response: Response, route: str) -> dict[str, Any]:
+    """Submit `body` to the queue and answer as every job route does: id, the URL of its `route`
+    (also in Location) and its state."""
     with broker():
         record = jobs.submit(body, dataset)
-    url = str(request.url_for("get_job", job_id=record.id))
+    url = str(request.url_for(route, job_id=record.id))
     response.headers["Location"] = url
     return {"id": record.id, "url": url, "state": record.state.value}
 
