@@ -21,7 +21,7 @@ import os
 import threading
 from typing import Any
 
-from celery import signals
+from celery import Celery, signals
 from redis.exceptions import RedisError
 
 from service.jobs.celery_app import INDEX_QUEUE, JOB_TASKS, TRAIN_QUEUE, app
@@ -31,13 +31,14 @@ from service.settings import env_settings
 log = logging.getLogger(__name__)
 
 
-def revive_orphans(store: JobStore) -> list[str]:
+def revive_orphans(store: JobStore, celery: Celery = app) -> list[str]:
     """Re-send every running job whose owner is gone, to the task of its kind (training or
-    indexing); one re-send per lock TTL across workers."""
+    indexing) on the queue it was first sent to; one re-send per lock TTL across workers."""
     revived = [job_id for job_id in store.orphans() if store.claim_revival(job_id)]
     for job_id in revived:
         log.warning("job %s: its worker stopped renewing the lock; re-sending it", job_id)
-        app.send_task(JOB_TASKS[store.kind(job_id)], args=[job_id])
+        queue = store.queue(job_id)
+        celery.send_task(JOB_TASKS[store.kind(job_id)], args=[job_id], **({"queue": queue} if queue else {}))
     return revived
 
 

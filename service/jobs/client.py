@@ -79,7 +79,9 @@ class JobClient:
         job_id = new_job_id()
         kind: JobKind = "index" if isinstance(request, IndexJobRequest) else "train"
         body = request.model_dump(mode="json")
-        record = self._call(store.create, job_id, request=body, dataset=str(dataset), name=request.name, kind=kind)
+        record = self._call(
+            store.create, job_id, request=body, dataset=str(dataset), name=request.name, kind=kind, queue=queue
+        )
         try:
             assert self._celery is not None
             routing = {"queue": queue} if queue else {}  # else the task's route

@@ -179,12 +179,22 @@ class JobStore:
     # -- records ----------------------------------------------------------------------------
 
     def create(
-        self, job_id: str, *, request: dict[str, Any], dataset: str, name: str | None, kind: JobKind = "train"
+        self,
+        job_id: str,
+        *,
+        request: dict[str, Any],
+        dataset: str,
+        name: str | None,
+        kind: JobKind = "train",
+        queue: str | None = None,
     ) -> JobRecord:
+        """`queue`: where the job's message was sent when not its task's own route; a re-send
+        (after its worker died) goes there too."""
         now = utcnow()
         fields = {
             "id": job_id,
             "kind": kind,
+            "queue": queue or "",
             "state": JobState.queued.value,
             "request": json.dumps(request),
             "dataset": dataset,
@@ -288,6 +298,10 @@ class JobStore:
         """Which task runs the job (a record written before kinds existed is a training job)."""
         kind = self.redis.hget(self._key(job_id), "kind")
         return "index" if kind == "index" else "train"
+
+    def queue(self, job_id: str) -> str | None:
+        """The queue the job was sent to, None for its task's own route."""
+        return self.redis.hget(self._key(job_id), "queue") or None
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.redis.hget(self._key(job_id), "cancel_requested") == "1"

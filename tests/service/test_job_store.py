@@ -7,7 +7,11 @@ import time
 import pytest
 from _procs import RedisServer
 
+import json
+
+from service.jobs.celery_app import INDEX_QUEUE, TRAIN_QUEUE, create_celery
 from service.jobs.store import JobState, JobStore, connect
+from trainer.worker import revive_orphans
 
 
 @pytest.fixture
@@ -76,6 +80,20 @@ def test_orphans_are_running_jobs_without_a_lock(store: JobStore) -> None:
     assert store.claim_revival(orphan) and not store.claim_revival(orphan)  # one re-send per TTL
     store.finish(orphan, JobState.failed, error="x")
     assert store.orphans() == [] and store.get(waiting).state is JobState.queued
+
+
+def test_an_orphan_is_re_sent_to_the_queue_it_was_first_sent_to(store: JobStore, private_redis: RedisServer) -> None:
+    # A write-back job is a training-kind record sent to the index queue; its re-send goes there too.
+    store.create("wb", request={}, dataset="items", name=None, queue=INDEX_QUEUE)
+    store.create("tr", request={}, dataset="/d", name=None)
+    for job in ("wb", "tr"):
+        store.start(job)
+    assert sorted(revive_orphans(store, create_celery(private_redis.url))) == ["tr", "wb"]
+    broker = private_redis.client()
+    sent = {
+        q: [json.loads(m)["headers"]["argsrepr"] for m in broker.lrange(q, 0, -1)] for q in (TRAIN_QUEUE, INDEX_QUEUE)
+    }
+    assert sent == {TRAIN_QUEUE: ["['tr']"], INDEX_QUEUE: ["['wb']"]}
 
 
 def test_progress_and_capped_loss_history(store: JobStore) -> None:
