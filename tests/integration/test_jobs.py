@@ -112,13 +112,16 @@ def test_cancel_of_queued_job_is_immediate(stack: Stack) -> None:
     # The worker then takes the cancelled job's message and drops it without training.
     broker = stack.redis.client()
 
-    def drained() -> bool:  # nothing waiting on the train queue, nothing of it in flight (kombu's
-        # unacked hash holds [message, exchange, routing key]; other queues' messages may be in flight)
-        return broker.llen("train") == 0 and all(json.loads(v)[2] != "train" for v in broker.hvals("unacked"))
+    def taken() -> bool:  # the queued job's message (task id = job id) neither waits on the train queue
+        # nor is in flight (kombu's unacked hash holds [message, exchange, routing key]); a SIGKILLed
+        # worker of an earlier test may leave its own delivery there until the visibility timeout
+        waiting = [json.loads(m) for m in broker.lrange("train", 0, -1)]
+        in_flight = [json.loads(v)[0] for v in broker.hvals("unacked")]
+        return all(m["headers"]["id"] != queued for m in waiting + in_flight)
 
     # The one worker may first finish an index-queue task (re-embedding the items that earlier tests
     # indexed, after an activation), so allow it that long.
-    wait_until(drained, 180, "the train queue to drain")
+    wait_until(taken, 180, "the worker to take the cancelled job's message")
     job = stack.job(queued)
     assert job["state"] == "cancelled" and job["attempts"] == 0 and job["started_at"] is None
     assert not stack.run_dir(queued).exists()
