@@ -73,6 +73,12 @@ def epochs_for(labels_per_class: float) -> int:
     return round(60 - 30 * min(1.0, max(0.0, t)))
 
 
+class NoCheckpointError(FileNotFoundError):
+    """The run to fine-tune from has no checkpoint (it never started, or its folder is gone)."""
+
+    code = "no_checkpoint"
+
+
 class FinetunedClassifier(nn.Module):
     """f -> g's first layer (Linear-BN-ReLU, or nothing) -> Linear classifier.
 
@@ -109,10 +115,10 @@ def _neck_from_state(method_state: dict[str, torch.Tensor]) -> tuple[nn.Module, 
 
 
 def run_state(run_dir: str | Path) -> tuple[dict[str, Any], TrainConfig]:
-    """A run's last checkpoint and its resolved config; FileNotFoundError when it has none."""
+    """A run's last checkpoint and its resolved config; NoCheckpointError when it has none."""
     path = checkpoint_path(run_dir)
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no checkpoint ({path.name}); fine-tuning starts from one")
+        raise NoCheckpointError(f"{run_dir} has no checkpoint ({path.name}); fine-tuning starts from one")
     state = load_checkpoint(path)
     return state, TrainConfig.model_validate(state["config"]).resolved()
 
@@ -121,7 +127,7 @@ def build_classifier(
     run_dir: str | Path, n_classes: int, *, pretrained: bool = True
 ) -> tuple[FinetunedClassifier, TrainConfig]:
     """The network to fine-tune from a run's checkpoint (or, `pretrained=False`, the same shape
-    randomly initialised). Raises FileNotFoundError when the run has no checkpoint."""
+    randomly initialised). Raises NoCheckpointError when the run has no checkpoint."""
     state, cfg = run_state(run_dir)
     encoder = Encoder(cfg.backbone, bool(cfg.small_stem))
     found = _neck_from_state(state.get("method", {}))
@@ -353,7 +359,7 @@ def finetune_run(
     stopped run resumes from it."""
     from trainer.export import export_classifier  # onnx only where it is needed
 
-    _, run_cfg = run_state(run_dir)  # raises FileNotFoundError before any image is read
+    _, run_cfg = run_state(run_dir)  # raises NoCheckpointError before any image is read
     split = data if callable(data) else (lambda size, s: labeled_split(data, size, s))
     classes, x, y, x_val, y_val = split(run_cfg.image_size, seed)
     if len(classes) < 2 or np.bincount(y, minlength=len(classes)).min() < 1:

@@ -51,7 +51,7 @@ from service.shutdown import StopFlag
 from trainer.data import DatasetError
 from trainer.engine import train
 from trainer.export import export_run
-from trainer.finetune import FINETUNE_CHECKPOINT, LabeledSplit, finetune_run, items_split
+from trainer.finetune import FINETUNE_CHECKPOINT, LabeledSplit, NoCheckpointError, finetune_run, items_split
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -179,7 +179,12 @@ def _run_owned(job_id: str, body: JobBody) -> str:
             return "finished-elsewhere"
         record = _persist(store.get, job_id, with_history=False)
         assert record is not None
-        return body(settings, store, record, token, heartbeat)
+        try:
+            return body(settings, store, record, token, heartbeat)
+        except Reject:  # handing the job back on shutdown is not a failure
+            raise
+        except Exception as exc:  # a job's failure is the job's state, never a crashed worker
+            return _failed(store, job_id, _failure(job_id, exc))
     finally:
         heartbeat.stop()
         try:
@@ -212,30 +217,22 @@ def _run_training(settings: Settings, store: JobStore, record: JobRecord, token:
     cfg = TrainConfig.model_validate(request.model_dump(exclude={"dataset", "activate", "name"}))
     registry = ModelRegistry(settings.models_dir)
     model_id = model_id_for(job_id)
-    try:
-        if not _published(registry, model_id):
-            control = JobControl(str(settings.broker_url), job_id, token)
-            result = train(
-                cfg,
-                record.dataset,
-                settings.jobs_dir / job_id,
-                resume=True,
-                on_progress=control.progress,
-                should_stop=control.should_stop,
-            )
-            if result.stopped:
-                return _stopped(store, job_id, heartbeat)
-            export_run(settings.jobs_dir / job_id, registry, activate=False, model_id=model_id)
-        if request.activate:
-            registry.activate(model_id)
-            app.send_task(INDEX_TASK, args=[model_id])
-    except Reject:  # handing the job back on shutdown is not a failure
-        raise
-    except DatasetError as exc:
-        return _failed(store, job_id, f"{exc.code}: {exc}")
-    except Exception as exc:  # a job's failure is the job's state, never a crashed worker
-        log.exception("job %s failed", job_id)
-        return _failed(store, job_id, f"{type(exc).__name__}: {exc}")
+    if not _published(registry, model_id):
+        control = JobControl(str(settings.broker_url), job_id, token)
+        result = train(
+            cfg,
+            record.dataset,
+            settings.jobs_dir / job_id,
+            resume=True,
+            on_progress=control.progress,
+            should_stop=control.should_stop,
+        )
+        if result.stopped:
+            return _stopped(store, job_id, heartbeat)
+        export_run(settings.jobs_dir / job_id, registry, activate=False, model_id=model_id)
+    if request.activate:
+        registry.activate(model_id)
+        app.send_task(INDEX_TASK, args=[model_id])
     _persist(store.finish, job_id, JobState.succeeded, model_id=model_id)
     return JobState.succeeded.value
 
@@ -274,30 +271,36 @@ def _run_index(settings: Settings, store: JobStore, record: JobRecord, token: st
     request = IndexJobRequest.model_validate(record.request)
     control = JobControl(str(settings.broker_url), record.id, token)
     started = time.monotonic()
-    try:
-        report = index_dataset(
-            settings,
-            Path(record.dataset),
-            folders_as=request.folders_as,
-            sidecar=Path(request.metadata) if request.metadata else None,
-            split=request.split,
-            ids=request.ids,
-            id_prefix=request.id_prefix,
-            delete_missing=request.delete_missing,
-            batch_size=request.batch_size,
-            on_progress=lambda report: control.progress(_index_progress(report, time.monotonic() - started)),
-            should_stop=control.should_stop,
-        )
-    except BulkIndexError as exc:
-        return _failed(store, record.id, f"bulk_index_error: {exc}")
-    except Exception as exc:  # a job's failure is the job's state, never a crashed worker
-        log.exception("job %s failed", record.id)
-        return _failed(store, record.id, f"{type(exc).__name__}: {exc}")
+    report = index_dataset(
+        settings,
+        Path(record.dataset),
+        folders_as=request.folders_as,
+        sidecar=Path(request.metadata) if request.metadata else None,
+        split=request.split,
+        ids=request.ids,
+        id_prefix=request.id_prefix,
+        delete_missing=request.delete_missing,
+        batch_size=request.batch_size,
+        on_progress=lambda report: control.progress(_index_progress(report, time.monotonic() - started)),
+        should_stop=control.should_stop,
+    )
     control.progress(_index_progress(report, time.monotonic() - started))
     if report.stopped:
         return _stopped(store, record.id, heartbeat)
     _persist(store.finish, record.id, JobState.succeeded, model_id=report.space)
     return JobState.succeeded.value
+
+
+def _failure(job_id: str, exc: Exception) -> str:
+    """The error a failed job shows: `code: message` for the errors a user can act on (a bad
+    dataset, a missing checkpoint, a classifier that cannot be fitted), else the exception,
+    logged with its traceback."""
+    if isinstance(exc, DatasetError | ClassifierError | NoCheckpointError):
+        return f"{exc.code}: {exc}"
+    if isinstance(exc, BulkIndexError):
+        return f"bulk_index_error: {exc}"
+    log.exception("job %s failed", job_id)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _failed(store: JobStore, job_id: str, error: str) -> str:
@@ -315,36 +318,26 @@ def _run_finetune(
     request = FinetuneJobRequest.model_validate(record.request)
     registry = ModelRegistry(settings.models_dir)
     model_id = model_id_for(job_id)
-    try:
-        if not _published(registry, model_id):
-            control = JobControl(str(settings.broker_url), job_id, token)
-            data: Path | str | Callable[[int, int], LabeledSplit] = record.dataset
-            if request.examples is not None:
-                pairs = [(e.item_id, e.label) for e in request.examples]
-                data = functools.partial(items_split, settings, pairs)
-            card = finetune_run(
-                settings.jobs_dir / request.run,
-                data,
-                registry,
-                model_id=model_id,
-                epochs=request.epochs,
-                batch_size=request.batch_size,
-                seed=request.seed,
-                should_stop=control.should_stop,
-                on_progress=control.progress,
-                checkpoint=settings.jobs_dir / job_id / FINETUNE_CHECKPOINT,
-            )
-            if card is None:  # cancelled, or the worker is shutting down (requeued: it resumes)
-                return _stopped(store, job_id, heartbeat)
-    except Reject:
-        raise
-    except FileNotFoundError as exc:
-        return _failed(store, job_id, f"no_checkpoint: {exc}")
-    except DatasetError as exc:
-        return _failed(store, job_id, f"{exc.code}: {exc}")
-    except Exception as exc:  # a job's failure is the job's state, never a crashed worker
-        log.exception("job %s failed", job_id)
-        return _failed(store, job_id, f"{type(exc).__name__}: {exc}")
+    if not _published(registry, model_id):
+        control = JobControl(str(settings.broker_url), job_id, token)
+        data: Path | str | Callable[[int, int], LabeledSplit] = record.dataset
+        if request.examples is not None:
+            pairs = [(e.item_id, e.label) for e in request.examples]
+            data = functools.partial(items_split, settings, pairs)
+        card = finetune_run(
+            settings.jobs_dir / request.run,
+            data,
+            registry,
+            model_id=model_id,
+            epochs=request.epochs,
+            batch_size=request.batch_size,
+            seed=request.seed,
+            should_stop=control.should_stop,
+            on_progress=control.progress,
+            checkpoint=settings.jobs_dir / job_id / FINETUNE_CHECKPOINT,
+        )
+        if card is None:  # cancelled, or the worker is shutting down (requeued: it resumes)
+            return _stopped(store, job_id, heartbeat)
     _persist(store.finish, job_id, JobState.succeeded, model_id=model_id)
     return JobState.succeeded.value
 
@@ -356,18 +349,10 @@ def _run_write_back(
     redelivered one starts over; it publishes nothing."""
     job = WriteBackJob.model_validate(record.request)
     control = JobControl(str(settings.broker_url), job_id, token)
-    try:
-        report = write_back(settings, job, should_stop=control.should_stop, on_progress=control.progress)
-        if report.stopped:
-            return _stopped(store, job_id, heartbeat)
-        control.progress(report.progress())  # the final count, also for an empty store
-    except Reject:
-        raise
-    except ClassifierError as exc:
-        return _failed(store, job_id, f"{exc.code}: {exc}")
-    except Exception as exc:  # a job's failure is the job's state, never a crashed worker
-        log.exception("job %s failed", job_id)
-        return _failed(store, job_id, f"{type(exc).__name__}: {exc}")
+    report = write_back(settings, job, should_stop=control.should_stop, on_progress=control.progress)
+    if report.stopped:
+        return _stopped(store, job_id, heartbeat)
+    control.progress(report.progress())  # the final count, also for an empty store
     _persist(store.finish, job_id, JobState.succeeded)
     return JobState.succeeded.value
 
@@ -375,14 +360,7 @@ def _run_write_back(
 def _run_fit_classifier(store: JobStore, job_id: str, record: JobRecord, settings: Settings) -> str:
     """A classifier fit too large for the request (service/classifiers/fit_job.py): the
     classifier's id is in the job's request; a redelivered job finds it stored and succeeds."""
-    job = ClassifierFitJob.model_validate(record.request)
-    try:
-        made = run_fit_job(settings, job)
-    except ClassifierError as exc:
-        return _failed(store, job_id, f"{exc.code}: {exc}")
-    except Exception as exc:  # a job's failure is the job's state, never a crashed worker
-        log.exception("job %s failed", job_id)
-        return _failed(store, job_id, f"{type(exc).__name__}: {exc}")
+    made = run_fit_job(settings, ClassifierFitJob.model_validate(record.request))
     examples = int(made.fits[0].cv["examples"])
     _persist(store.record_progress, job_id, {"step": examples, "total_steps": examples})
     _persist(store.finish, job_id, JobState.succeeded)
