@@ -17,7 +17,7 @@ import numpy as np
 
 from service.classifiers.schemas import ClassifierFitJob
 from service.classifiers.service import PendingFit, example_vectors, fit_examples, store_new
-from service.classifiers.storage import ClassifierRecord, ClassifierStore
+from service.classifiers.storage import ClassifierRecord, open_classifiers
 from service.items.reindex import open_store
 from service.items.sqlstore import SqlItemStore
 from service.settings import Settings
@@ -54,9 +54,9 @@ def fit_job_for(pending: PendingFit) -> ClassifierFitJob:
 def run_fit_job(settings: Settings, job: ClassifierFitJob) -> ClassifierRecord:
     """Fit and store the classifier (see the module doc); ClassifierError when the examples no
     longer fit (an item deleted or its vector gone since submission, the name taken since)."""
-    classifiers = ClassifierStore(settings.items_dir / "classifiers.sqlite3")
     store, _ = open_store(settings)
     try:
+        classifiers = open_classifiers(settings, store)
         if (done := classifiers.get(job.classifier_id)) is not None:
             return done
         pairs = [(e.item_id, e.label) for e in job.examples]
@@ -67,4 +67,3 @@ def run_fit_job(settings: Settings, job: ClassifierFitJob) -> ClassifierRecord:
         )
     finally:
         store.close()
-        classifiers.close()

@@ -37,7 +37,14 @@ from service.classifiers.fit import (
     fit_knn,
     fit_logreg,
 )
-from service.classifiers.storage import ClassifierRecord, ClassifierStore, DuplicateNameError, Fit, Label
+from service.classifiers.storage import (
+    ClassifierRecord,
+    ClassifierStore,
+    DuplicateNameError,
+    Fit,
+    Label,
+    open_classifiers,
+)
 from service.contract.encoder_io import INPUT_NAME, ort_session_options
 from service.contract.imaging import EncodedImages, ImageDecodeError, ResizePolicy, decode_image
 from service.contract.registry import ModelCard, ModelNotFoundError, ModelRegistry
@@ -350,7 +357,7 @@ class ClassifierService:
         self.settings = settings
         self.items = ItemSource(items)
         self.runtime = runtime
-        self.store = ClassifierStore(settings.items_dir / "classifiers.sqlite3")
+        self.store = open_classifiers(settings, items.store)  # the item store's tables and connections
         self.registry = ModelRegistry(settings.models_dir)
         self._models: dict[str, ClassifierModel] = {}  # fine-tuned classifier sessions, loaded on first use
         self._models_lock = threading.Lock()
@@ -372,7 +379,6 @@ class ClassifierService:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
-        self.store.close()
 
     def _watch(self) -> None:
         while not self._stop.is_set():

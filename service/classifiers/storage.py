@@ -1,21 +1,38 @@
-"""Durable classifier storage: a SQLite file beside the item store (`<items_dir>/classifiers.sqlite3`).
+"""Durable classifier storage: tables of the item store, on whichever backend it runs.
 
-A sibling file rather than tables inside items.sqlite3: the item store owns its schema (and
-may move to PostgreSQL), and a classifier write never waits on the item store's write lock.
-The same durability as the items: WAL, `synchronous=FULL`, every change one transaction, so a
-classifier the API acknowledged survives `kill -9` and a half-written one never appears.
+The classifiers live beside the items, in the item store's schema (SQLite's items.sqlite3 or
+the PostgreSQL database of `SIMCLR_EMBED_STORE_URL`; migration 4 of store.py, 3 of
+postgres.py), so every API host, fit job and write-back job of a deployment sees the same
+ones. `ClassifierStore` is one implementation for both engines: it runs its SQL through the
+item store's own transactions (`SqlItemStore.transaction()` and `snapshot()`), with `?`
+placeholders and rows read by position, as sqlstore.py does. It shares the item store's
+connections and durability: every change is one transaction, committed (fsynced on SQLite,
+WAL-flushed on PostgreSQL) before the caller acknowledges it, so an acknowledged classifier
+survives `kill -9` and a half-written one never appears; writes are serialised with the
+item writes (they are short: fits happen before them). A database that cannot be reached
+raises the item layer's StoreUnavailableError (503 at the API, as for item writes).
 
-Tables: `classifiers` (what the caller asked for: name, method, the labeled examples, and the
-metadata field they came from if any) and `classifier_fits` (one fit per classifier and
-model: classes, counts, cross-validation, and the parameters as an .npz blob). A refit for a
-newly served model adds a row; the old model's fit stays until the classifier is deleted, so
-answers never stop while a model is being replaced.
+Tables: `classifiers` (what the caller asked for: name, unique; method; the labeled
+examples; the metadata field they came from, if any) and `classifier_fits` (one fit per
+classifier and model: classes, counts, cross-validation, and the parameters as an .npz
+blob; deleted with their classifier). A refit for a newly served model adds a row; the old
+model's fit stays until the classifier is deleted, so answers never stop while a model is
+being replaced.
+
+Before schema 4, classifiers had a SQLite file of their own, `<items_dir>/classifiers.sqlite3`.
+`open_classifiers` imports it once: when the file exists and the tables are empty, its rows
+are copied in one transaction and the file is renamed `classifiers.sqlite3.imported` (kept,
+not deleted: delete it once the classifiers are checked). A file whose classifiers are all
+present already (a crash after the import's commit, or another process's import) is renamed
+the same way; one that differs from non-empty tables is left where it is, with a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -25,31 +42,16 @@ from typing import Any
 
 import numpy as np
 
-from service.items.sqlite import DurableSqlite
+from service.items.errors import StoreUnavailableError
+from service.items.sqlstore import Db, SqlItemStore
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
 
 Label = str | int
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS classifiers (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    method TEXT NOT NULL,
-    label_key TEXT,
-    examples TEXT NOT NULL,
-    created REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS classifier_fits (
-    classifier_id TEXT NOT NULL REFERENCES classifiers(id) ON DELETE CASCADE,
-    model_id TEXT NOT NULL,
-    fit_id TEXT NOT NULL UNIQUE,
-    fitted_at REAL NOT NULL,
-    classes TEXT NOT NULL,
-    counts TEXT NOT NULL,
-    cv TEXT NOT NULL,
-    params BLOB NOT NULL,
-    PRIMARY KEY (classifier_id, model_id)
-) WITHOUT ROWID;
-"""
+LEGACY_FILE = "classifiers.sqlite3"  # the classifiers' own file before schema 4, in items_dir
+CLASSIFIER_COLUMNS = "id, name, method, label_key, examples, created"
+FIT_COLUMNS = "classifier_id, model_id, fit_id, fitted_at, classes, counts, cv, params"
 
 
 class DuplicateNameError(Exception):
@@ -92,30 +94,32 @@ def _unpack(blob: bytes) -> dict[str, np.ndarray]:
         return {key: data[key] for key in data.files}
 
 
-def _fit(row: sqlite3.Row) -> Fit:
+def _fit(row: Sequence[Any]) -> Fit:
+    """A `FIT_COLUMNS` row."""
+    _, model_id, fit_id, fitted_at, classes, counts, cv, params = row
     return Fit(
-        row["fit_id"],
-        row["model_id"],
-        row["fitted_at"],
-        json.loads(row["classes"]),
-        json.loads(row["counts"]),
-        json.loads(row["cv"]),
-        _unpack(row["params"]),
+        fit_id, model_id, fitted_at, json.loads(classes), json.loads(counts), json.loads(cv), _unpack(bytes(params))
     )
 
 
-class ClassifierStore(DurableSqlite):
-    """Thread-safe: one connection behind a lock; writes are short (fits happen before them)."""
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
 
-    def __init__(self, path: str | Path) -> None:
-        super().__init__(path)
-        with self._lock:
-            self._db.executescript(_SCHEMA)
 
-    def _insert_fit(self, db: sqlite3.Connection, classifier_id: str, fit: Fit) -> None:
+class ClassifierStore:
+    """The classifier tables of `backend` (see the module doc). It borrows the backend's
+    connections and does not close it: whoever opened the item store closes it."""
+
+    def __init__(self, backend: SqlItemStore) -> None:
+        self._backend = backend
+
+    @staticmethod
+    def _insert_fit(db: Db, classifier_id: str, fit: Fit) -> None:
         db.execute(
-            "INSERT OR REPLACE INTO classifier_fits(classifier_id, model_id, fit_id, fitted_at, classes, counts, cv, params) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO classifier_fits({FIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(classifier_id, model_id) DO UPDATE SET fit_id = excluded.fit_id, "
+            "fitted_at = excluded.fitted_at, classes = excluded.classes, counts = excluded.counts, "
+            "cv = excluded.cv, params = excluded.params",
             (
                 classifier_id,
                 fit.model_id,
@@ -139,11 +143,11 @@ class ClassifierStore(DurableSqlite):
     ) -> ClassifierRecord:
         """The classifier and its first fit, in one transaction."""
         created = time.time()
-        with self._tx() as db:
+        with self._backend.transaction() as db:
             if db.execute("SELECT 1 FROM classifiers WHERE name = ?", (name,)).fetchone():
                 raise DuplicateNameError(name)
             db.execute(
-                "INSERT INTO classifiers(id, name, method, label_key, examples, created) VALUES (?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO classifiers({CLASSIFIER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
                 (classifier_id, name, method, label_key, json.dumps(examples), created),
             )
             self._insert_fit(db, classifier_id, fit)
@@ -151,7 +155,7 @@ class ClassifierStore(DurableSqlite):
 
     def add_fit(self, classifier_id: str, fit: Fit) -> bool:
         """Store a refit (replacing an older fit for the same model); False when the classifier is gone."""
-        with self._tx() as db:
+        with self._backend.transaction() as db:
             if db.execute("SELECT 1 FROM classifiers WHERE id = ?", (classifier_id,)).fetchone() is None:
                 return False
             self._insert_fit(db, classifier_id, fit)
@@ -159,22 +163,22 @@ class ClassifierStore(DurableSqlite):
 
     def without_fit(self, model_id: str, methods: Sequence[str]) -> list[str]:
         """Ids of classifiers of `methods` that have no fit for `model_id` yet (cheap: no parameters read)."""
-        marks = ",".join("?" * len(methods))
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT id FROM classifiers c WHERE method IN ({marks}) AND NOT EXISTS "
+        with self._backend.snapshot() as db:
+            rows = db.execute(
+                f"SELECT id FROM classifiers c WHERE method IN ({_marks(len(methods))}) AND NOT EXISTS "
                 "(SELECT 1 FROM classifier_fits f WHERE f.classifier_id = c.id AND f.model_id = ?) ORDER BY created",
                 (*methods, model_id),
             ).fetchall()
         return [r[0] for r in rows]
 
     def name_taken(self, name: str) -> bool:
-        with self._lock:
-            return self._db.execute("SELECT 1 FROM classifiers WHERE name = ?", (name,)).fetchone() is not None
+        with self._backend.snapshot() as db:
+            return db.execute("SELECT 1 FROM classifiers WHERE name = ?", (name,)).fetchone() is not None
 
     def delete(self, classifier_id: str) -> bool:
-        with self._tx() as db:
-            return db.execute("DELETE FROM classifiers WHERE id = ?", (classifier_id,)).rowcount > 0
+        """Delete the classifier and (by cascade) its fits; False when there was none."""
+        with self._backend.transaction() as db:
+            return int(db.execute("DELETE FROM classifiers WHERE id = ?", (classifier_id,)).rowcount) > 0
 
     def get(self, classifier_id: str) -> ClassifierRecord | None:
         records = self._select("WHERE id = ?", (classifier_id,))
@@ -185,29 +189,78 @@ class ClassifierStore(DurableSqlite):
         return self._select("", ())
 
     def _select(self, where: str, args: tuple[Any, ...]) -> list[ClassifierRecord]:
-        with self._lock:
-            self._db.execute("BEGIN")  # one snapshot for both tables
-            try:
-                rows = self._db.execute(f"SELECT * FROM classifiers {where} ORDER BY created", args).fetchall()
-                fits: dict[str, list[Fit]] = {r["id"]: [] for r in rows}
-                if rows:
-                    marks = ",".join("?" * len(rows))
-                    for f in self._db.execute(
-                        f"SELECT * FROM classifier_fits WHERE classifier_id IN ({marks}) ORDER BY fitted_at DESC",
-                        list(fits),
-                    ):
-                        fits[f["classifier_id"]].append(_fit(f))
-            finally:
-                self._db.execute("COMMIT")
+        with self._backend.snapshot() as db:  # one snapshot for both tables
+            rows = db.execute(f"SELECT {CLASSIFIER_COLUMNS} FROM classifiers {where} ORDER BY created", args).fetchall()
+            fits: dict[str, list[Fit]] = {r[0]: [] for r in rows}
+            if rows:
+                for f in db.execute(
+                    f"SELECT {FIT_COLUMNS} FROM classifier_fits WHERE classifier_id IN ({_marks(len(rows))}) "
+                    "ORDER BY fitted_at DESC",
+                    list(fits),
+                ):
+                    fits[f[0]].append(_fit(f))
         return [
             ClassifierRecord(
-                r["id"],
-                r["name"],
-                r["method"],
-                r["label_key"],
-                [(item_id, label) for item_id, label in json.loads(r["examples"])],
-                r["created"],
-                fits[r["id"]],
+                classifier_id,
+                name,
+                method,
+                label_key,
+                [(item_id, label) for item_id, label in json.loads(examples)],
+                created,
+                fits[classifier_id],
             )
-            for r in rows
+            for classifier_id, name, method, label_key, examples, created in rows
         ]
+
+    def import_file(self, path: Path) -> int:
+        """Copy a pre-schema-4 classifier file's rows in (see the module doc); returns how
+        many classifiers were imported."""
+        try:
+            src = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=30.0)
+        except sqlite3.OperationalError:
+            return 0  # renamed by another process's import meanwhile
+        try:
+            classifiers = src.execute(f"SELECT {CLASSIFIER_COLUMNS} FROM classifiers").fetchall()
+            fits = src.execute(f"SELECT {FIT_COLUMNS} FROM classifier_fits").fetchall()
+        finally:
+            src.close()  # the last connection: its WAL is checkpointed into the file and removed
+        imported = len(classifiers)
+        with self._backend.transaction() as db:
+            if db.execute("SELECT 1 FROM classifiers LIMIT 1").fetchone() is not None:
+                ids = [r[0] for r in classifiers]
+                found = db.execute(f"SELECT id FROM classifiers WHERE id IN ({_marks(len(ids))})", ids) if ids else []
+                if {r[0] for r in found} != set(ids):
+                    log.warning(
+                        "%s is not imported: the item store holds other classifiers already; "
+                        "move the file away once you no longer need it",
+                        path,
+                    )
+                    return 0
+                imported = 0  # imported before: only the rename is left
+            else:
+                db.executemany(f"INSERT INTO classifiers({CLASSIFIER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", classifiers)
+                db.executemany(f"INSERT INTO classifier_fits({FIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", fits)
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):  # no -wal: checkpointed at close
+                path.with_name(path.name + suffix).replace(path.with_name(f"{path.name}.imported{suffix}"))
+        log.info(
+            "imported %d classifier(s) from %s into the item store; the file is now %s.imported",
+            imported,
+            path,
+            path.name,
+        )
+        return imported
+
+
+def open_classifiers(settings: Settings, backend: SqlItemStore) -> ClassifierStore:
+    """The classifier store on the configured item store `backend`, with a pre-schema-4
+    classifier file imported (module doc). A PostgreSQL store down at start defers the import
+    to the next start."""
+    store = ClassifierStore(backend)
+    legacy = settings.items_dir / LEGACY_FILE
+    if legacy.is_file():
+        try:
+            store.import_file(legacy)
+        except StoreUnavailableError as exc:
+            log.warning("%s is imported at the next start: %s", legacy, exc.message)
+    return store

@@ -36,7 +36,7 @@ from service.classifiers.service import (
     predictor,
     ranked,
 )
-from service.classifiers.storage import ClassifierRecord, ClassifierStore, Fit
+from service.classifiers.storage import ClassifierRecord, ClassifierStore, Fit, open_classifiers
 from service.contract.imaging import ImageDecodeError, decode_image
 from service.contract.registry import ModelRegistry
 from service.items.backend import Item
@@ -127,10 +127,9 @@ def write_back(
     page_size: int = PAGE_SIZE,
 ) -> WriteBackReport:
     """Label every item (see the module doc); returns early with `stopped` when asked."""
-    classifiers = ClassifierStore(settings.items_dir / "classifiers.sqlite3")
     store, blobs = open_store(settings)
     try:
-        record, fit = pinned_fit(classifiers, job)
+        record, fit = pinned_fit(open_classifiers(settings, store), job)
         score = (
             _image_scorer(settings, blobs, fit) if record.method == "finetune" else _vector_scorer(store, record, fit)
         )
@@ -155,7 +154,6 @@ def write_back(
         return report
     finally:
         store.close()
-        classifiers.close()
 
 
 def job_for(record: ClassifierRecord, fit: Fit, label_field: str, probability_field: str) -> WriteBackJob:

@@ -4,13 +4,13 @@ service runs, for a restore into a new data dir.
 A live SQLite file in WAL mode cannot be copied as a file: the copy may hold half of a
 checkpoint, or miss commits still in the -wal file. sqlite3's online backup API copies the
 database page by page from one read snapshot and restarts when a writer changes a page it
-already copied, so the result is one committed state. The item store is copied first, then
-the classifier store, then the originals (`blobs/`, content-addressed: files already in DEST
-are kept): an original is written before the row that names it commits, so the later copy
-holds the original of every copied row.
+already copied, so the result is one committed state. The item store (classifiers
+included: their tables are in items.sqlite3) is copied first, then the originals (`blobs/`,
+content-addressed: files already in DEST are kept): an original is written before the row
+that names it commits, so the later copy holds the original of every copied row.
 
-Restore: stop the service, put DEST's `items.sqlite3`, `classifiers.sqlite3` and `blobs/`
-in `<data dir>/items/`; the FAISS indexes are rebuilt from the store at start.
+Restore: stop the service, put DEST's `items.sqlite3` and `blobs/` in `<data dir>/items/`;
+the FAISS indexes are rebuilt from the store at start.
 A PostgreSQL store is backed up with pg_dump (deploy/README.md); this command refuses it.
 """
 
@@ -56,7 +56,7 @@ def copy_blobs(source: Path, target: Path) -> int:
 
 
 def backup(settings: Settings, dest: Path) -> dict[str, int]:
-    """Back up the SQLite item store, the classifier store and the originals into `dest`."""
+    """Back up the SQLite item store (classifiers included) and the originals into `dest`."""
     if settings.uses_postgres:
         raise ValueError("the item store is on PostgreSQL: back it up with pg_dump (see deploy/README.md)")
     store = settings.sqlite_store_path
@@ -64,15 +64,12 @@ def backup(settings: Settings, dest: Path) -> dict[str, int]:
         raise ValueError(f"no item store at {store}")
     dest.mkdir(parents=True, exist_ok=True)
     backup_sqlite(store, dest / "items.sqlite3")
-    classifiers = settings.items_dir / "classifiers.sqlite3"
-    if classifiers.is_file():
-        backup_sqlite(classifiers, dest / "classifiers.sqlite3")
     return {"originals_copied": copy_blobs(settings.items_dir / "blobs", dest / "blobs")}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="simclr-embed backup", description=__doc__.split("\n\n")[0])
-    ap.add_argument("dest", type=Path, help="folder for items.sqlite3, classifiers.sqlite3 and blobs/")
+    ap.add_argument("dest", type=Path, help="folder for items.sqlite3 and blobs/")
     args = ap.parse_args(argv)
     try:
         report = backup(Settings(), args.dest)

@@ -107,7 +107,29 @@ CREATE TABLE reembed (
 _V2 = """
 CREATE TABLE orphans (sha256 TEXT PRIMARY KEY, since DOUBLE PRECISION NOT NULL, deleting DOUBLE PRECISION)
 """
-MIGRATIONS = (_V1, _V2)
+# The classifiers (service/classifiers/storage.py): parameters as an .npz blob.
+_V3 = """
+CREATE TABLE classifiers (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    method TEXT NOT NULL,
+    label_key TEXT,
+    examples TEXT NOT NULL,
+    created DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE classifier_fits (
+    classifier_id TEXT NOT NULL REFERENCES classifiers(id) ON DELETE CASCADE,
+    model_id TEXT NOT NULL,
+    fit_id TEXT NOT NULL UNIQUE,
+    fitted_at DOUBLE PRECISION NOT NULL,
+    classes TEXT NOT NULL,
+    counts TEXT NOT NULL,
+    cv TEXT NOT NULL,
+    params BYTEA NOT NULL,
+    PRIMARY KEY (classifier_id, model_id)
+)
+"""
+MIGRATIONS = (_V1, _V2, _V3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -22,7 +22,9 @@ reused, so a FAISS id never is), `vectors` (one float32 blob per item and space)
 `complete` flag), `counters` (the item count), `changelog` (space, seq, item pk, op: 1
 added, 0 removed, 2 metadata updated, time), `reembed` (the re-embedding job of a space)
 and `orphans` (originals no row refers to: sha256, since when, and when a sweep began
-deleting the file).
+deleting the file). The schema also holds `classifiers` and `classifier_fits`, which
+service/classifiers/storage.py reads and writes through `transaction()` and `snapshot()`, so
+classifiers live in whichever backend the items do.
 
 Originals are removed by a deferred collection, decided in the store's transactions, so
 that a host deleting an orphan cannot race another adding the same bytes: the write that
@@ -112,6 +114,17 @@ class SqlItemStore:
 
     def close(self) -> None:
         raise NotImplementedError
+
+    # -- tables beside the items (service/classifiers/storage.py) -----------------------
+
+    def transaction(self) -> AbstractContextManager[Db]:
+        """A write transaction of this store, serialised with its item writes, for the other
+        tables of its schema; it commits (durably) when the block ends, or rolls back."""
+        return self._tx()
+
+    def snapshot(self) -> AbstractContextManager[Db]:
+        """Several reads of the other tables of the schema on one snapshot."""
+        return self._read()
 
     # -- counters and the change log (inside a write transaction) -----------------------
 

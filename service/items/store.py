@@ -25,7 +25,6 @@ from service.items.sqlite import DurableSqlite
 from service.items.sqlstore import SqlItemStore, apply_migrations
 
 __all__ = ["Item", "ItemStore", "NewItem"]  # NewItem and Item: re-exported for the store's callers
-SCHEMA_VERSION = 3
 
 _BASE = """
 CREATE TABLE IF NOT EXISTS items (
@@ -83,7 +82,31 @@ _TO_V3 = """
 CREATE TABLE orphans (sha256 TEXT PRIMARY KEY, since REAL NOT NULL, deleting REAL)
 """
 
-MIGRATIONS = (_BASE, _TO_V2, _TO_V3)  # a version-1 store (user_version 0) skips the base's existing tables
+# 3 -> 4: the classifiers (service/classifiers/storage.py), until then a file of their own.
+_TO_V4 = """
+CREATE TABLE classifiers (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    method TEXT NOT NULL,
+    label_key TEXT,
+    examples TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE classifier_fits (
+    classifier_id TEXT NOT NULL REFERENCES classifiers(id) ON DELETE CASCADE,
+    model_id TEXT NOT NULL,
+    fit_id TEXT NOT NULL UNIQUE,
+    fitted_at REAL NOT NULL,
+    classes TEXT NOT NULL,
+    counts TEXT NOT NULL,
+    cv TEXT NOT NULL,
+    params BLOB NOT NULL,
+    PRIMARY KEY (classifier_id, model_id)
+) WITHOUT ROWID
+"""
+
+MIGRATIONS = (_BASE, _TO_V2, _TO_V3, _TO_V4)  # a version-1 store (user_version 0) skips the base's existing tables
+SCHEMA_VERSION = len(MIGRATIONS)
 
 
 class ItemStore(DurableSqlite, SqlItemStore):

@@ -30,8 +30,8 @@ def png(image: np.ndarray) -> bytes:
 
 
 def stored_fit(data_dir: Path, fit_id: str) -> dict[str, np.ndarray]:
-    """The fit's parameters as the classifier store holds them (an .npz blob)."""
-    with sqlite3.connect(data_dir / "items" / "classifiers.sqlite3") as db:
+    """The fit's parameters as the item store's classifier table holds them (an .npz blob)."""
+    with sqlite3.connect(data_dir / "items" / "items.sqlite3") as db:
         (blob,) = db.execute("SELECT params FROM classifier_fits WHERE fit_id = ?", (fit_id,)).fetchone()
     with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
         return {k: npz[k] for k in npz.files}

@@ -1,4 +1,6 @@
-"""Fixtures of the classifier tests: three classes of real colour photo patches, indexed."""
+"""Fixtures of the classifier tests: three classes of real colour photo patches, indexed; the
+API and store tests run on both item-store backends (tests/service/backends.py), since the
+classifiers are tables of the item store."""
 
 from __future__ import annotations
 
@@ -9,7 +11,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.service.backends import client, store, store_url
 from tests.service.conftest import png
+
+__all__ = ["client", "store", "store_url"]  # fixtures: `client` runs on the test's backend
 
 N_PER_CLASS, CLASSES = 12, (0, 1, 2)
 NAMES = {0: "china", 1: "flower", 2: "inverted china"}

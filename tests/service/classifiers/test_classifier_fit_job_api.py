@@ -36,10 +36,14 @@ def code(r) -> tuple[int, str]:
 
 
 def test_a_set_above_the_sync_limit_is_queued_as_a_job_whose_fit_equals_the_sync_fit(
-    data_dir: Path, redis: RedisServer, labeled
+    data_dir: Path, store_url: str | None, redis: RedisServer, labeled
 ) -> None:
     settings = make_settings(
-        data_dir, broker_url=redis.url, classifier_max_examples=SYNC_MAX, classifier_job_max_examples=JOB_MAX
+        data_dir,
+        store_url=store_url,
+        broker_url=redis.url,
+        classifier_max_examples=SYNC_MAX,
+        classifier_job_max_examples=JOB_MAX,
     )
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         ids = index(client, *labeled)
@@ -87,7 +91,7 @@ def test_a_set_above_the_sync_limit_is_queued_as_a_job_whose_fit_equals_the_sync
         assert code(taken) == (409, "classifier_exists")  # checked before queueing
 
     # The same examples fitted synchronously (a higher limit, no broker).
-    with TestClient(create_app(make_settings(data_dir)), raise_server_exceptions=False) as client:
+    with TestClient(create_app(make_settings(data_dir, store_url=store_url)), raise_server_exceptions=False) as client:
         sync = client.post("/classifiers", json={"name": "cifar3-sync", "label_key": "label"})
         assert sync.status_code == 201, sync.text
         by_sync = sync.json()
@@ -98,7 +102,7 @@ def test_a_set_above_the_sync_limit_is_queued_as_a_job_whose_fit_equals_the_sync
         assert [p["top_k"] for p in a] == [p["top_k"] for p in b]
 
     # No broker: a set above the limit is 503, not a 500 or a silent synchronous fit.
-    low = make_settings(data_dir, classifier_max_examples=SYNC_MAX)
+    low = make_settings(data_dir, store_url=store_url, classifier_max_examples=SYNC_MAX)
     with TestClient(create_app(low), raise_server_exceptions=False) as client:
         nobroker = client.post("/classifiers", json={"name": "nb", "label_key": "label"})
         assert code(nobroker) == (503, "jobs_unavailable")

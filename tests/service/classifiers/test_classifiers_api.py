@@ -5,7 +5,6 @@ activation, restart durability, and every error the issue lists."""
 from __future__ import annotations
 
 import base64
-import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -77,8 +76,10 @@ def test_create_from_label_key_and_predict_equals_direct_computation(
     assert client.get("/classifiers").json() == {"classifiers": []}
 
 
-def test_knn_from_examples_and_durable_across_restart(data_dir: Path, labeled, queries: np.ndarray) -> None:
-    settings = make_settings(data_dir)
+def test_knn_from_examples_and_durable_across_restart(
+    data_dir: Path, store_url: str | None, labeled, queries: np.ndarray
+) -> None:
+    settings = make_settings(data_dir, store_url=store_url)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         ids = index(client, *labeled)
         examples = [{"item_id": i, "label": int(c)} for i, c in zip(ids, labeled[1], strict=True)]
@@ -169,7 +170,7 @@ def test_errors(client: TestClient, indexed: list[str]) -> None:
 
 def test_items_without_vectors_under_the_bound_model(client: TestClient, data_dir: Path, indexed: list[str]) -> None:
     """An item that has no vector under the served model (its row removed behind the store's back): 409."""
-    with sqlite3.connect(data_dir / "items" / "items.sqlite3") as db:
+    with client.app.state.items.store.transaction() as db:  # type: ignore[attr-defined]
         db.execute("DELETE FROM vectors WHERE item = (SELECT pk FROM items WHERE id = 'c5')")
     r = client.post("/classifiers", json={"name": "gap", "label_key": "label"})
     assert (r.status_code, r.json()["error"]["code"]) == (409, "items_not_embedded")

@@ -12,19 +12,20 @@ from fastapi.testclient import TestClient
 from service.classifiers.service import ClassifierNotFoundError
 from service.classifiers.storage import ClassifierStore
 from service.classifiers.write_back import FitGoneError, job_for, write_back
+from service.items.reindex import open_backend
 from tests.service.conftest import make_settings
 
 
 def test_write_back_pages_equal_predictions_and_keep_other_metadata(
-    client: TestClient, data_dir: Path, indexed: list[str], labeled
+    client: TestClient, data_dir: Path, store_url: str | None, indexed: list[str], labeled
 ) -> None:
     examples = [{"item_id": i, "label": int(c)} for i, c in zip(indexed, labeled[1], strict=True)]
     made = client.post("/classifiers", json={"name": "knn3", "method": "knn", "examples": examples}).json()
     assert client.patch(f"/items/{indexed[0]}", json={"metadata": {"shelf": "a"}}).status_code == 200
-    settings = make_settings(data_dir)
-    store = ClassifierStore(settings.items_dir / "classifiers.sqlite3")
-    record = store.get(made["id"])
-    store.close()
+    settings = make_settings(data_dir, store_url=store_url)
+    backend = open_backend(settings)
+    record = ClassifierStore(backend).get(made["id"])
+    backend.close()
     assert record is not None
     job = job_for(record, record.fits[0], "pred", "pred_p")
     seen: list[dict] = []

@@ -1,6 +1,6 @@
 """`simclr-embed backup`: a consistent copy of a live SQLite item store (the backup API, not a
-file copy) taken while a writer adds items, with every copied row's original; a PostgreSQL
-store is refused with a pointer to pg_dump."""
+file copy) taken while a writer adds items, with every copied row's original and the
+classifiers (tables of the same file); a PostgreSQL store is refused with a pointer to pg_dump."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from service.classifiers.storage import ClassifierStore, Fit
 from service.cli import main as cli_main
 from service.items.backend import NewItem
 from service.items.blobs import BlobStore
@@ -38,6 +39,8 @@ def test_backup_of_a_store_being_written_is_consistent(
             store.add(new, {MODEL_A: rng.standard_normal((20, 24)).astype(np.float32)})
 
     write(0, 10)  # 200 items before the backup starts
+    fit = Fit("f1", MODEL_A, 1.0, [0, 1], [1, 1], {"accuracy": 1.0}, {"weights": rng.standard_normal((24, 2))})
+    ClassifierStore(store).create("k1", "pair", "logreg", None, [("i0-0", 0), ("i0-1", 1)], fit)
     writer = threading.Thread(target=write, args=(1000, 500))
     writer.start()
     monkeypatch.setenv("SIMCLR_EMBED_DATA_DIR", str(data_dir))
@@ -50,7 +53,11 @@ def test_backup_of_a_store_being_written_is_consistent(
     assert copy.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     assert copy.execute("PRAGMA journal_mode").fetchone() == ("delete",)  # self-contained: no -wal needed
     copy.close()
+    assert sorted(p.name for p in dest.iterdir()) == ["blobs", "items.sqlite3"]  # classifiers are inside
     restored = ItemStore(dest / "items.sqlite3")
+    copied_classifier = ClassifierStore(restored).get("k1")
+    assert copied_classifier is not None and copied_classifier.examples == [("i0-0", 0), ("i0-1", 1)]
+    np.testing.assert_array_equal(copied_classifier.fits[0].params["weights"], fit.params["weights"])
     pks, vectors, changes = restored.vectors(MODEL_A)
     # one committed state: counters, rows and log agree, whole batches only
     assert restored.count() == len(pks) == restored.state(MODEL_A).count == changes

@@ -1,7 +1,8 @@
 """Two API hosts on one PostgreSQL: real uvicorn processes sharing the data dir (originals,
 models) and the database, each with its own local folder (FAISS snapshots). What one host
 acknowledges, the other's searches return within a second: adds, replaces and deletes; a
-host SIGKILLed during concurrent adds loses none that got a 2xx."""
+host SIGKILLed during concurrent adds loses none that got a 2xx; a classifier one host
+creates, the other lists and predicts with."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psycopg
 import pytest
 
 from tests.service.conftest import MODEL_A, live_server, png
@@ -130,3 +132,43 @@ def test_acknowledged_adds_survive_a_sigkilled_host(data_dir: Path, postgres_url
         assert [i for i in acked if top_hit(http, b.url, images[i]) != f"k{i}"] == []
         with live_server(data_dir, **env_a) as restarted:
             assert [i for i in acked if top_hit(http, restarted.url, images[i]) != f"k{i}"] == []
+
+
+@pytest.mark.integration
+def test_a_classifier_made_on_one_host_is_listed_and_predicts_on_the_other(data_dir: Path, postgres_url: str) -> None:
+    """Classifiers are tables of the shared store: what A creates, B lists and answers with
+    the same fit; what B deletes, A no longer has."""
+    images = pictures(2, 21)
+    with (
+        live_server(data_dir, **host_env(postgres_url, data_dir, "a")) as a,
+        live_server(data_dir, **host_env(postgres_url, data_dir, "b")) as b,
+        httpx.Client(timeout=60) as http,
+    ):
+        files = [("files", (f"c{i}.png", image, "image/png")) for i, image in enumerate(images[:20])]
+        meta = [f'{{"label": {i % 2}}}' for i in range(20)]
+        added = http.post(a.url + "/items", files=files, data={"ids": [f"c{i}" for i in range(20)], "metadata": meta})
+        assert added.status_code == 201, added.text
+        made = http.post(a.url + "/classifiers", json={"name": "parity", "label_key": "label"})
+        assert made.status_code == 201, made.text
+        cid = made.json()["id"]
+
+        with psycopg.connect(postgres_url) as conn:  # in the database, not in a file on the shared dir
+            assert conn.execute("SELECT id, name FROM classifiers").fetchall() == [(cid, "parity")]
+        assert not list((data_dir / "items").glob("classifiers*"))
+        assert [c["id"] for c in http.get(b.url + "/classifiers").json()["classifiers"]] == [cid]
+        assert http.get(f"{b.url}/classifiers/{cid}").json() == made.json()
+        query = {"files": ("q.png", images[20], "image/png")}
+        answers = [http.post(f"{host.url}/classifiers/{cid}/predict", files=query).json() for host in (a, b)]
+        by_id = [
+            http.post(f"{host.url}/classifiers/{cid}/predict", json={"item_ids": ["c3"]}).json() for host in (a, b)
+        ]
+        for one, other in (answers, by_id):
+            assert (
+                (one["model_id"], one["fit_id"])
+                == (other["model_id"], other["fit_id"])
+                == (MODEL_A, made.json()["fit_id"])
+            )
+            assert one["predictions"] == other["predictions"]
+
+        assert http.delete(f"{b.url}/classifiers/{cid}").status_code == 204
+        assert http.get(f"{a.url}/classifiers/{cid}").status_code == 404

@@ -1,6 +1,7 @@
 """Backup and restore of a PostgreSQL item store: pg_dump of the database, then a copy of the
 originals folder; pg_restore into a new database. The restored store, served by a new API on
-a new data dir, gives the same search results, serves the originals, and takes new adds."""
+a new data dir, gives the same search results, serves the originals, has the classifiers
+(tables of the same database) answering as before, and takes new adds."""
 
 from __future__ import annotations
 
@@ -49,6 +50,10 @@ def test_pg_dump_and_restore_serve_the_same_results(
             )
         assert client.delete("/items/b4").status_code == 204
         before = search_all(client, images[:10])
+        examples = [{"item_id": f"b{j}", "label": j % 2} for j in range(10, 30)]
+        made = client.post("/classifiers", json={"name": "parity", "examples": examples})
+        assert made.status_code == 201, made.text
+        predicted = client.post(f"/classifiers/{made.json()['id']}/predict", json={"item_ids": ["b0", "b9"]}).json()
     dump = tmp_path / "store.dump"
     subprocess.run([str(BIN / "pg_dump"), "-Fc", "-f", str(dump), postgres_url], check=True)
     shutil.copytree(data_dir / "items" / "blobs", fresh / "items" / "blobs")
@@ -61,6 +66,9 @@ def test_pg_dump_and_restore_serve_the_same_results(
             assert client.get("/items/b7/image").content == images[7]
             assert client.get("/items/b4").status_code == 404
             assert client.get("/items").json()["total"] == 29
+            assert client.get(f"/classifiers/{made.json()['id']}").json() == made.json()  # tables of the dump
+            again = client.post(f"/classifiers/{made.json()['id']}/predict", json={"item_ids": ["b0", "b9"]})
+            assert again.json() == predicted
             files = [("files", ("n.png", images[4], "image/png"))]
             assert client.post("/items", files=files, data={"ids": ["b4"]}).status_code == 201  # pks continue
             assert search_all(client, images[4:5])[0][0] == ("b4", 1.0)
