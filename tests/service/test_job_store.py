@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 from _procs import RedisServer
-
-import json
 
 from service.jobs.celery_app import INDEX_QUEUE, TRAIN_QUEUE, create_celery
 from service.jobs.store import JobState, JobStore, connect
