@@ -1,6 +1,7 @@
 // Jobs tab: the list of training jobs with state and progress, one job's live view (progress,
 // throughput, loss curve; polled every second while it runs), the form that submits a job, and
-// the bulk indexing jobs (POST /index-jobs) with state, progress and tallies.
+// the bulk indexing jobs (POST /index-jobs) with state, progress and tallies, and the
+// re-embedding of the stored items that an activation starts (one per activation, GET /models).
 
 import { json } from "./api.js";
 import { lossChart } from "./chart.js";
@@ -62,9 +63,23 @@ function tallies(job) {
   return parts.join(", ");
 }
 
+// The active model's re-embedding as a row of the indexing table: the same bar and badge.
+function reembeddingRow(job) {
+  const asJob = { state: job.state, progress: { step: job.done, total_steps: job.total } };
+  return el("tr", { dataset: { id: "reembedding", state: job.state } },
+    el("td", { title: job.owner }, `Re-embedding for ${job.space}`),
+    el("td", {}, stateBadge(job.state)),
+    el("td", {}, progressBar(asJob, `progress of the re-embedding for ${job.space}`, "items")),
+    el("td", { class: "tallies" }, job.error ? el("span", { class: "job-error" }, job.error) : `${job.done} of ${job.total} items embedded`),
+    el("td", {}, when(new Date(job.started * 1000).toISOString())),
+    el("td", {}),
+  );
+}
+
 async function loadIndexJobs() {
-  const page = await json("/index-jobs?limit=50");
-  $("index-jobs-body").replaceChildren(...page.items.map((job) => {
+  const [page, models] = await Promise.all([json("/index-jobs?limit=50"), json("/models")]);
+  const reembedding = models.reembedding;
+  $("index-jobs-body").replaceChildren(...(reembedding ? [reembeddingRow(reembedding)] : []), ...page.items.map((job) => {
     const active = ACTIVE.has(job.state);
     const cancel = el("button", { type: "button", class: "secondary", onclick: (e) => guarded(e.currentTarget, () => cancelIndexJob(job.id)) }, "Cancel");
     return el("tr", { dataset: { id: job.id, state: job.state } },
@@ -76,8 +91,8 @@ async function loadIndexJobs() {
       el("td", {}, active ? cancel : null),
     );
   }));
-  $("index-jobs-empty").hidden = page.total > 0;
-  return page.items.some((job) => ACTIVE.has(job.state));
+  $("index-jobs-empty").hidden = page.total > 0 || Boolean(reembedding);
+  return page.items.some((job) => ACTIVE.has(job.state)) || reembedding?.state === "running";
 }
 
 async function cancelIndexJob(id) {

@@ -4,8 +4,11 @@ succeeded with its bar full and its tallies; the items are then in the store."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
+from _procs import wait_until
 from pages import patient_wait
 from PIL import Image
 from selenium.webdriver.common.by import By
@@ -61,3 +64,46 @@ def test_index_job_shows_its_state_and_progress(web_stack, browser, screenshot, 
     assert browser.find_element(By.ID, "index-jobs-empty").get_attribute("hidden") is not None
     screenshot("index-jobs")
     assert web_stack.http.get("/items/set1/1.png").json()["metadata"] == {"set": "set1"}
+
+
+READ_REEMBEDDING = """const row = document.querySelector('#index-jobs-body tr[data-id="reembedding"]');
+if (!row) return null;
+const bar = row.querySelector("progress");
+return [row.dataset.state, bar.dataset.step, bar.dataset.total, row.textContent];"""
+
+
+def test_the_re_embedding_an_activation_starts_shows_as_a_job(web_stack, browser, model_ids, empty_store) -> None:
+    rng = np.random.default_rng(12)
+    files = []
+    for i in range(9):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buf, format="PNG")
+        files.append(("files", (f"r{i}.png", buf.getvalue(), "image/png")))
+    ids = [f"r{i}" for i in range(9)]
+    assert web_stack.http.post("/items", files=files, data={"ids": ids}).status_code == 201
+    served = web_stack.http.get("/models").json()["active"]
+    other = model_ids[1] if served == model_ids[0] else model_ids[0]
+    assert web_stack.http.post(f"/models/{other}/activate").status_code == 200
+
+    # The page polls while a re-embedding runs; one that has not claimed its work yet is not shown.
+    def started() -> bool:
+        job = web_stack.http.get("/models").json()["reembedding"]
+        return bool(job) and job["space"].startswith(other)
+
+    wait_until(started, 60, f"the re-embedding for {other} to start")
+
+    browser.get(web_stack.base_url + "/#/jobs")
+    seen: list[tuple] = []
+
+    def finished(driver) -> bool:
+        row = driver.execute_script(READ_REEMBEDDING)
+        if row:
+            seen.append(tuple(row))
+        return bool(row) and row[0] in ("succeeded", "failed")
+
+    patient_wait(browser, 120).until(finished)  # the list polls while the re-embedding runs
+    state, step, total, text = seen[-1]
+    assert (state, step, total) == ("succeeded", "9", "9"), seen[-3:]
+    assert f"Re-embedding for {other}" in text and "9 of 9 items embedded" in text and "9 / 9 items (100%)" in text
+    stored = web_stack.http.get("/items", params={"limit": 100}).json()["items"]
+    assert all(other in item["models"] for item in stored), stored
