@@ -24,6 +24,9 @@ from service.settings import Settings, env_settings
 if TYPE_CHECKING:  # the classifier service (onnxruntime) is not needed to send a job
     from service.classifiers.schemas import ClassifierFitJob, WriteBackJob
 
+    # What a job record's `request` holds, by the route that queued it.
+    JobRequest = TrainJobRequest | FinetuneJobRequest | WriteBackJob | ClassifierFitJob | IndexJobRequest
+
 T = TypeVar("T")
 
 
@@ -69,7 +72,7 @@ class JobClient:
 
     def submit(
         self,
-        request: TrainJobRequest | FinetuneJobRequest | WriteBackJob | ClassifierFitJob | IndexJobRequest,
+        request: JobRequest,
         dataset: Path | str,
         queue: str | None = None,
     ) -> JobRecord:

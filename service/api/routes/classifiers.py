@@ -44,7 +44,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import SettingsDep, read_images, require_read_key, require_write_key
 from service.api.errors import ApiError, error_responses
-from service.api.routes.jobs import Jobs, broker, get_jobs
+from service.api.routes.jobs import Jobs, get_jobs, queue_job
 from service.classifiers.fit_job import fit_job_for
 from service.classifiers.schemas import (
     MAX_TOP_K,
@@ -114,7 +114,7 @@ ClassifiersDep = Annotated[ClassifierService, Depends(get_classifiers)]
     },
 )
 async def create_classifier(
-    body: ClassifierCreate, request: Request, classifiers: ClassifiersDep
+    body: ClassifierCreate, request: Request, response: Response, classifiers: ClassifiersDep
 ) -> ClassifierOut | JSONResponse:
     """Fit on the served model's vectors of the examples; answers with the cross-validated
     accuracy (201), or, above `classifier_max_examples`, queues the fit as a job (202)."""
@@ -126,20 +126,16 @@ async def create_classifier(
     if isinstance(made, ClassifierRecord):
         return ClassifierOut.of(made, made.fits[0])
     job = fit_job_for(made)
-    with broker():
-        created = await run_in_threadpool(get_jobs(request).submit, job, "items", INDEX_QUEUE)
-    url = str(request.url_for("get_job", job_id=created.id))
+    queued = await run_in_threadpool(queue_job, get_jobs(request), job, "items", request, response, queue=INDEX_QUEUE)
     answer = ClassifierFitCreated(
-        id=created.id,
-        url=url,
-        state=created.state.value,
+        **queued,
         classifier_id=job.classifier_id,
         name=job.classifier_name,
         method=job.classifier_method,
         model_id=job.model_id,
         examples=len(job.examples),
     )
-    return JSONResponse(answer.model_dump(mode="json"), status_code=202, headers={"Location": url})
+    return JSONResponse(answer.model_dump(mode="json"), status_code=202, headers={"Location": queued["url"]})
 
 
 @router.get("", response_model=ClassifierList, dependencies=[Depends(require_read_key)], responses=error_responses(401))
@@ -292,14 +288,9 @@ async def write_back(
     with _as_http():
         record = await run_in_threadpool(classifiers.get, classifier_id)
         job = job_for(record, classifiers.answering_fit(record), body.label_field, body.probability_field)
-    with broker():
-        created = await run_in_threadpool(jobs.submit, job, "items", INDEX_QUEUE)
-    url = str(request.url_for("get_job", job_id=created.id))
-    response.headers["Location"] = url
+    queued = await run_in_threadpool(queue_job, jobs, job, "items", request, response, queue=INDEX_QUEUE)
     return WriteBackCreated(
-        id=created.id,
-        url=url,
-        state=created.state.value,
+        **queued,
         classifier_id=job.classifier_id,
         fit_id=job.fit_id,
         model_id=job.model_id,

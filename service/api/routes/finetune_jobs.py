@@ -63,4 +63,4 @@ def submit_finetune_job(
         examples = [FinetuneExample(item_id=i, label=label) for i, label in pairs]
         dataset = f"items ({len(pairs)} labeled" + (f" by {body.label_key!r})" if body.label_key else ")")
         body = body.model_copy(update={"examples": examples, "label_key": None})
-    return queue_job(jobs, body, dataset, request, response, "get_job")
+    return queue_job(jobs, body, dataset, request, response)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from pydantic import BaseModel
@@ -16,6 +16,9 @@ from service.contract.train_config import TrainJobRequest
 from service.jobs.client import JobClient, JobsUnavailableError
 from service.jobs.store import JobKind, JobRecord
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.jobs.client import JobRequest
 
 router = APIRouter(prefix="/train-jobs", tags=["train-jobs"])
 
@@ -111,14 +114,22 @@ def submit_job(body: TrainJobRequest, request: Request, response: Response, jobs
     `no_readable_images: no image under ... could be decoded`).
     """
     dataset = resolve_dataset(body.dataset, request.app.state.settings)
-    return queue_job(jobs, body, dataset, request, response, "get_job")
+    return queue_job(jobs, body, dataset, request, response)
 
 
-def queue_job(jobs: Any, body: Any, dataset: Any, request: Request, response: Response, route: str) -> dict[str, Any]:
-    """Submit `body` to the queue and answer as every job route does: id, the URL of its `route`
-    (also in Location) and its state."""
+def queue_job(
+    jobs: JobClient,
+    body: JobRequest,
+    dataset: Path | str,
+    request: Request,
+    response: Response,
+    route: str = "get_job",
+    queue: str | None = None,
+) -> dict[str, Any]:
+    """Submit `body` (on `queue`, default its task's route) and answer as every job route does:
+    id, the URL of its `route` (also in Location) and its state."""
     with broker():
-        record = jobs.submit(body, dataset)
+        record = jobs.submit(body, dataset, queue)
     url = str(request.url_for(route, job_id=record.id))
     response.headers["Location"] = url
     return {"id": record.id, "url": url, "state": record.state.value}
