@@ -4,16 +4,21 @@ folder. Tests start, kill and restart its parts through `Stack`."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from _procs import STARTUP_S, RedisServer, free_port, wait_until
+from PIL import Image
 
 from service.contract.registry import ModelRegistry
 
@@ -36,6 +41,12 @@ TINY_JOB: dict[str, Any] = {
     "precision": "fp32",
     "channels_last": False,
 }
+
+
+def png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def base_env(data_dir: Path) -> dict[str, str]:
@@ -83,6 +94,38 @@ class Api:
 
     def run_dir(self, job_id: str) -> Path:
         return self.data_dir / "jobs" / job_id
+
+    def store_digits_under_a_new_model(
+        self,
+        digits_path: Path,
+        prefix: str,
+        classes: Sequence[int],
+        per_class: int,
+        label_field: str = "digit",
+        **metadata: Any,
+    ) -> tuple[str, str, list[str], list[int]]:
+        """Pretrain a tiny model (activated), wait until the API serves it, then store the first
+        `per_class` test digits of each of `classes` as items `<prefix>-<index>` with metadata
+        {label_field: digit, **metadata}. Returns (job id, model id, item ids, their digits)."""
+        job_id = self.submit(max_steps=4, activate=True)
+        model_id = self.wait_state(job_id, "succeeded", 240)["model_id"]
+        with np.load(digits_path) as data:
+            x, y = data["x_test"], data["y_test"]  # [N, 8, 8, 1] uint8, [N]
+        picks = np.concatenate([np.flatnonzero(y == c)[:per_class] for c in classes])
+        ids, labels = [f"{prefix}-{i}" for i in picks], [int(y[p]) for p in picks]
+        files = [("files", (f"{i}.png", png(np.repeat(x[p], 3, axis=-1)), "image/png")) for i, p in zip(ids, picks)]
+        meta = [json.dumps({label_field: label, **metadata}) for label in labels]
+
+        def added() -> bool:  # the API serves the new model once it picked up the activation
+            index = self.http.get("/readyz").json()["checks"].get("index", "")
+            if not (index.startswith(f"ok: {model_id},") or index.startswith(f"ok: {model_id}@")):
+                return False
+            answer = self.http.post("/items?replace=true", files=files, data={"ids": ids, "metadata": meta})
+            assert answer.status_code == 201, answer.text
+            return True
+
+        wait_until(added, 60, f"the API to serve {model_id} and take the digits")
+        return job_id, model_id, ids, labels
 
 
 class Stack(Api):

@@ -8,16 +8,14 @@ A job whose example was deleted while it queued ends `failed` with `unknown_item
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from _procs import wait_until
 from jobstack import Stack
-from test_write_back_job import png, reference_logreg, stored_fit, stored_vectors
+from test_write_back_job import reference_logreg, stored_fit, stored_vectors
 
 from service.classifiers.service import fit_examples, predict
 
@@ -45,26 +43,8 @@ def test_a_fit_job_on_a_worker_stores_the_classifier_the_sync_fit_would(
     low_limit_stack: Stack, digits_path: Path
 ) -> None:
     stack = low_limit_stack
-    pretrain = stack.submit(max_steps=4, activate=True)
-    model_id = stack.wait_state(pretrain, "succeeded", 240)["model_id"]
-
-    with np.load(digits_path) as data:
-        x, y = data["x_test"], data["y_test"]
-    picks = np.concatenate([np.flatnonzero(y == c)[:PER_CLASS] for c in range(10)])
-    ids = [f"fj-{i}" for i in picks]
-    files = [("files", (f"{i}.png", png(np.repeat(x[p], 3, axis=-1)), "image/png")) for i, p in zip(ids, picks)]
-    meta = [json.dumps({"digit": int(y[p])}) for p in picks]
-
-    def added() -> bool:
-        index = stack.http.get("/readyz").json()["checks"].get("index", "")
-        if not (index.startswith(f"ok: {model_id},") or index.startswith(f"ok: {model_id}@")):
-            return False
-        answer = stack.http.post("/items?replace=true", files=files, data={"ids": ids, "metadata": meta})
-        assert answer.status_code == 201, answer.text
-        return True
-
-    wait_until(added, 60, f"the API to serve {model_id} and take the digits")
-    examples = [{"item_id": i, "label": int(y[p])} for i, p in zip(ids, picks)]
+    _, model_id, ids, digits = stack.store_digits_under_a_new_model(digits_path, "fj", range(10), PER_CLASS)
+    examples = [{"item_id": i, "label": d} for i, d in zip(ids, digits)]
     answer = stack.http.post("/classifiers", json={"name": "digits-job", "examples": examples})
     assert answer.status_code == 202, answer.text
     made = answer.json()
@@ -82,7 +62,7 @@ def test_a_fit_job_on_a_worker_stores_the_classifier_the_sync_fit_would(
 
     # The synchronous path's fit of the same examples, in the same order, on the same vectors.
     vectors = stored_vectors(stack.data_dir, space, ids).astype(np.float32)  # [60, D], as stored
-    sync_fit = fit_examples("logreg", vectors, [int(y[p]) for p in picks], space)
+    sync_fit = fit_examples("logreg", vectors, digits, space)
     assert classifier["cv"]["fold_accuracies"] == pytest.approx(sync_fit.cv["fold_accuracies"], abs=1e-12)
     assert classifier["cv"]["confusion"] == sync_fit.cv["confusion"] and classifier["cv"]["C"] == sync_fit.cv["C"]
     expected = predict("logreg", sync_fit, vectors, 3)

@@ -4,23 +4,14 @@ accuracy, never activated), and that model serving `POST /classifiers/{id}/predi
 
 from __future__ import annotations
 
-import io
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from _procs import wait_until
-from jobstack import Stack
-from PIL import Image
+from jobstack import Stack, png
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -82,24 +73,9 @@ def test_finetune_job_publishes_a_classifier_that_predicts(stack: Stack, few_dig
 def test_finetune_job_from_a_metadata_field_of_stored_items(stack: Stack, job_datasets: Path) -> None:
     """Labels as for classifiers: `label_key` over stored items' originals, resolved into the
     job's examples when queued; unknown ids are refused before anything is queued."""
-    pretrain = stack.submit(activate=True)
-    model_id = stack.wait_state(pretrain, "succeeded", 180)["model_id"]
-    with np.load(job_datasets / "digits.npz") as data:
-        x, y = data["x_test"], data["y_test"]
-    picks = np.concatenate([np.flatnonzero(y == c)[:5] for c in (3, 5, 8)])
-    ids = [f"ft-{i}" for i in picks]
-    files = [("files", (f"{i}.png", png(np.repeat(x[p], 3, axis=-1)), "image/png")) for i, p in zip(ids, picks)]
-    meta = [json.dumps({"ft_digit": int(y[p])}) for p in picks]
-
-    def added() -> bool:
-        index = stack.http.get("/readyz").json()["checks"].get("index", "")
-        if not index.startswith(f"ok: {model_id}"):
-            return False
-        answer = stack.http.post("/items?replace=true", files=files, data={"ids": ids, "metadata": meta})
-        assert answer.status_code == 201, answer.text
-        return True
-
-    wait_until(added, 60, f"the API to serve {model_id} and take the digits")
+    pretrain, _, ids, digits = stack.store_digits_under_a_new_model(
+        job_datasets / "digits.npz", "ft", (3, 5, 8), 5, label_field="ft_digit"
+    )
     unknown = stack.http.post(
         "/finetune-jobs",
         json={"run": pretrain, "examples": [{"item_id": ids[0], "label": 3}, {"item_id": "nope", "label": 5}]},
@@ -111,9 +87,7 @@ def test_finetune_job_from_a_metadata_field_of_stored_items(stack: Stack, job_da
     assert answer.status_code == 202, answer.text
     done = stack.wait_state(answer.json()["id"], "succeeded", 300)
     assert done["request"]["label_key"] is None and len(done["request"]["examples"]) == len(ids)
-    assert {(e["item_id"], e["label"]) for e in done["request"]["examples"]} == {
-        (i, int(y[p])) for i, p in zip(ids, picks)
-    }
+    assert {(e["item_id"], e["label"]) for e in done["request"]["examples"]} == set(zip(ids, digits))
     card = stack.registry.get(done["model_id"])
     assert card.kind == "classifier" and card.classes == [3, 5, 8]
     assert card.metrics["labels"] == 12 and card.metrics["val_images"] == 3  # a stratified 20%

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
 import pytest
 from _procs import wait_until
-from jobstack import Api, Stack
-from PIL import Image
+from jobstack import Api, Stack, png
 
 from service.jobs import cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def job_lifecycle_to_served_model(api: Api, digits: np.ndarray) -> None:

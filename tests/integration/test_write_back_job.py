@@ -7,26 +7,17 @@ fit and vectors, and a filtered search on them returns only the predicted class.
 from __future__ import annotations
 
 import io
-import json
 import sqlite3
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-from _procs import wait_until
 from jobstack import Stack
-from PIL import Image
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PER_CLASS = 6  # 60 items: one request (at most 64 images)
-
-
-def png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def stored_fit(data_dir: Path, fit_id: str) -> dict[str, np.ndarray]:
@@ -60,25 +51,9 @@ def reference_logreg(x: np.ndarray, weights: np.ndarray, bias: np.ndarray) -> np
 
 def test_write_back_labels_every_item_and_filtered_search_uses_them(empty_store: Stack, job_datasets: Path) -> None:
     stack = empty_store
-    pretrain = stack.submit(max_steps=4, activate=True)
-    model_id = stack.wait_state(pretrain, "succeeded", 240)["model_id"]
-
-    with np.load(job_datasets / "digits.npz") as data:
-        x, y = data["x_test"], data["y_test"]
-    picks = np.concatenate([np.flatnonzero(y == c)[:PER_CLASS] for c in range(10)])
-    ids = [f"wb-{i}" for i in picks]
-    files = [("files", (f"{i}.png", png(np.repeat(x[p], 3, axis=-1)), "image/png")) for i, p in zip(ids, picks)]
-    meta = [json.dumps({"digit": int(y[p]), "shelf": "a"}) for p in picks]
-
-    def added() -> bool:  # the API serves the new model once it picked up the activation
-        index = stack.http.get("/readyz").json()["checks"].get("index", "")
-        if not (index.startswith(f"ok: {model_id},") or index.startswith(f"ok: {model_id}@")):
-            return False
-        answer = stack.http.post("/items?replace=true", files=files, data={"ids": ids, "metadata": meta})
-        assert answer.status_code == 201, answer.text
-        return True
-
-    wait_until(added, 60, f"the API to serve {model_id} and take the digits")
+    pretrain, model_id, ids, digits = stack.store_digits_under_a_new_model(
+        job_datasets / "digits.npz", "wb", range(10), PER_CLASS, shelf="a"
+    )
     made = stack.http.post("/classifiers", json={"name": f"digits-{pretrain}", "label_key": "digit"})
     assert made.status_code == 201, made.text
     classifier = made.json()
@@ -106,7 +81,7 @@ def test_write_back_labels_every_item_and_filtered_search_uses_them(empty_store:
     page = stack.http.get("/items", params={"limit": 1000}).json()["items"]
     written = {i["id"]: i["metadata"] for i in page if i["id"] in set(ids)}
     assert sorted(written) == sorted(ids)
-    assert all(m["shelf"] == "a" and m["digit"] == int(y[p]) for m, p in zip((written[i] for i in ids), picks))
+    assert all(m["shelf"] == "a" and m["digit"] == d for m, d in zip((written[i] for i in ids), digits))
 
     predicted = stack.http.post(f"/classifiers/{classifier['id']}/predict", json={"item_ids": ids, "top_k": 1})
     assert predicted.status_code == 200, predicted.text
