@@ -12,7 +12,12 @@ Beside each checkpoint: what the code before the change log paid per add call, t
 search latency (1% and 50% selectivity, exact on Flat); at the end, start-up from the last
 snapshot plus the replayed log tail, and the process's peak RSS.
 
+The store is the SQLite file under the data folder, or with `--store-url
+postgresql://127.0.0.1:5432/NAME` a PostgreSQL database NAME that the bench creates on that
+server and drops at the end (it must not exist).
+
     .venv/bin/python bench/million_items.py --items 1000000 --dim 512 --threads 1
+    .venv/bin/python bench/million_items.py --items 200000 --dim 512 --store-url postgresql://127.0.0.1:5432/bench_adds
     .venv/bin/python bench/million_items.py --items 100000 --dim 512 --factory HNSW32 --threads 1
     .venv/bin/python bench/million_items.py --dim 512 --dir DIR --reopen   # start-up and search on DIR
 """
@@ -21,20 +26,23 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sqlite3
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import faiss
 import numpy as np
+import psycopg
 
 from service.items.filters import parse_filter
 from service.items.follower import LogFollower, LogPosition
 from service.items.index import VectorIndex
-from service.items.reindex import load_or_build_index, snapshot_path, write_snapshot
-from service.items.store import ItemStore, NewItem
+from service.items.reindex import load_or_build_index, open_backend, snapshot_path, write_snapshot
+from service.items.sqlstore import SqlItemStore
+from service.items.store import NewItem
 from service.settings import Settings
 
 SPACE = "bench-model"
@@ -46,15 +54,29 @@ def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def old_count_ms(path: Path) -> float:
-    """The per-add COUNT(*) of the previous code, timed on the same file."""
-    db = sqlite3.connect(path)
-    try:
-        start = time.perf_counter()
+def old_count_ms(store: SqlItemStore) -> float:
+    """The per-add COUNT(*) of the previous code, timed on the same store."""
+    start = time.perf_counter()
+    with store._read() as db:  # the engine's own read transaction, as state() ran it
         db.execute("SELECT COUNT(*) FROM vectors WHERE model_id = ?", (SPACE,)).fetchone()
-        return (time.perf_counter() - start) * 1e3
+    return (time.perf_counter() - start) * 1e3
+
+
+@contextmanager
+def bench_database(url: str | None) -> Iterator[None]:
+    """Create the PostgreSQL database `url` names, drop it afterwards (nothing for SQLite)."""
+    if url is None:
+        yield
+        return
+    name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+    admin = psycopg.conninfo.make_conninfo(url, dbname="postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield
     finally:
-        db.close()
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def filtered_ms(follower: LogFollower, rng: np.random.Generator, share: float) -> float:
@@ -80,12 +102,24 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None, help="data folder (default: a temporary one)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reopen", action="store_true", help="add nothing: time start-up and search on --dir's items")
+    ap.add_argument(
+        "--store-url", default=None, help="postgresql://host:port/NAME: a database the bench creates and drops"
+    )
     args = ap.parse_args()
+    if args.reopen and args.store_url:
+        ap.error("--reopen reads a SQLite store in --dir; the PostgreSQL database is dropped after each run")
     faiss.omp_set_num_threads(args.threads)
+    with bench_database(args.store_url):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     checkpoints = sorted(c for c in map(int, args.checkpoints.split(",")) if c <= args.items)
     root = args.dir or Path(tempfile.mkdtemp(prefix="million-"))
-    settings = Settings(data_dir=root, index_factory=args.factory, index_min_train_vectors=10_000)
-    store = ItemStore(settings.items_dir / "items.sqlite3")
+    settings = Settings(
+        data_dir=root, index_factory=args.factory, index_min_train_vectors=10_000, store_url=args.store_url
+    )
+    store = open_backend(settings)
     follower = LogFollower(
         store, SPACE, VectorIndex(args.dim, args.factory, min_train=10_000), LogPosition(store.state(SPACE).changes)
     )
@@ -93,14 +127,15 @@ def main() -> None:
     snapshotter: threading.Thread | None = None
 
     def snapshot() -> None:
-        own = ItemStore(store.path)
+        own = open_backend(settings)
         try:
             copy, _ = load_or_build_index(settings, own, SPACE, args.dim)
             write_snapshot(settings, copy)
         finally:
             own.close()
 
-    print(f"# {args.items} items, dim {args.dim}, {args.factory}, batch {BATCH}, FAISS threads {args.threads}, {root}")
+    where = args.store_url or settings.sqlite_store_path
+    print(f"# {args.items} items, dim {args.dim}, {args.factory}, batch {BATCH}, FAISS threads {args.threads}, {where}")
     print("| items | add ms / 1,000 (last 10 batches) | old COUNT(*) ms per add call | filter 1% ms | filter 50% ms |")
     print("|---:|---:|---:|---:|---:|")
     window: list[float] = []
@@ -123,7 +158,7 @@ def main() -> None:
             snapshotter.start()
         if done in checkpoints:
             print(
-                f"| {done:,} | {np.median(window):.1f} | {old_count_ms(store.path):.1f} | "
+                f"| {done:,} | {np.median(window):.1f} | {old_count_ms(store):.1f} | "
                 f"{filtered_ms(follower, rng, 0.01):.1f} | {filtered_ms(follower, rng, 0.5):.1f} |",
                 flush=True,
             )
@@ -131,12 +166,12 @@ def main() -> None:
         snapshotter.join()
     store.close()
     if snapshot_path(settings, SPACE).is_file():
-        reopened = ItemStore(settings.items_dir / "items.sqlite3")
+        reopened = open_backend(settings)
         began = time.perf_counter()
         loaded, source = load_or_build_index(settings, reopened, SPACE, args.dim)
         seconds = time.perf_counter() - began
         print(f"\nstart-up: {seconds:.1f} s ({source}, {loaded.applied:,} log rows replayed after it)")
-        one, half = (filtered_ms(reopened, loaded.index, rng, share) for share in (0.01, 0.5))
+        one, half = (filtered_ms(loaded, rng, share) for share in (0.01, 0.5))
         print(
             f"filtered search over {loaded.index.ntotal:,} items: 1% {one:.1f} ms, 50% {half:.1f} ms (k=10, median of 5)"
         )

@@ -13,9 +13,12 @@ is passed. The SQLite store's numbers come from the space's counter row, updated
 write's transaction, so they appear without holes and `above` stays empty there.
 
 Beside the index the follower keeps what a hit shows of each item (`records`: pk -> id and
-metadata, `HitRecord`), filled from the store when the index is installed (`load_records`)
-and kept by the same log rows (a metadata update is a log row too), so searches, filtered
-ones included, answer from memory, also while the store is unreachable.
+metadata, `HitRecord`, and id -> pk), filled from the store when the index is built
+(`load_records`) or from the snapshot it was read from (`records_json` is written into the
+snapshot, `restore_records` reads it back), and kept by the same log rows (a metadata
+update is a log row too), so searches, filtered ones and searches by item id included,
+answer from memory, also while the store is unreachable (and on a host started meanwhile
+from its snapshot).
 
 pks are never reused and each is added at most once and removed at most once per space, so
 within one batch additions are applied before removals. A removal whose addition was read
@@ -25,6 +28,7 @@ index never holds a tombstone for an id it never had.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -76,6 +80,7 @@ class LogFollower:
         self._hole_since: dict[int, float] = {}
         self._lock = threading.Lock()
         self._records: dict[int, HitRecord] = {}
+        self._pk_of: dict[str, int] = {}  # item id -> pk, of the kept records
         self._records_lock = threading.Lock()  # apart from _lock: a search never waits on a store read
 
     def load_records(self, page: int = 10_000) -> None:
@@ -83,9 +88,36 @@ class LogFollower:
         log rows applied later only ever bring them up to date)."""
         after = 0
         while items := self.store.items_after(after, page):
-            with self._records_lock:
-                self._records.update((it.pk, HitRecord(it.id, it.metadata)) for it in items)
+            self._keep((it.pk, HitRecord(it.id, it.metadata)) for it in items)
             after = items[-1].pk
+
+    def records_json(self) -> bytes:
+        """The kept records as JSON, for the snapshot (`[[pk, id, metadata], ...]`)."""
+        with self._records_lock:
+            rows = [[pk, r.id, r.metadata] for pk, r in self._records.items()]
+        return json.dumps(rows, separators=(",", ":")).encode()
+
+    def restore_records(self, raw: bytes) -> None:
+        """Keep the records `records_json` wrote (a snapshot's, at the position it reflects)."""
+        self._keep((int(pk), HitRecord(item_id, metadata)) for pk, item_id, metadata in json.loads(raw))
+
+    def _keep(self, records: Iterable[tuple[int, HitRecord]]) -> None:
+        with self._records_lock:
+            for pk, record in records:
+                self._records[pk] = record
+                self._pk_of[record.id] = pk
+
+    def _drop(self, pks: Iterable[int]) -> None:
+        with self._records_lock:
+            for pk in pks:
+                record = self._records.pop(pk, None)
+                if record is not None and self._pk_of.get(record.id) == pk:  # not the id's replacement
+                    del self._pk_of[record.id]
+
+    def pks_of(self, item_ids: Sequence[str]) -> list[int | None]:
+        """The pk kept for each item id (None: no such item seen here)."""
+        with self._records_lock:
+            return [self._pk_of.get(i) for i in item_ids]
 
     def records(self, pks: Iterable[int]) -> dict[int, HitRecord]:
         """The kept id and metadata of each of `pks` that has them."""
@@ -124,8 +156,8 @@ class LogFollower:
         fresh = ~np.isin(batch.seqs, np.fromiter(self.at.above, dtype=np.int64, count=len(self.at.above)))
         vec_row = np.cumsum(batch.present) - 1  # row -> index into batch.vectors
         updated = batch.updated if batch.updated is not None else np.zeros(len(batch.seqs), dtype=bool)
-        with self._records_lock:  # before the index: a searchable pk always has its record
-            self._records.update(batch.records)  # current ids and metadata (idempotent, so replayed rows too)
+        self._keep(batch.records.items())  # before the index: a searchable pk always has its record
+        # (current ids and metadata: idempotent, so replayed rows too)
         adds = fresh & batch.added & batch.present
         if adds.any():
             self.index.add(batch.pks[adds], batch.vectors[vec_row[adds]])
@@ -135,9 +167,7 @@ class LogFollower:
         self.at.gone.difference_update(removes)
         if live:
             self.index.remove(np.asarray(live, dtype=np.int64))
-        with self._records_lock:
-            for pk in removes:
-                self._records.pop(pk, None)
+        self._drop(removes)
         self.at.above.update(int(s) for s in batch.seqs[fresh])
         return int(fresh.sum())
 

@@ -10,9 +10,11 @@ tombstones filtered out of results.
 Concurrency (faiss issue #367): searches share an RWLock, add/remove/train hold it alone.
 
 Snapshot file: MAGIC, 8-byte header length, JSON header (model, dim, factory, ntotal, the
-change-log position it reflects, tombstones, sha256 of the index bytes), then the bytes of
-`faiss.serialize_index`. Written to a temporary file, fsynced and renamed; a truncated or
-corrupted file fails the length or sha256 check and raises SnapshotError (callers rebuild).
+change-log position it reflects, tombstones, sizes and sha256 of the two sections), the bytes
+of `faiss.serialize_index`, then the caller's `extra` bytes (the follower keeps the ids and
+metadata of the items there, follower.py). Written to a temporary file, fsynced and renamed;
+a truncated or corrupted file fails the length or sha256 check and raises SnapshotError
+(callers rebuild).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class SnapshotHeader:
     changes: int
     tombstones: list[int]
     log: dict[str, Any]
+    extra: bytes = b""  # what the writer stored beside the index (b"": nothing, or a snapshot older than it)
 
 
 def _is_exact(factory: str) -> bool:
@@ -161,6 +164,34 @@ class VectorIndex:
             return "retrain"
         return None
 
+    def _holds_exact_vectors(self) -> bool:
+        """Whether the index keeps each vector as it was added: flat storage behind our ID map
+        (Flat, HNSW over flat storage), not PQ or scalar-quantised codes. IVF indexes keep no
+        direct map from our ids to their lists (it would cost a hash entry per vector), so
+        they cannot give a vector back by id."""
+        if faiss.try_extract_index_ivf(self._index) is not None:
+            return False
+        mapped: Any = self._index  # IndexIDMap2 over the codes
+        inner = faiss.downcast_index(mapped.index)
+        if isinstance(inner, getattr(faiss, "IndexHNSW")):  # noqa: B009 - the stubs lack it
+            inner = faiss.downcast_index(inner.storage)
+        return isinstance(inner, faiss.IndexFlat)
+
+    def reconstruct(self, ids: np.ndarray) -> np.ndarray | None:
+        """The vectors stored under `ids` (float32 [N, D], bit for bit what was added), or None
+        when this index does not keep them exactly (`_holds_exact_vectors`) or lacks one of
+        the ids: the caller reads them from the store instead."""
+        with self.lock.read():
+            if not self._holds_exact_vectors() or any(int(i) in self._tombstones for i in ids):
+                return None
+            out = np.empty((len(ids), self.dim), dtype=np.float32)
+            try:
+                for row, i in enumerate(ids):
+                    out[row] = self._index.reconstruct(int(i))
+            except RuntimeError:  # an id the index does not hold
+                return None
+        return out
+
     @property
     def exact(self) -> bool:
         """Searches return the true top k (Flat, or a trainable index still waiting for data)."""
@@ -212,9 +243,12 @@ class VectorIndex:
 
     # -- snapshots ----------------------------------------------------------------------
 
-    def save(self, path: str | Path, *, model_id: str, changes: int, log: dict[str, Any] | None = None) -> None:
+    def save(
+        self, path: str | Path, *, model_id: str, changes: int, log: dict[str, Any] | None = None, extra: bytes = b""
+    ) -> None:
         """Write the snapshot atomically; `changes` is the change-log position the index
-        reflects (`log`: the rest of the follower's position, see follower.LogPosition)."""
+        reflects (`log`: the rest of the follower's position, see follower.LogPosition;
+        `extra`: bytes kept with it, given back by `load`)."""
         path = Path(path)
         with self.lock.read():  # serialising only reads the index
             blob = faiss.serialize_index(self._index).tobytes()
@@ -230,9 +264,11 @@ class VectorIndex:
                 "tombstones": sorted(self._tombstones),
                 "sha256": hashlib.sha256(blob).hexdigest(),
                 "size": len(blob),
+                "extra_sha256": hashlib.sha256(extra).hexdigest(),
+                "extra_size": len(extra),
             }
         head = json.dumps(header).encode()
-        write_atomic(path, MAGIC + struct.pack("<Q", len(head)) + head + blob)
+        write_atomic(path, MAGIC + struct.pack("<Q", len(head)) + head + blob + extra)
 
     @classmethod
     def load(
@@ -249,8 +285,15 @@ class VectorIndex:
             (hlen,) = struct.unpack_from("<Q", data, len(MAGIC))
             start = len(MAGIC) + 8
             header = json.loads(data[start : start + hlen])
-            blob = data[start + hlen :]
-            if len(blob) != header["size"] or hashlib.sha256(blob).hexdigest() != header["sha256"]:
+            size, extra_size = header["size"], header.get("extra_size", 0)
+            blob = data[start + hlen : start + hlen + size]
+            extra = data[start + hlen + size :]
+            if (
+                len(blob) != size
+                or hashlib.sha256(blob).hexdigest() != header["sha256"]
+                or len(extra) != extra_size
+                or (extra_size and hashlib.sha256(extra).hexdigest() != header["extra_sha256"])
+            ):
                 raise SnapshotError(f"{path} is truncated or corrupt (size or sha256 mismatch)")
             index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
         except SnapshotError:
@@ -270,5 +313,6 @@ class VectorIndex:
             header["changes"],
             header["tombstones"],
             header.get("log", {}),
+            extra,
         )
         return self, meta

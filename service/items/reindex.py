@@ -84,8 +84,11 @@ def _empty_index(settings: Settings, dim: int) -> VectorIndex:
     )
 
 
-def _from_snapshot(settings: Settings, store: ItemBackend, space: str, dim: int) -> LogFollower:
-    """The snapshot of `space` followed to the end of the log; SnapshotError when unusable."""
+def read_snapshot(settings: Settings, store: ItemBackend, space: str, dim: int) -> tuple[LogFollower, bool]:
+    """The snapshot of `space` on this host's disk as a follower at the position it reflects,
+    and whether it held the items' ids and metadata (snapshots written before they were kept
+    there did not). Reads nothing from the store, so a host started while the store is down
+    can serve it (`catch_up` once the store answers). SnapshotError when unusable."""
     index, head = VectorIndex.load(
         snapshot_path(settings, space),
         min_train=settings.index_min_train_vectors,
@@ -93,26 +96,41 @@ def _from_snapshot(settings: Settings, store: ItemBackend, space: str, dim: int)
     )
     if (head.model_id, head.dim, head.factory) != (space, dim, settings.index_factory):
         raise SnapshotError(f"snapshot is for {head.model_id}/{head.dim}/{head.factory}")
-    last = store.state(space).changes
-    if head.changes > last:
-        raise SnapshotError(f"snapshot is ahead of the store (log position {head.changes} > {last})")
-    first = store.first_seq(space)
-    if head.changes < last and (first is None or first > head.changes + 1):
-        raise SnapshotError(f"the log after position {head.changes} was compacted (oldest row {first})")
     follower = LogFollower(store, space, index, LogPosition.from_json(head.log, head.changes))
+    if head.extra:
+        follower.restore_records(head.extra)
+    return follower, bool(head.extra)
+
+
+def catch_up(follower: LogFollower, *, has_records: bool) -> int:
+    """Follow a snapshot just read (`read_snapshot`) to the end of the log, after checking that
+    the store still matches it; returns the rows replayed. SnapshotError when the snapshot is
+    ahead of the store, the log no longer reaches back to it, or the counts disagree."""
+    store, space, changes = follower.store, follower.space, follower.position
+    last = store.state(space).changes
+    if changes > last:
+        raise SnapshotError(f"snapshot is ahead of the store (log position {changes} > {last})")
+    first = store.first_seq(space)
+    if changes < last and (first is None or first > changes + 1):
+        raise SnapshotError(f"the log after position {changes} was compacted (oldest row {first})")
     replayed = follower.poll()
     state = store.state(space)
-    if state.changes == follower.position and state.count != index.ntotal:
-        raise SnapshotError(f"snapshot plus log hold {index.ntotal} vectors, the store {state.count}")
-    log.info("index of %s: snapshot at %d plus %d log rows", space, head.changes, replayed)
-    return follower
+    if state.changes == follower.position and state.count != follower.index.ntotal:
+        raise SnapshotError(f"snapshot plus log hold {follower.index.ntotal} vectors, the store {state.count}")
+    if not has_records:
+        follower.load_records()
+    log.info("index of %s: snapshot at %d plus %d log rows", space, changes, replayed)
+    return replayed
 
 
 def load_or_build_index(settings: Settings, store: ItemBackend, space: str, dim: int) -> tuple[LogFollower, str]:
-    """The index of `space` and its log follower: its snapshot plus the log after it when the
-    log still reaches back to it, else rebuilt from the store. Returns (follower, how)."""
+    """The index of `space` and its log follower (with the items' ids and metadata): its
+    snapshot plus the log after it when the log still reaches back to it, else rebuilt from
+    the store. Returns (follower, how)."""
     try:
-        return _from_snapshot(settings, store, space, dim), "snapshot"
+        follower, has_records = read_snapshot(settings, store, space, dim)
+        catch_up(follower, has_records=has_records)
+        return follower, "snapshot"
     except SnapshotError as exc:
         reason = str(exc)
     follower = build_from_store(settings, store, space, dim)
@@ -122,22 +140,25 @@ def load_or_build_index(settings: Settings, store: ItemBackend, space: str, dim:
 
 def build_from_store(settings: Settings, store: ItemBackend, space: str, dim: int) -> LogFollower:
     """A fresh index of every vector of `space` (a trainable one trained on all of them),
-    followed to the end of the log."""
+    followed to the end of the log, with the items' ids and metadata."""
     pks, vecs, changes = store.vectors(space)
     index = _empty_index(settings, dim)
     index.add(pks, vecs)
     follower = LogFollower(store, space, index, LogPosition(changes))
     follower.poll()  # rows committed since the read
+    follower.load_records()  # after the poll: later log rows only bring them up to date
     return follower
 
 
 def write_snapshot(settings: Settings, follower: LogFollower) -> None:
-    """Snapshot a follower's index at its position, then compact the log it has passed."""
+    """Snapshot a follower's index and kept records at its position, then compact the log it
+    has passed."""
     follower.index.save(
         snapshot_path(settings, follower.space),
         model_id=follower.space,
         changes=follower.position,
         log=follower.at.to_json(),
+        extra=follower.records_json(),
     )
     follower.store.compact_log(follower.space, follower.position, settings.index_log_retention_s)
 

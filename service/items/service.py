@@ -13,6 +13,15 @@ embedded first (slow, no lock held), then under one mutex the originals are writ
 store commits (counters and log rows in the same transaction). Snapshots are written off
 the hot path: another thread loads the last snapshot, replays the log on its own copy and
 writes it, so no add or search waits on a full-index write.
+
+The store unreachable (PostgreSQL down): writes answer StoreUnavailableError (503), searches
+answer from the served index and the ids and metadata kept with it, a search by item id
+included (its vector is read back from the index, `VectorIndex.reconstruct`; an IVF or
+PQ index cannot give it back, so there such a search needs the store and answers 503). A
+host started meanwhile serves the active model's snapshot from its own disk when it has one
+(searches answer, writes 503), and once the store answers checks it against the store and
+replays the log after it before taking writes again; without a snapshot it is not ready
+until the store answers.
 """
 
 from __future__ import annotations
@@ -41,11 +50,14 @@ from service.items.errors import (
 )
 from service.items.filters import Condition
 from service.items.follower import LogFollower
+from service.items.index import SnapshotError
 from service.items.reindex import (
     Encoder,
     build_from_store,
+    catch_up,
     load_or_build_index,
     open_store,
+    read_snapshot,
     reembed_all,
     space_of,
     write_snapshot,
@@ -102,26 +114,65 @@ class ItemService:
         self._closing = threading.Event()
         self._swept_at = time.monotonic()
         self._unstarted: str | None = None  # why the store failed at start: _start_serving is retried
+        self._offline = False  # serving a snapshot read while the store was down, not caught up yet
         self._poller = threading.Thread(target=self._follow_loop, name="index-follow", daemon=True)
 
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
         """Serve an index (`_start_serving`) and follow the log. A store unreachable at start
-        leaves the host up without an index (not ready, writes 503); the follow loop retries
-        until the store answers, with no restart."""
+        leaves the host up with the active model's local snapshot if it has one (searches
+        answer, writes 503), else without an index (not ready, writes 503); the follow loop
+        retries until the store answers, with no restart."""
         try:
             self._start_serving()
         except StoreUnavailableError as exc:
             log.warning("the item store is unreachable at start (%s); retrying while following", exc.message)
             self._unstarted = exc.message
+            self._serve_local_snapshot()
         self.runtime.add_listener(self.on_activate)
         self._poller.start()
+
+    def _serve_local_snapshot(self) -> None:
+        """While the store is down at start: serve the active model's snapshot on this host's
+        disk when it holds the items' ids and metadata (the registry is on the shared data
+        dir, readable without the store). It is checked and caught up in `_start_serving`."""
+        active_id = self.registry.active()
+        if not active_id:
+            return
+        space = space_of(self.settings, self.registry, active_id)
+        try:
+            follower, has_records = read_snapshot(self.settings, self.store, space, self._dim(space))
+        except SnapshotError as exc:
+            log.warning("no local snapshot of %s to serve while the store is down: %s", space, exc)
+            return
+        if not has_records:
+            log.warning("the local snapshot of %s lacks the items' ids and metadata; not serving it", space)
+            return
+        with self._mutex:
+            self._follower, self._offline = follower, True
+            self.served, self.index_source = space, "snapshot (the store was unreachable at start)"
+        log.info("serving the local snapshot of %s (%d vectors) until the store answers", space, follower.index.ntotal)
+
+    def _catch_up_offline(self) -> None:
+        """The store answers again: replay the log after the snapshot served meanwhile, or
+        drop it when the store no longer matches it (`_start_serving` then rebuilds)."""
+        follower = self._follower
+        assert follower is not None
+        try:
+            catch_up(follower, has_records=True)
+        except SnapshotError as exc:
+            log.warning("the snapshot served while the store was down is unusable (%s); rebuilding", exc)
+            with self._mutex:
+                self._follower, self.served = None, None
+        self._offline = False
 
     def _start_serving(self) -> None:
         """Pick the served space (the active model's when complete), load its index.
 
         Models are held as vector spaces (model and variant, `space_of`) from here on."""
+        if self._offline:
+            self._catch_up_offline()
         active_id = self.registry.active()
         active = space_of(self.settings, self.registry, active_id) if active_id else None
         completed = self.store.completed_models()
@@ -145,9 +196,12 @@ class ItemService:
             if thread:
                 thread.join(timeout=300)
         with self._mutex:
-            if self._follower is not None:
-                self._follower.poll()
-                write_snapshot(self.settings, self._follower)
+            try:
+                if self._follower is not None and not self._offline:
+                    self._follower.poll()
+                    write_snapshot(self.settings, self._follower)
+            except StoreUnavailableError as exc:  # the snapshot on disk stays, the log replays after it
+                log.warning("no snapshot at shutdown: %s", exc.message)
             self.store.close()
 
     def _dim(self, space: str) -> int:
@@ -161,7 +215,6 @@ class ItemService:
         if space == self.served:
             return
         follower, source = load_or_build_index(self.settings, self.store, space, self._dim(space))
-        follower.load_records()
         with self._mutex:
             follower.poll()  # rows committed while it was built
             old = self.served
@@ -283,7 +336,6 @@ class ItemService:
         try:
             follower = build_from_store(self.settings, store, space, dim)
             write_snapshot(self.settings, follower)  # of the copy, before it serves
-            follower.load_records()
         except Exception:
             log.exception("rebuilding the index of %s (%s) failed; the old one keeps serving", space, why)
             store.close()
@@ -309,9 +361,15 @@ class ItemService:
         _, vectors = await self.runtime.embed(images, model_id=space)
         return vectors
 
+    def _writable(self) -> None:
+        """Writes wait until the store answered since start-up: then the served index (a
+        snapshot read meanwhile) has been caught up, so this write's log row is applied after
+        every earlier one."""
+        if self._unstarted is not None:
+            raise StoreUnavailableError(self._unstarted)
+
     def _targets(self) -> list[str]:
-        if self.served is None and self._unstarted is not None:
-            raise StoreUnavailableError(self._unstarted)  # no index yet: it is loaded once the store answers
+        self._writable()
         if self.served is None:
             raise IndexNotReadyError("no model's index is being served yet; activate a model and retry")
         return [self.served] + ([self.pending] if self.pending else [])
@@ -382,6 +440,7 @@ class ItemService:
 
     def delete(self, item_id: str) -> None:
         with self._mutex:
+            self._writable()
             if self.store.delete(item_id) is None:
                 raise ItemNotFoundError(f"no item with id {item_id!r}")
             self._apply_log()  # an original no longer referenced is left to sweep_originals
@@ -389,6 +448,7 @@ class ItemService:
     def update_metadata(self, item_id: str, metadata: dict[str, Any] | None, *, merge: bool) -> Item:
         """Replace an item's metadata, or merge into it (a key set to null removes it)."""
         with self._mutex:
+            self._writable()
             item = self.store.update_metadata(item_id, metadata, merge=merge)
             if item is None:
                 raise ItemNotFoundError(f"no item with id {item_id!r}")
@@ -401,10 +461,14 @@ class ItemService:
     # -- search -------------------------------------------------------------------------
 
     def _served(self) -> tuple[str, LogFollower]:
-        with self._mutex:
-            self._targets()
-            assert self.served is not None and self._follower is not None
-            return self.served, self._follower
+        """The served space and its follower, read once without the mutex: a write holding it
+        while the store does not answer (up to `store_timeout_s`) must not hold up searches."""
+        follower = self._follower  # one reference: its space is the served one
+        if follower is None:
+            if self._unstarted is not None:  # no index yet: it is loaded once the store answers
+                raise StoreUnavailableError(self._unstarted)
+            raise IndexNotReadyError("no model's index is being served yet; activate a model and retry")
+        return follower.space, follower
 
     def _candidates(
         self, follower: LogFollower, queries: np.ndarray, want: int, where: Sequence[Condition]
@@ -471,8 +535,15 @@ class ItemService:
     def search_items(
         self, item_ids: Sequence[str], k: int, options: SearchOptions = SearchOptions(), *, exclude_self: bool = False
     ) -> tuple[str, list[list[Hit]]]:
-        """Search with the stored vectors of `item_ids`, optionally leaving each item out of its own results."""
-        served, _ = self._served()
+        """Search with the vectors of `item_ids`, optionally leaving each item out of its own
+        results. The vectors are read back from the served index with the pks kept beside it
+        (no store read, so this answers while the store is down); where the index cannot give
+        them back (IVF, PQ codes) or lacks one, from the store."""
+        served, follower = self._served()
+        known = follower.pks_of(item_ids)
+        found = follower.index.reconstruct(np.asarray(known, dtype=np.int64)) if None not in known else None
+        if found is not None:
+            return self.search_vectors(found, k, served, options, known if exclude_self else None)
         vectors, pks = [], []
         for item_id in item_ids:
             item = self.get(item_id)  # 404 when the item does not exist

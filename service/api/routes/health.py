@@ -6,7 +6,9 @@ replica unready: a load balancer must not drop a replica that serves well becaus
 submission is down; while it is, `POST /train-jobs` answers 503 `jobs_unavailable`. The item
 store is reported the same way (`checks.store`): while it is unreachable a host with a
 loaded index keeps answering searches from memory, so it stays ready; one that started
-during the outage has no index yet and is not ready until the store answers.
+during the outage serves the active model's snapshot from its own disk (ready, writes 503
+until the store answers), and without one has no index and is not ready until the store
+answers.
 """
 
 from __future__ import annotations

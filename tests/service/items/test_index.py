@@ -126,6 +126,27 @@ def test_concurrent_adds_and_searches_are_consistent() -> None:
     np.testing.assert_array_equal(top[:, 0], np.arange(len(base)))
 
 
+@pytest.mark.parametrize(
+    ("factory", "exact"), [("Flat", True), ("HNSW16", True), ("HNSW16,PQ4", False), ("IVF8,Flat", False)]
+)
+def test_reconstruct_gives_back_the_added_vectors_or_none(factory: str, exact: bool) -> None:
+    """Searches by item id read the query vector back from the index: bit for bit what was
+    added where the index keeps it (flat storage), else None (the caller reads the store)."""
+    rng = np.random.default_rng(5)
+    base = unit(rng, 400, 16)
+    index = VectorIndex(16, factory, min_train=300)
+    index.add(np.arange(400) * 7, base)
+    got = index.reconstruct(np.array([14, 0, 7 * 399]))
+    if exact:
+        assert got is not None
+        np.testing.assert_array_equal(got, base[[2, 0, 399]])
+    else:
+        assert got is None
+    assert index.reconstruct(np.array([0, 5])) is None  # 5 was never added
+    index.remove(np.array([14]))
+    assert index.reconstruct(np.array([14])) is None  # removed (a tombstone on HNSW)
+
+
 def test_snapshot_round_trip_and_corruption(tmp_path) -> None:
     rng = np.random.default_rng(4)
     base = unit(rng, 100, 8)
@@ -151,6 +172,25 @@ def test_snapshot_round_trip_and_corruption(tmp_path) -> None:
         VectorIndex.load(path)
     with pytest.raises(SnapshotError):
         VectorIndex.load(tmp_path / "missing.faiss")
+
+
+def test_snapshot_keeps_the_extra_bytes_and_checks_them(tmp_path) -> None:
+    index = VectorIndex(8)
+    index.add(np.arange(3), unit(np.random.default_rng(7), 3, 8))
+    path = tmp_path / "m.faiss"
+    extra = b'[[0,"a",{"n":1}]]'
+    index.save(path, model_id="m", changes=3, extra=extra)
+    assert VectorIndex.load(path)[1].extra == extra
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # one bit of the extra section
+    path.write_bytes(bytes(data))
+    with pytest.raises(SnapshotError, match="truncated or corrupt"):
+        VectorIndex.load(path)
+    path.write_bytes(bytes(data[:-1]))
+    with pytest.raises(SnapshotError, match="truncated or corrupt"):
+        VectorIndex.load(path)
+    index.save(path, model_id="m", changes=3)  # nothing beside the index
+    assert VectorIndex.load(path)[1].extra == b""
 
 
 def test_upkeep_is_due_for_tombstones_and_growth() -> None:

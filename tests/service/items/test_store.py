@@ -139,10 +139,15 @@ def test_follower_keeps_ids_and_metadata_with_the_index(store: SqlItemStore) -> 
         pk["a"]: HitRecord("a", {"n": 2}),
         c_pk: HitRecord("c", {"n": 2}),
     }
+    assert follower.pks_of(["a", "b", "c", "never"]) == [pk["a"], None, c_pk, None]  # c: its replacement's pk
     later = LogFollower(store, "s", VectorIndex(D), LogPosition(store.state("s").changes))
     later.load_records()
     assert later.records([pk["a"], c_pk]) == follower.records([pk["a"], c_pk])
     assert later.matching(n_is_2).tolist() == follower.matching(n_is_2).tolist()
+    restored = LogFollower(store, "s", VectorIndex(D), LogPosition(0))  # as from a snapshot's section
+    restored.restore_records(follower.records_json())
+    assert restored.records([pk["a"], pk["b"], c_pk]) == follower.records([pk["a"], c_pk])
+    assert restored.pks_of(["a", "b", "c"]) == [pk["a"], None, c_pk]
 
 
 def test_an_original_is_collected_only_when_unreferenced_after_the_grace(store: SqlItemStore) -> None:

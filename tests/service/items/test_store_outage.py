@@ -2,8 +2,10 @@
 own, never the machine's shared one): writes during the outage answer 503 with a clear
 message, none gets a 2xx without being stored, writes succeed again within seconds of the
 restart without restarting the API, and nothing acknowledged is lost. Searches keep
-answering during the outage, filtered ones included, from the index and the ids and
-metadata kept beside it."""
+answering during the outage, filtered ones and searches by item id included, from the index
+and the ids and metadata kept beside it. A host restarted while the database is down serves
+its local snapshot, takes writes again once the database is back and catches up from the
+change log."""
 
 from __future__ import annotations
 
@@ -13,13 +15,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
-from _procs import PrivatePostgres
+from _procs import PrivatePostgres, wait_until
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from tests.service.conftest import make_settings, png
+from tests.service.conftest import live_server, make_settings, png
 
 
 @pytest.fixture
@@ -45,24 +48,34 @@ def test_writes_get_503_while_postgres_is_down_and_recover_after(
     settings = make_settings(data_dir, store_url=private_postgres.url, store_timeout_s=1.0)
     statuses: dict[int, int] = {}
     errors: dict[int, dict[str, str]] = {}
-    stop = threading.Event()
+    stop, paused, writing = threading.Event(), threading.Event(), threading.Lock()
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
 
         def writer() -> None:
             for i, image in enumerate(images):
+                while paused.is_set():
+                    time.sleep(0.01)
                 if stop.is_set():
                     return
                 files = [("files", (f"{i}.png", image, "image/png"))]
                 meta = json.dumps({"parity": i % 2, "n": i})
-                r = client.post("/items", files=files, data={"ids": [f"w{i}"], "metadata": [meta]})
+                with writing:
+                    r = client.post("/items", files=files, data={"ids": [f"w{i}"], "metadata": [meta]})
                 statuses[i] = r.status_code
                 if r.status_code != 201:
                     errors[i] = r.json()["error"]
 
+        def by_id(item_id: str, **query: object) -> httpx.Response:
+            return client.post("/search", json={"item_id": item_id, "k": 5, **query})
+
         thread = threading.Thread(target=writer)
         thread.start()
         time.sleep(1.5)  # writes succeed
-        private_postgres.stop()
+        paused.set()
+        with writing:  # no write in flight: the index holds what the searches below see
+            before = {j: by_id(f"w{j}").json()["results"] for j in (0, 1, 2, 3)}
+            private_postgres.stop()
+        paused.clear()
         down_at = len(statuses)
         time.sleep(2.0)  # writes fail meanwhile
         outage_searches = {}
@@ -71,6 +84,9 @@ def test_writes_get_503_while_postgres_is_down_and_recover_after(
             outage_searches[j] = (
                 client.post("/search", files=query, data={"k": "1"}),
                 client.post("/search", files=query, data={"k": "3", "filter": json.dumps({"parity": 1 - j % 2})}),
+                by_id(f"w{j}"),
+                by_id(f"w{j}", exclude_self=True),
+                client.post("/search", files=query, data={"k": "5"}),
             )
         still_down = client.post("/items", files=[("files", ("x.png", images[-1], "image/png"))], data={"ids": ["x"]})
         time.sleep(1.0)
@@ -94,7 +110,17 @@ def test_writes_get_503_while_postgres_is_down_and_recover_after(
         assert acked[-1] > failed[-1], "no write succeeded after the restart"
         assert recovered_s < 10, recovered_s
         assert still_down.status_code == 503 and still_down.json()["error"]["code"] == "store_unavailable"
-        for j, (plain, filtered) in outage_searches.items():  # answered from memory while the store was down
+        for j, (plain, filtered, item, others, image) in outage_searches.items():  # answered from memory
+            for r in (item, others, image):
+                assert r.status_code == 200, r.text
+            assert item.json()["results"] == before[j]  # the same hits as before the outage
+            assert before[j][0]["id"] == f"w{j}" and len(before[j]) == 5
+            rest = [h["id"] for h in others.json()["results"]]
+            assert len(rest) == 5 and f"w{j}" not in rest and rest[:4] == [h["id"] for h in before[j][1:]]
+            # the item's own image, embedded again, finds the same neighbours at the same scores
+            found = image.json()["results"]
+            assert [h["id"] for h in found] == [h["id"] for h in before[j]]
+            assert np.allclose([h["score"] for h in found], [h["score"] for h in before[j]], atol=1e-5)
             assert plain.status_code == 200, plain.text
             (top,) = plain.json()["results"]
             assert top["id"] == f"w{j}" and top["metadata"] == {"parity": j % 2, "n": j}
@@ -142,3 +168,50 @@ def test_a_host_started_while_postgres_is_down_comes_up_and_recovers_by_itself(
         hit = client.post("/search", files={"file": ("q.png", image, "image/png")}, data={"k": "1"})
         assert hit.status_code == 200 and hit.json()["results"][0]["id"] == "a"
         assert client.get("/items").json()["total"] == 1
+
+
+@pytest.mark.integration
+def test_a_host_restarted_while_postgres_is_down_serves_its_snapshot_and_catches_up(
+    data_dir: Path, private_postgres: PrivatePostgres
+) -> None:
+    images = pictures(2, 8)
+    settings = make_settings(data_dir, store_url=private_postgres.url, store_timeout_s=1.0)
+    with TestClient(create_app(settings)) as client:  # this host: its snapshot is written at shutdown
+        for i in range(6):
+            files = [("files", (f"{i}.png", images[i], "image/png"))]
+            meta = json.dumps({"n": i})
+            assert client.post("/items", files=files, data={"ids": [f"s{i}"], "metadata": [meta]}).status_code == 201
+        before = client.post("/search", json={"item_id": "s0", "k": 4}).json()["results"]
+    other = make_settings(data_dir, store_url=private_postgres.url, local_dir=data_dir / "other-host")
+    with TestClient(create_app(other)) as client:  # another host writes after that snapshot: only in the log
+        late = [("files", ("late.png", images[6], "image/png"))]
+        assert client.post("/items", files=late, data={"ids": ["late"]}).status_code == 201
+    private_postgres.stop()
+
+    env = {"SIMCLR_EMBED_STORE_URL": private_postgres.url, "SIMCLR_EMBED_STORE_TIMEOUT_S": "1"}
+    with live_server(data_dir, **env) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        ready = wait_until(lambda: (r := http.get("/readyz")).status_code == 200 and r, 30, "the host to be ready")
+        assert "PostgreSQL" in ready.json()["checks"]["store"]  # up from its snapshot, the store still down
+        assert http.post("/search", json={"item_id": "s0", "k": 4}).json()["results"] == before
+        for i in range(6):
+            hit = http.post("/search", files={"file": ("q.png", images[i], "image/png")}, data={"k": "1"})
+            assert hit.status_code == 200 and hit.json()["results"][0] == {
+                "id": f"s{i}",
+                "score": pytest.approx(1.0, abs=1e-4),
+                "metadata": {"n": i},
+            }
+        missed = http.post("/search", files={"file": ("q.png", images[6], "image/png")}, data={"k": "1"})
+        assert missed.json()["results"][0]["id"] != "late"  # written after the snapshot: not served yet
+        new = [("files", ("new.png", images[7], "image/png"))]
+        down = http.post("/items", files=new, data={"ids": ["new"]})
+        assert (down.status_code, down.json()["error"]["code"]) == (503, "store_unavailable"), down.text
+
+        private_postgres.start()
+        back_at = time.monotonic()
+        while (added := http.post("/items", files=new, data={"ids": ["new"]})).status_code != 201:
+            assert added.status_code == 503 and time.monotonic() - back_at < 10, added.text
+            time.sleep(0.1)
+        for item_id, image in (("new", images[7]), ("late", images[6])):  # its own write, and the log's
+            hit = http.post("/search", files={"file": ("q.png", image, "image/png")}, data={"k": "1"})
+            assert hit.status_code == 200 and hit.json()["results"][0]["id"] == item_id, hit.text
+        assert http.get("/items").json()["total"] == 8
