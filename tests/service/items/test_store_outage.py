@@ -215,3 +215,40 @@ def test_a_host_restarted_while_postgres_is_down_serves_its_snapshot_and_catches
             hit = http.post("/search", files={"file": ("q.png", image, "image/png")}, data={"k": "1"})
             assert hit.status_code == 200 and hit.json()["results"][0]["id"] == item_id, hit.text
         assert http.get("/items").json()["total"] == 8
+
+
+@pytest.mark.integration
+def test_the_store_is_back_within_seconds_of_the_server_after_a_long_outage(
+    private_postgres: PrivatePostgres,
+) -> None:
+    """The connection pool retries a failed connection with a doubling wait; after 20 s down
+    its default retry schedule left the store unusable for ~7 s after the server was back (and
+    ~14 s after 45 s down). Reads and writes borrow the same pool."""
+    from service.items.errors import StoreUnavailableError
+    from service.items.postgres import PgItemStore
+
+    store = PgItemStore(private_postgres.url, timeout_s=5.0)
+    try:
+        store.state("m")
+        private_postgres.stop()
+        down = time.monotonic()
+        refused = 0
+        while time.monotonic() - down < 20:
+            with pytest.raises(StoreUnavailableError):
+                store.state("m")
+            refused += 1
+            time.sleep(0.5)
+        private_postgres.start()
+        back = time.monotonic()
+        wait_until(lambda: _answers(store, StoreUnavailableError), 30, "the store to answer again", every_s=0.1)
+        assert time.monotonic() - back < 3.0 and refused >= 3
+    finally:
+        store.close()
+
+
+def _answers(store, unavailable: type[Exception]) -> bool:
+    try:
+        store.state("m")
+    except unavailable:
+        return False
+    return True
