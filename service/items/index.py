@@ -82,6 +82,33 @@ def _apply_params(index: faiss.Index, params: str) -> None:
         ivf.nprobe = min(ivf.nprobe, ivf.nlist)
 
 
+@dataclass(frozen=True)
+class FrozenIndex:
+    """A VectorIndex serialised at one instant: its FAISS bytes and the header fields of its
+    state (see `VectorIndex.frozen`)."""
+
+    blob: bytes
+    header: dict[str, Any]
+
+    def save(
+        self, path: str | Path, *, model_id: str, changes: int, log: dict[str, Any] | None = None, extra: bytes = b""
+    ) -> None:
+        """Write the snapshot file atomically (see `VectorIndex.save`); checksums computed here,
+        off the index's lock."""
+        header = {
+            "model_id": model_id,
+            **self.header,
+            "changes": changes,
+            "log": log or {},
+            "sha256": hashlib.sha256(self.blob).hexdigest(),
+            "size": len(self.blob),
+            "extra_sha256": hashlib.sha256(extra).hexdigest(),
+            "extra_size": len(extra),
+        }
+        head = json.dumps(header).encode()
+        write_atomic(Path(path), MAGIC + struct.pack("<Q", len(head)) + head + self.blob + extra)
+
+
 class VectorIndex:
     def __init__(
         self,
@@ -243,32 +270,29 @@ class VectorIndex:
 
     # -- snapshots ----------------------------------------------------------------------
 
+    def frozen(self) -> FrozenIndex:
+        """The index serialised as it is now (the read lock held for the copy only), to be
+        written as a snapshot off every lock (`FrozenIndex.save`)."""
+        with self.lock.read():
+            return FrozenIndex(
+                blob=faiss.serialize_index(self._index).tobytes(),
+                header={
+                    "dim": self.dim,
+                    "factory": self.factory,
+                    "final": self._final,
+                    "trained_on": self.trained_on,
+                    "ntotal": self.ntotal,
+                    "tombstones": sorted(self._tombstones),
+                },
+            )
+
     def save(
         self, path: str | Path, *, model_id: str, changes: int, log: dict[str, Any] | None = None, extra: bytes = b""
     ) -> None:
         """Write the snapshot atomically; `changes` is the change-log position the index
         reflects (`log`: the rest of the follower's position, see follower.LogPosition;
         `extra`: bytes kept with it, given back by `load`)."""
-        path = Path(path)
-        with self.lock.read():  # serialising only reads the index
-            blob = faiss.serialize_index(self._index).tobytes()
-            header = {
-                "model_id": model_id,
-                "dim": self.dim,
-                "factory": self.factory,
-                "final": self._final,
-                "trained_on": self.trained_on,
-                "ntotal": self.ntotal,
-                "changes": changes,
-                "log": log or {},
-                "tombstones": sorted(self._tombstones),
-                "sha256": hashlib.sha256(blob).hexdigest(),
-                "size": len(blob),
-                "extra_sha256": hashlib.sha256(extra).hexdigest(),
-                "extra_size": len(extra),
-            }
-        head = json.dumps(header).encode()
-        write_atomic(path, MAGIC + struct.pack("<Q", len(head)) + head + blob + extra)
+        self.frozen().save(path, model_id=model_id, changes=changes, log=log, extra=extra)
 
     @classmethod
     def load(

@@ -151,16 +151,13 @@ def build_from_store(settings: Settings, store: ItemBackend, space: str, dim: in
 
 
 def write_snapshot(settings: Settings, follower: LogFollower) -> None:
-    """Snapshot a follower's index and kept records at its position, then compact the log it
-    has passed."""
-    follower.index.save(
-        snapshot_path(settings, follower.space),
-        model_id=follower.space,
-        changes=follower.position,
-        log=follower.at.to_json(),
-        extra=follower.records_json(),
-    )
-    follower.store.compact_log(follower.space, follower.position, settings.index_log_retention_s)
+    """Snapshot a follower's index and kept records at one position, then compact the log up
+    to it. Safe on the served follower while it follows and serves: it is held still only
+    while its index is copied in memory; checksums, serialising the records and the disk write
+    happen off its locks."""
+    captured = follower.capture()
+    captured.save(snapshot_path(settings, follower.space))
+    follower.store.compact_log(follower.space, captured.at.position, settings.index_log_retention_s)
 
 
 def space_of(settings: Settings, registry: ModelRegistry, model_id: str) -> str:
