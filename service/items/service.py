@@ -11,8 +11,8 @@ job or re-embedding) become searchable within a poll, and this process's own wri
 it right after their commit, so a caller reads its own writes. Images are decoded and
 embedded first (slow, no lock held), then under one mutex the originals are written and the
 store commits (counters and log rows in the same transaction). Snapshots are written off
-the hot path: another thread loads the last snapshot, replays the log on its own copy and
-writes it, so no add or search waits on a full-index write.
+the hot path: another thread copies the served index in memory while the log waits, then
+checksums and writes it off every lock, so no add or search waits on a full-index write.
 
 The store unreachable (PostgreSQL down): writes answer StoreUnavailableError (503), searches
 answer from the served index and the ids and metadata kept with it, a search by item id
