@@ -12,10 +12,12 @@ Items lacking the field match no condition on it. Field names are 1-64 character
 letters, digits, `_` and `-`, starting with a letter or `_`. Anything else raises
 InvalidItemRequestError naming the field.
 
-`predicate` is the one evaluation of conditions: searches run it on the metadata kept beside
-the served index (follower.py), so a filtered search needs no store round trip and keeps
-answering while the store is down. Its cost is a Python pass over every kept item (about
-1 microsecond per item on this machine).
+`predicate` is the definition of these semantics: a Python test of one item's metadata.
+Searches evaluate filters on the metadata kept beside the served index (follower.py), so a
+filtered search needs no store round trip and keeps answering while the store is down; they
+look the matching pks up in per-field indexes (field_index.py, the same answers as
+`predicate` over every kept item, at a cost that follows the matching subset's size) and
+use `predicate` itself only on a few candidates left.
 """
 
 from __future__ import annotations
@@ -49,12 +51,13 @@ def _bad(field: str, message: str) -> InvalidItemRequestError:
     return InvalidItemRequestError(f"filter.{field}: {message}", code="invalid_filter", field=f"filter.{field}")
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A JSON number: not a boolean, not NaN."""
     return isinstance(value, int | float) and not isinstance(value, bool) and value == value  # not NaN
 
 
 def _scalar(field: str, value: Any) -> Scalar:
-    if isinstance(value, str | bool) or _is_number(value):
+    if isinstance(value, str | bool) or is_number(value):
         return value
     raise _bad(field, f"compare with a string, number or boolean, not {type(value).__name__}")
 
@@ -86,7 +89,7 @@ def parse_filter(raw: Any) -> list[Condition]:
                     raise _bad(name, f"'in' takes a list of 1-{MAX_IN_VALUES} values")
                 conditions.append(Condition(name, "in", tuple(_scalar(name, v) for v in value)))
             elif op in RANGE_OPS:
-                if not _is_number(value):
+                if not is_number(value):
                     raise _bad(name, f"'{op}' takes a number, not {type(value).__name__}")
                 conditions.append(Condition(name, op, value))
             else:
@@ -99,16 +102,17 @@ def parse_filter(raw: Any) -> list[Condition]:
 
 
 def _equal(a: Any, b: Scalar) -> bool:
-    if _is_number(a) and _is_number(b):
+    if is_number(a) and is_number(b):
         return bool(a == b)
     return type(a) is type(b) and a == b
 
 
-_RANGES: dict[str, Callable[[Any, Any], bool]] = {
+COMPARE: dict[str, Callable[[Any, Any], bool]] = {
     "gte": operator.ge,
     "gt": operator.gt,
     "lte": operator.le,
     "lt": operator.lt,
+    "eq": operator.eq,  # of two numbers (field_index.py compares through float64 with these)
 }
 
 
@@ -117,8 +121,8 @@ def _test(cond: Condition) -> Callable[[Any], bool]:
     if cond.op in ("eq", "in"):
         values = (cond.value,) if cond.op == "eq" else cond.value
         return lambda v: any(_equal(v, w) for w in values)
-    compare, bound = _RANGES[cond.op], cond.value
-    return lambda v: _is_number(v) and compare(v, bound)
+    compare, bound = COMPARE[cond.op], cond.value
+    return lambda v: is_number(v) and compare(v, bound)
 
 
 def predicate(conditions: Sequence[Condition]) -> Callable[[dict[str, Any] | None], bool]:

@@ -18,7 +18,9 @@ metadata, `HitRecord`, and id -> pk), filled from the store when the index is bu
 snapshot, `restore_records` reads it back), and kept by the same log rows (a metadata
 update is a log row too), so searches, filtered ones and searches by item id included,
 answer from memory, also while the store is unreachable (and on a host started meanwhile
-from its snapshot).
+from its snapshot). A filter's matching pks are looked up in per-field indexes of these
+records (field_index.py), built for a field the first time a filter names it and changed
+with every record kept or dropped, under the same lock.
 
 pks are never reused and each is added at most once and removed at most once per space, so
 within one batch additions are applied before removals. A removal whose addition was read
@@ -39,7 +41,8 @@ from pathlib import Path
 import numpy as np
 
 from service.items.backend import ChangeBatch, HitRecord, ItemBackend
-from service.items.filters import Condition, predicate
+from service.items.field_index import FieldIndexes
+from service.items.filters import Condition
 from service.items.index import FrozenIndex, VectorIndex
 
 log = logging.getLogger(__name__)
@@ -105,6 +108,7 @@ class LogFollower:
         self._lock = threading.Lock()
         self._records: dict[int, HitRecord] = {}
         self._pk_of: dict[str, int] = {}  # item id -> pk, of the kept records
+        self._fields = FieldIndexes()  # the metadata fields filters used, indexed; follows _records
         self._records_lock = threading.Lock()  # apart from _lock: a search never waits on a store read
 
     def load_records(self, page: int = 10_000) -> None:
@@ -140,6 +144,8 @@ class LogFollower:
     def _keep(self, records: Iterable[tuple[int, HitRecord]]) -> None:
         with self._records_lock:
             for pk, record in records:
+                if self._fields.fields:
+                    self._fields.keep(pk, self._records.get(pk), record)
                 self._records[pk] = record
                 self._pk_of[record.id] = pk
 
@@ -147,7 +153,10 @@ class LogFollower:
         with self._records_lock:
             for pk in pks:
                 record = self._records.pop(pk, None)
-                if record is not None and self._pk_of.get(record.id) == pk:  # not the id's replacement
+                if record is None:
+                    continue
+                self._fields.drop(pk, record)
+                if self._pk_of.get(record.id) == pk:  # not the id's replacement
                     del self._pk_of[record.id]
 
     def pks_of(self, item_ids: Sequence[str]) -> list[int | None]:
@@ -161,11 +170,11 @@ class LogFollower:
             return {p: r for p in pks if (r := self._records.get(p)) is not None}
 
     def matching(self, where: Sequence[Condition]) -> np.ndarray:
-        """pks (int64, ascending) of the kept items whose metadata meets every condition."""
-        meets = predicate(where)
+        """pks (int64, ascending) of the kept items whose metadata meets every condition
+        (`filters.predicate`'s answer), looked up in the indexes of the fields they test: a
+        field is indexed the first time a filter names it, then kept with the records."""
         with self._records_lock:
-            found = [p for p, r in self._records.items() if meets(r.metadata)]
-        return np.asarray(sorted(found), dtype=np.int64)
+            return self._fields.matching(where, self._records)
 
     @property
     def position(self) -> int:
