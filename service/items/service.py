@@ -95,6 +95,10 @@ class SearchOptions:
     min_score: float | None = None
 
 
+def _no_index() -> IndexNotReadyError:
+    return IndexNotReadyError("no model's index is being served yet; activate a model and retry")
+
+
 class ItemService:
     def __init__(self, settings: Settings, runtime: Runtime, *, reembed_in_process: bool = True) -> None:
         self.settings = settings
@@ -366,7 +370,7 @@ class ItemService:
     def _targets(self) -> list[str]:
         self._writable()
         if self.served is None:
-            raise IndexNotReadyError("no model's index is being served yet; activate a model and retry")
+            raise _no_index()
         return [self.served] + ([self.pending] if self.pending else [])
 
     # -- items --------------------------------------------------------------------------
@@ -460,9 +464,8 @@ class ItemService:
         while the store does not answer (up to `store_timeout_s`) must not hold up searches."""
         follower = self._follower  # one reference: its space is the served one
         if follower is None:
-            if self._unstarted is not None:  # no index yet: it is loaded once the store answers
-                raise StoreUnavailableError(self._unstarted)
-            raise IndexNotReadyError("no model's index is being served yet; activate a model and retry")
+            self._writable()  # no index yet: it is loaded once the store answers
+            raise _no_index()
         return follower.space, follower
 
     def _candidates(

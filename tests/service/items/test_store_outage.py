@@ -22,6 +22,8 @@ from _procs import PrivatePostgres, wait_until
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.items.errors import StoreUnavailableError
+from service.items.postgres import PgItemStore
 from tests.service.conftest import live_server, make_settings, png
 
 
@@ -224,9 +226,6 @@ def test_the_store_is_back_within_seconds_of_the_server_after_a_long_outage(
     """The connection pool retries a failed connection with a doubling wait; after 20 s down
     its default retry schedule left the store unusable for ~7 s after the server was back (and
     ~14 s after 45 s down). Reads and writes borrow the same pool."""
-    from service.items.errors import StoreUnavailableError
-    from service.items.postgres import PgItemStore
-
     store = PgItemStore(private_postgres.url, timeout_s=5.0)
     try:
         store.state("m")
@@ -240,15 +239,15 @@ def test_the_store_is_back_within_seconds_of_the_server_after_a_long_outage(
             time.sleep(0.5)
         private_postgres.start()
         back = time.monotonic()
-        wait_until(lambda: _answers(store, StoreUnavailableError), 30, "the store to answer again", every_s=0.1)
+        wait_until(lambda: _answers(store), 30, "the store to answer again", every_s=0.1)
         assert time.monotonic() - back < 3.0 and refused >= 3
     finally:
         store.close()
 
 
-def _answers(store, unavailable: type[Exception]) -> bool:
+def _answers(store: PgItemStore) -> bool:
     try:
         store.state("m")
-    except unavailable:
+    except StoreUnavailableError:
         return False
     return True
