@@ -46,7 +46,7 @@ def _add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], 
             _add_model_options(parser, field.annotation, f"{prefix}{name}.")
             continue
         default = "derived" if field.default is None else field.default
-        help_ = f"{field.description + '; ' if field.description else ''}default: {default}"
+        help_ = f"{field.description + '; ' if field.description else ''}default: {default}".replace("%", "%%")
         parser.add_argument(
             f"--{prefix}{name.replace('_', '-')}",
             dest=f"{_PREFIX}{prefix}{name}",
