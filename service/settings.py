@@ -98,13 +98,17 @@ class Settings(BaseSettings):
 
     # -- index ------------------------------------------------------------------------------
     index_factory: str = Field(
-        "Flat", description="FAISS index_factory string, inner product; e.g. HNSW32, IVF1024,Flat"
+        "Flat",
+        description="FAISS index_factory string, inner product; e.g. HNSW32, IVF1024,Flat, or IVFauto,Flat "
+        "(the number of lists follows the collection, chosen again at each retraining)",
     )
     index_search_params: str = Field(
         DEFAULT_INDEX_SEARCH_PARAMS,
         description="FAISS ParameterSpace string applied to ANN indexes at load and after training (recall vs speed)",
     )
-    index_min_train_vectors: int = Field(10_000, ge=1, description="trainable indexes wait for this many vectors")
+    index_min_train_vectors: int = Field(
+        10_000, ge=1, description="trainable indexes wait for this many vectors (IVF also for 39 per list)"
+    )
     index_snapshot_every: int = Field(
         1000,
         ge=1,

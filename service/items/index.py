@@ -2,10 +2,14 @@
 
 Exact by default (`IDMap2,Flat`: IndexFlatIP behind IndexIDMap2). Another `factory` string
 (`HNSW32`, `IVF1024,Flat`, `IVF256,PQ16`, ...) is built with `faiss.index_factory(d, factory,
-METRIC_INNER_PRODUCT)`; an index that needs training stays exact until `min_train` vectors
-exist, then is trained once on all of them. IVF indexes take our ids natively; others (HNSW)
-are wrapped in IndexIDMap2. Indexes that cannot remove vectors (HNSW) keep removed ids as
-tombstones filtered out of results.
+METRIC_INNER_PRODUCT)`; an index that needs training stays exact until it has enough vectors
+(`min_train`, and for IVF at least 39 per inverted list, what FAISS's k-means asks for), then
+is trained on all of them; the service retrains it from the store when the collection has
+grown RETRAIN_GROWTH-fold (`upkeep_due`). `IVFauto` in the factory (`IVFauto,Flat`) lets the
+number of lists follow the collection: each training picks `nlist_for(N)`. IVF indexes take
+our ids natively; others (HNSW) are wrapped in IndexIDMap2. Indexes that cannot remove vectors
+(HNSW) keep removed ids as tombstones filtered out of results, and are rebuilt when the
+tombstones pass COMPACT_TOMBSTONES of them.
 
 Concurrency (faiss issue #367): searches share an RWLock, add/remove/train hold it alone.
 
@@ -21,6 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +43,10 @@ MAGIC = b"SIMCLR-EMBED-FAISS-1\n"
 COMPACT_TOMBSTONES = 0.2
 RETRAIN_GROWTH = 4
 EXACT = "IDMap2,Flat"
+# FAISS's k-means warns below 39 training points per centroid (faiss/Clustering.cpp).
+POINTS_PER_LIST = 39
+_AUTO_NLIST = re.compile(r"IVFauto\b")
+_FIXED_NLIST = re.compile(r"IVF(\d+)\b")
 
 
 class SnapshotError(Exception):
@@ -59,8 +69,29 @@ def _is_exact(factory: str) -> bool:
     return factory.replace(" ", "") in ("", "Flat", EXACT, "IDMap,Flat")
 
 
+def nlist_for(n: int) -> int:
+    """Inverted lists for an IVF index trained on n vectors: the power of two at or below
+    4 sqrt(n) (the low end of FAISS's guideline, "between 4*sqrt(N) and 16*sqrt(N)", wiki
+    'Guidelines to choose an index', so that a fixed nprobe scans a larger share), and at
+    most n / POINTS_PER_LIST so that every list gets its training points."""
+    cap = min(4 * math.sqrt(n), n / POINTS_PER_LIST)
+    return 1 << max(0, math.floor(math.log2(max(cap, 1.0))))
+
+
+def concrete_factory(factory: str, n: int) -> str:
+    """`factory` with `IVFauto` replaced by the lists for n training vectors."""
+    return _AUTO_NLIST.sub(f"IVF{nlist_for(n)}", factory)
+
+
+def train_threshold(factory: str, min_train: int) -> int:
+    """Vectors a trainable `factory` waits for: `min_train`, and for a fixed number of IVF
+    lists at least POINTS_PER_LIST per list."""
+    fixed = _FIXED_NLIST.search(factory)
+    return max(min_train, POINTS_PER_LIST * int(fixed.group(1))) if fixed else min_train
+
+
 def _build(dim: int, factory: str) -> faiss.Index:
-    """An empty index for `factory` that accepts add_with_ids."""
+    """An empty index for `factory` (concrete: no `IVFauto`) that accepts add_with_ids."""
     if _is_exact(factory):
         return faiss.index_factory(dim, EXACT, faiss.METRIC_INNER_PRODUCT)
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
@@ -120,11 +151,11 @@ class VectorIndex:
     ) -> None:
         self.dim = dim
         self.factory = factory
-        self.min_train = min_train
+        self.min_train = train_threshold(factory, min_train)
         self.search_params = search_params
         self.lock = RWLock()
         self._tombstones: set[int] = set()
-        target = _build(dim, factory)
+        target = _build(dim, concrete_factory(factory, self.min_train))
         # Trainable targets wait (exact) until min_train vectors exist.
         self._index = target if target.is_trained else _build(dim, EXACT)
         self._final = target.is_trained
@@ -138,7 +169,12 @@ class VectorIndex:
 
     @property
     def kind(self) -> str:
-        return self.factory if self._final else f"{EXACT} (until {self.min_train} vectors to train {self.factory})"
+        if not self._final:
+            return f"{EXACT} (until {self.min_train} vectors to train {self.factory})"
+        ivf = faiss.try_extract_index_ivf(self._index)
+        if ivf is not None and _AUTO_NLIST.search(self.factory):
+            return f"{self.factory} ({ivf.nlist} lists, trained on {self.trained_on} vectors)"
+        return self.factory
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """ids int64 [N], vectors float32 [N, D] (unit norm)."""
@@ -162,7 +198,7 @@ class VectorIndex:
         old_vecs = mapped.index.reconstruct_n(0, old.ntotal)  # [M, D]
         all_ids = np.concatenate([old_ids, ids])
         all_vecs = np.ascontiguousarray(np.concatenate([old_vecs, vectors]))
-        target = _build(self.dim, self.factory)
+        target = _build(self.dim, concrete_factory(self.factory, len(all_vecs)))
         target.train(all_vecs)
         target.add_with_ids(all_vecs, all_ids)
         _apply_params(target, self.search_params)

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
 import pytest
 
-from service.items.index import SnapshotError, VectorIndex
+from service.items.index import (
+    POINTS_PER_LIST,
+    SnapshotError,
+    VectorIndex,
+    concrete_factory,
+    nlist_for,
+    train_threshold,
+)
 
 
 def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -73,7 +81,7 @@ def test_search_params_reach_the_trained_and_the_reloaded_index(tmp_path, params
 
     rng = np.random.default_rng(3)
     index = VectorIndex(16, "IVF32,Flat", min_train=400, search_params=params)
-    index.add(np.arange(500), unit(rng, 500, 16))
+    index.add(np.arange(1300), unit(rng, 1300, 16))  # 39 per list: trains at 1,248
     assert faiss.extract_index_ivf(index._index).nprobe == nprobe
     index.save(tmp_path / "snap", model_id="m", changes=1)
     loaded, _ = VectorIndex.load(tmp_path / "snap", min_train=400, search_params=params)
@@ -191,6 +199,39 @@ def test_snapshot_keeps_the_extra_bytes_and_checks_them(tmp_path) -> None:
         VectorIndex.load(path)
     index.save(path, model_id="m", changes=3)  # nothing beside the index
     assert VectorIndex.load(path)[1].extra == b""
+
+
+def test_nlist_follows_the_collection_and_every_list_gets_its_training_points() -> None:
+    # 4 sqrt(n) rounded down to a power of two, at most n / 39
+    assert [nlist_for(n) for n in (1, 100, 10_000, 40_000, 160_000, 640_000, 1_000_000)] == [
+        1, 2, 256, 512, 1024, 2048, 2048,
+    ]  # fmt: skip
+    for n in (50, 1234, 10_000, 77_777, 2_000_000):
+        lists = nlist_for(n)
+        cap = min(4 * math.sqrt(n), n / POINTS_PER_LIST)
+        assert lists & (lists - 1) == 0 and lists <= cap < 2 * lists
+    assert train_threshold("IVF1024,Flat", 10_000) == 39 * 1024  # a fixed nlist waits for its points
+    assert train_threshold("IVF16,Flat", 10_000) == 10_000
+    assert train_threshold("IVFauto,Flat", 10_000) == train_threshold("HNSW32", 10_000) == 10_000
+    assert concrete_factory("IVFauto,PQ8", 10_000) == "IVF256,PQ8"
+
+
+def test_an_auto_ivf_index_is_trained_with_the_lists_its_size_calls_for() -> None:
+    import faiss
+
+    rng = np.random.default_rng(11)
+    index = VectorIndex(16, "IVFauto,Flat", min_train=500)
+    index.add(np.arange(400), unit(rng, 400, 16))
+    assert index.kind.startswith("IDMap2,Flat (until 500")
+    index.add(np.arange(400, 1000), unit(rng, 600, 16))
+    assert faiss.extract_index_ivf(index._index).nlist == nlist_for(1000) == 16
+    assert index.kind == "IVFauto,Flat (16 lists, trained on 1000 vectors)"
+    index.add(np.arange(1000, 4000), unit(rng, 3000, 16))
+    assert index.upkeep_due() == "retrain"  # grown 4-fold: the service rebuilds it, as below
+    vecs = unit(rng, 4000, 16)
+    rebuilt = VectorIndex(16, "IVFauto,Flat", min_train=500)
+    rebuilt.add(np.arange(4000), vecs)
+    assert faiss.extract_index_ivf(rebuilt._index).nlist == 64 and rebuilt.upkeep_due() is None
 
 
 def test_upkeep_is_due_for_tombstones_and_growth() -> None:

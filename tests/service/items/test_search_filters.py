@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.items.backend import NewItem
 from service.items.filters import parse_filter
+from service.items.index import nlist_for
 from service.items.service import ItemService, SearchOptions
 from tests.service.conftest import DIM, MODEL_A, make_settings, png
 
@@ -270,3 +271,32 @@ def test_a_heavily_deleted_hnsw_index_is_compacted_in_the_background(hnsw_client
     _, found = index.search(vecs[live[:200]], 1)
     pks = [items.store.get(f"it-{i}").pk for i in live[:200]]
     assert np.mean(found[:, 0] == np.asarray(pks)) > 0.95
+
+
+def test_a_grown_ivf_index_is_retrained_in_the_background_with_more_lists(
+    data_dir: Path, store_url: str | None
+) -> None:
+    """`IVFauto,Flat` trains at 500 vectors (nlist_for(500) lists); at 4x that the served
+    index is rebuilt from the store with the lists its size calls for, while the old one
+    serves, and every item still finds itself."""
+    import faiss
+
+    settings = make_settings(
+        data_dir, index_factory="IVFauto,Flat", index_min_train_vectors=500, index_search_params="nprobe=64",
+        store_url=store_url,
+    )  # fmt: skip
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        items = c.app.state.items
+        vecs, _ = fill(items, np.random.default_rng(9))  # 500 at a time: trained at 500, 4x at 2,000
+        deadline = time.monotonic() + 60
+        while True:
+            index = items._follower.index
+            if index.ntotal == N and index.upkeep_due() is None and index.trained_on >= 2000:
+                break
+            assert time.monotonic() < deadline, (index.kind, index.ntotal, index.trained_on)
+            time.sleep(0.1)
+        lists = faiss.extract_index_ivf(index._index).nlist
+        assert lists == nlist_for(index.trained_on) > nlist_for(500)
+        _, found = index.search(vecs[:300], 1)
+        pks = [items.store.get(f"it-{i}").pk for i in range(300)]
+        assert np.mean(found[:, 0] == np.asarray(pks)) > 0.95
