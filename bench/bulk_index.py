@@ -4,7 +4,9 @@ index` run) against raw ONNX Runtime on the same batches, same session, one run.
 1. Unpack CIFAR-10's train JPEGs (../shared/data/cifar10-jpeg.tar.gz) into a cache folder
    outside the repository (`--cache`), the first `--per-class` of each class (5000 = all 50,000).
 2. Export an encoder (ResNet-18 with the CIFAR stem, random weights: speed does not depend on
-   training) with the trainer's own exporter into a fresh registry, active.
+   training) with the trainer's own exporter into a fresh registry, active; or with `--run` a
+   trained run's encoder, with the variants its export verifies (int8 on a CPU deployment
+   then embeds, in both measurements: the same session).
 3. Raw ONNX Runtime: the same images decoded and resized beforehand (not timed) into the same
    batches, `session.run` alone on each, with the very session the bulk run uses.
 4. Bulk: `index_dataset` over the folder into a fresh store: listing, reading, sha256, decoding,
@@ -15,6 +17,7 @@ index` run) against raw ONNX Runtime on the same batches, same session, one run.
    drifting load from other processes hits both alike; the median ratio is reported.
 
     .venv/bin/python bench/bulk_index.py --per-class 200 --batch-size 64 --threads 2 --rounds 3
+    .venv/bin/python bench/bulk_index.py --per-class 5000 --run RUN_DIR --threads 1 --rounds 2
 """
 
 from __future__ import annotations
@@ -61,7 +64,11 @@ def unpack(archive: Path, cache: Path, per_class: int) -> Path:
     return target
 
 
-def publish_model(data_dir: Path, size: int) -> str:
+def publish_model(data_dir: Path, size: int, run: Path | None) -> str:
+    if run is not None:
+        from trainer.export import export_run
+
+        return export_run(run, ModelRegistry(data_dir / "models"), activate=True, model_id="bench-trained").model_id
     import torch
 
     from trainer.export import export_encoder
@@ -103,6 +110,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--run", type=Path, default=None, help="a trained run to export (default: random weights)")
     args = ap.parse_args()
 
     started = time.perf_counter()
@@ -112,7 +120,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="bulk-bench-") as tmp:
         data_dir = Path(tmp)
-        model_id = publish_model(data_dir, args.size)
+        model_id = publish_model(data_dir, args.size, args.run)
         settings = Settings(data_dir=data_dir, ort_intra_op_threads=args.threads)
         encoder = load_encoder(settings, ModelRegistry(settings.models_dir), model_id)
         session = encoder.session  # type: ignore[attr-defined]
@@ -139,7 +147,7 @@ def main() -> int:
             print(f"raw ONNX Runtime: {raws[-1]:.1f} images/s", flush=True)
     ratios = [bulk / ((raws[i] + raws[i + 1]) / 2) for i, bulk in enumerate(bulks)]
     print(
-        f"images={len(paths)} batch={args.batch_size} threads={args.threads} rounds={args.rounds} "
+        f"space={getattr(encoder, 'space', model_id)} images={len(paths)} batch={args.batch_size} threads={args.threads} rounds={args.rounds} "
         f"bulk={np.median(bulks):.1f} images/s raw_ort={np.median(raws):.1f} images/s "
         f"ratios={[round(r, 3) for r in ratios]} median_ratio={np.median(ratios):.3f}"
     )
