@@ -33,7 +33,7 @@ import numpy as np
 from service.contract.imaging import ResizePolicy, decode_image
 from service.contract.registry import ModelCard, ModelRegistry
 from service.items.bulk import IMAGE_SUFFIXES, index_dataset
-from service.items.reindex import load_encoder
+from service.items.reindex import load_encoder, space_of
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,7 +122,8 @@ def main() -> int:
         data_dir = Path(tmp)
         model_id = publish_model(data_dir, args.size, args.run)
         settings = Settings(data_dir=data_dir, ort_intra_op_threads=args.threads)
-        encoder = load_encoder(settings, ModelRegistry(settings.models_dir), model_id)
+        registry = ModelRegistry(settings.models_dir)
+        encoder = load_encoder(settings, registry, space_of(settings, registry, model_id))  # what index_dataset writes
         session = encoder.session  # type: ignore[attr-defined]
         images = [decode_image(p.read_bytes()) for p in paths]  # the bulk run's order (sorted paths)
         batches = [
@@ -147,7 +148,7 @@ def main() -> int:
             print(f"raw ONNX Runtime: {raws[-1]:.1f} images/s", flush=True)
     ratios = [bulk / ((raws[i] + raws[i + 1]) / 2) for i, bulk in enumerate(bulks)]
     print(
-        f"space={getattr(encoder, 'space', model_id)} images={len(paths)} batch={args.batch_size} threads={args.threads} rounds={args.rounds} "
+        f"space={encoder.space} images={len(paths)} batch={args.batch_size} threads={args.threads} rounds={args.rounds} "
         f"bulk={np.median(bulks):.1f} images/s raw_ort={np.median(raws):.1f} images/s "
         f"ratios={[round(r, 3) for r in ratios]} median_ratio={np.median(ratios):.3f}"
     )

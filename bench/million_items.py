@@ -2,7 +2,8 @@
 
 Each batch is what `ItemService._commit_add` does after embedding: one store transaction
 (items, vectors, counters and change-log rows; fsynced) and the served index following the
-log. Vectors come from a fixed-seed generator, so embedding is not the cost; originals are
+log (the add cost is split into the two: the store's commit, and the index following the log,
+whose FAISS insert is HNSW's graph search on that index type). Vectors come from a fixed-seed generator, so embedding is not the cost; originals are
 left out (a blob is one small file write per item, independent of N). Snapshots are written
 by a background thread from the served index, as the service does: copied in memory while
 the log waits, then checksummed and written off every lock, so the adds below pay for that
@@ -19,6 +20,11 @@ search latency (1% and 50% selectivity, exact on Flat); the p50 of one unfiltere
 recall@10 of the served index against the exact top 10 (kept incrementally over every vector
 added, for 100 fixed queries drawn like the items); the process's RSS at that moment. At the
 end, start-up from the last snapshot plus the replayed log tail, and the peak RSS.
+
+`--race-faiss` adds the same vectors to a bare FAISS index of the same factory (no store, no
+log, no ids) beside it and reports that index's add time per 1,000: the insert cost FAISS
+itself has at that size (HNSW's grows with the graph), against which the item layer's is read.
+Not for IVFauto, whose lists the service retrains as the collection grows.
 
 `--like FILE` draws the vectors with the mean and covariance of real embeddings (bench/
 synthetic.py) instead of isotropic ones. `--delete-share F` deletes that share of the items
@@ -199,6 +205,7 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None, help="data folder (default: a temporary one)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reopen", action="store_true", help="add nothing: time start-up and search on --dir's items")
+    ap.add_argument("--race-faiss", action="store_true", help="time a bare FAISS index of the factory beside it")
     ap.add_argument("--like", type=Path, default=None, help="real embeddings (.npz `vectors`) to draw vectors like")
     ap.add_argument("--delete-share", type=float, default=0.0, help="share of the items deleted after the adds")
     ap.add_argument(
@@ -229,23 +236,29 @@ def run(args: argparse.Namespace) -> None:
     exact = ExactTopK(queries)
     upkeep = Upkeep(settings, store, dim)
     snapshotter: threading.Thread | None = None
+    bare = faiss.index_factory(dim, args.factory, faiss.METRIC_INNER_PRODUCT) if args.race_faiss else None
 
     where = args.store_url or settings.sqlite_store_path
     print(f"# {args.items} items ({drawn}), {args.factory}, batch {BATCH}, FAISS threads {args.threads}, {where}")
     print(f"# RSS before the first add: {rss_mib():.0f} MiB")
     print(
-        "| items | add ms / 1,000 (last 10 batches) | add CPU ms / 1,000 (this thread) "
-        "| old COUNT(*) ms per add call | filter 1% ms | filter 50% ms | search p50 ms | recall@10 | RSS MiB | index |"
+        "| items | add ms / 1,000 (last 10 batches) | of which store commit | of which index insert "
+        "| add CPU ms / 1,000 (this thread) | bare FAISS add ms / 1,000 | old COUNT(*) ms per add call "
+        "| filter 1% ms | filter 50% ms | search p50 ms | recall@10 | RSS MiB | index |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     window: list[float] = []
+    store_window: list[float] = []  # the store transaction alone; the rest is the index following the log
+    bare_window: list[float] = []
     cpu_window: list[float] = []  # this thread's CPU time: what other processes' load does not inflate
     last_snapshot = 0
 
     def report(label: str, served: LogFollower) -> None:
         rss = rss_mib()
         print(
-            f"| {label} | {np.median(window):.1f} | {np.median(cpu_window):.1f} | {old_count_ms(store):.1f} | "
+            f"| {label} | {np.median(window):.1f} | {np.median(store_window):.1f} | "
+            f"{np.median(window) - np.median(store_window):.1f} | {np.median(cpu_window):.1f} | "
+            f"{f'{np.median(bare_window):.1f}' if bare_window else '-'} | {old_count_ms(store):.1f} | "
             f"{filtered_ms(served, rng, 0.01):.1f} | {filtered_ms(served, rng, 0.5):.1f} | "
             f"{search_p50_ms(served, queries):.2f} | {exact.recall(served):.3f} | {rss:,.0f} | {served.index.kind} |",
             flush=True,
@@ -260,10 +273,16 @@ def run(args: argparse.Namespace) -> None:
         ]
         began, began_cpu = time.perf_counter(), time.thread_time()
         pks, _, _ = store.add(new, {SPACE: vecs})
+        committed = time.perf_counter()
         follower.poll()
         window = [*window, (time.perf_counter() - began) * 1e3 * BATCH / n][-10:]
+        store_window = [*store_window, (committed - began) * 1e3 * BATCH / n][-10:]
         cpu_window = [*cpu_window, (time.thread_time() - began_cpu) * 1e3 * BATCH / n][-10:]
         exact.add(pks, vecs)
+        if bare is not None:
+            began = time.perf_counter()
+            bare.add(vecs)
+            bare_window = [*bare_window, (time.perf_counter() - began) * 1e3 * BATCH / n][-10:]
         follower = upkeep.swap(follower)
         upkeep.start_if_due(follower)
         done = start + n
@@ -282,6 +301,7 @@ def run(args: argparse.Namespace) -> None:
     if snapshotter is not None:
         snapshotter.join()
     store.close()
+    del follower, upkeep, bare  # start-up below loads the index into a process that no longer holds one
     if snapshot_path(settings, SPACE).is_file() and not args.delete_share:
         reopened = open_backend(settings)
         began = time.perf_counter()

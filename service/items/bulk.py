@@ -42,7 +42,7 @@ from service.contract.registry import ModelRegistry
 from service.items.backend import NewItem
 from service.items.blobs import BlobStore
 from service.items.errors import OriginalInCollectionError
-from service.items.reindex import Encoder, load_encoder, open_store, space_of
+from service.items.reindex import Encoder, encoder_for, open_store, space_of
 from service.items.sqlstore import SqlItemStore
 from service.settings import Settings
 
@@ -208,7 +208,7 @@ def index_dataset(
     if model_id is None:
         raise BulkIndexError("no active model: train or activate one first")
     space = space_of(settings, registry, model_id)  # the vector space the API serves it in
-    encoder = encoder or load_encoder(settings, registry, space)
+    encoder = encoder_for(settings, registry, space, encoder)
     meta = read_sidecar(sidecar) if sidecar else {}
     if dataset.is_dir():
         total, sources = _folder_sources(dataset, folders_as, meta, ids, id_prefix)

@@ -47,6 +47,7 @@ class Encoder(Protocol):
 
     card: ModelCard
     policy: ResizePolicy
+    space: str  # the vector space (model and variant) its vectors belong to
 
     def embed(self, images: np.ndarray) -> np.ndarray: ...  # uint8 [N, S, S, 3] -> float32 [N, D]
 
@@ -175,6 +176,17 @@ def load_encoder(settings: Settings, registry: ModelRegistry, space: str) -> Enc
     return EncoderRuntime.load(registry, model_id, settings, variant)
 
 
+def encoder_for(settings: Settings, registry: ModelRegistry, space: str, encoder: Encoder | None) -> Encoder:
+    """`encoder` (a loaded session to reuse), or a fresh one, to write vectors of `space`. One
+    that writes another space (another model, or another variant of it) is refused: its vectors
+    would sit in this space's index beside vectors they cannot be compared with."""
+    if encoder is None:
+        return load_encoder(settings, registry, space)
+    if encoder.space != space:
+        raise ValueError(f"this encoder writes vector space {encoder.space!r}, not {space!r}")
+    return encoder
+
+
 def reembed_owner() -> str:
     """Who runs a re-embedding: host, process and a nonce, so two threads never share a claim."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -226,7 +238,7 @@ def _reembed(
     stop: Callable[[], bool],
     owner: str,
 ) -> int:
-    encoder = encoder or load_encoder(settings, registry, space)
+    encoder = encoder_for(settings, registry, space, encoder)
     dim = encoder.card.embedding_dim
     written, failed = 0, []
     while True:

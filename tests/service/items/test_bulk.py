@@ -17,7 +17,7 @@ from service.contract.imaging import decode_image
 from service.contract.registry import ModelRegistry
 from service.items.bulk import BulkIndexError, index_dataset
 from service.items.reindex import load_encoder, open_store
-from tests.service.conftest import MODEL_A, make_settings, png
+from tests.service.conftest import MODEL_A, MODEL_B, make_settings, png
 
 
 def picture(seed: int) -> bytes:
@@ -119,3 +119,15 @@ def test_ids_by_stem_with_a_prefix_and_clashing_stems(
     (folder / "dogs" / "a.png").write_bytes(picture(9))  # a second `a`
     with pytest.raises(BulkIndexError, match=r"file names repeat in the tree \(a\)"):
         index_dataset(make_settings(data_dir), folder, ids="stem")
+
+
+def test_an_encoder_of_another_vector_space_is_refused(folder: Path, data_dir: Path) -> None:
+    settings = make_settings(data_dir)
+    registry = ModelRegistry(settings.models_dir)
+    assert registry.active() == MODEL_A
+    other = load_encoder(settings, registry, MODEL_B)  # a loaded session of the model not served
+    with pytest.raises(ValueError, match=f"writes vector space '{MODEL_B}', not '{MODEL_A}'"):
+        index_dataset(settings, folder, encoder=other)
+    store, _ = open_store(settings)
+    assert store.count() == 0  # refused before anything was written
+    store.close()
