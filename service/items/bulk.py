@@ -219,24 +219,36 @@ def index_dataset(
     store, blobs = open_store(settings)
     report, seen = IndexReport(space=space, total=total), list[str]()
     try:
-        # Two stages: this thread reads, decodes and embeds batch i while a writer thread stores
-        # batch i-1 (originals fsynced, one transaction), so disk waits overlap inference.
-        with ThreadPoolExecutor(1, thread_name_prefix="bulk-write") as writer:
-            writing: Future[None] | None = None
-            while batch := tuple(itertools.islice(sources, batch_size)):
+        # Three stages: a reader thread reads and decodes batch i+1 while this thread embeds
+        # batch i (ONNX Runtime and Pillow's decoders release the GIL) and a writer thread stores
+        # batch i-1 (originals fsynced, one transaction), so disk and decoding overlap inference.
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="bulk-read") as reader,
+            ThreadPoolExecutor(1, thread_name_prefix="bulk-write") as writer,
+        ):
+
+            def read_next() -> Future[ReadBatch] | None:
+                batch = tuple(itertools.islice(sources, batch_size))
+                return reader.submit(_read_batch, settings, store, blobs, batch) if batch else None
+
+            reading, writing = read_next(), None
+            while reading is not None:
                 if should_stop and should_stop():
-                    report.stopped = True
+                    report.stopped = True  # the batch read ahead is dropped: a re-run reads it again
                     break
-                seen.extend(source.id for source in batch)
-                todo, datas, images = _read_batch(settings, store, blobs, batch, report)
-                vectors = encoder.embed(encoder.policy.batch(images)) if todo else None  # [n, D]
+                got = reading.result()
+                reading = read_next()
+                seen.extend(got.ids)
+                report.skipped += got.skipped
+                report.failed.extend(got.failed)
+                vectors = encoder.embed(encoder.policy.batch(got.images)) if got.todo else None  # [n, D]
                 if writing is not None:  # batch i-1 is committed
                     writing.result()
                     writing = None
                     if on_progress:
                         on_progress(report)
                 if vectors is not None:
-                    writing = writer.submit(_store_batch, store, blobs, space, todo, datas, vectors, report)
+                    writing = writer.submit(_store_batch, store, blobs, space, got.todo, got.datas, vectors, report)
                 elif on_progress:
                     on_progress(report)
             if writing is not None:
@@ -261,27 +273,36 @@ def index_dataset(
     return report
 
 
-def _read_batch(
-    settings: Settings, store: SqlItemStore, blobs: BlobStore, batch: tuple[Source, ...], report: IndexReport
-) -> tuple[list[Source], list[bytes], list[Image.Image]]:
-    """The sources of `batch` to (re)index, their bytes and decoded images; unchanged ids are
-    counted as skipped, unreadable ones as failed."""
+@dataclass
+class ReadBatch:
+    """One batch of sources as read: the ones to (re)index with their bytes and decoded images,
+    and what the report gains (unchanged ids skipped, unreadable ones failed)."""
+
+    ids: list[str]
+    todo: list[Source] = field(default_factory=list)
+    datas: list[bytes] = field(default_factory=list)
+    images: list[Image.Image] = field(default_factory=list)
+    skipped: int = 0
+    failed: list[str] = field(default_factory=list)
+
+
+def _read_batch(settings: Settings, store: SqlItemStore, blobs: BlobStore, batch: tuple[Source, ...]) -> ReadBatch:
     stored = store.shas([s.id for s in batch])
-    todo, datas, images = [], [], []
+    out = ReadBatch([s.id for s in batch])
     for source in batch:
         try:
             data = source.read()
             if stored.get(source.id) == blobs.digest(data):
-                report.skipped += 1
+                out.skipped += 1
                 continue
-            images.append(decode_image(data, max_pixels=settings.max_image_pixels))
+            out.images.append(decode_image(data, max_pixels=settings.max_image_pixels))
         except (OSError, ImageDecodeError) as exc:
-            report.failed.append(source.id)
+            out.failed.append(source.id)
             log.error("%s: not indexed: %s", source.id, exc)
             continue
-        todo.append(source)
-        datas.append(data)
-    return todo, datas, images
+        out.todo.append(source)
+        out.datas.append(data)
+    return out
 
 
 def _store_batch(
