@@ -162,6 +162,13 @@ def _resolution(cfg: TrainConfig, num_images: int, world: int, run_dir: Path, re
     return resolve_run(cfg, RunShape(num_images, world), stored, sources)
 
 
+MAX_NONFINITE_STEPS = 10  # non-finite steps in a row after which a run has diverged
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or its gradients stayed non-finite: the run cannot go on."""
+
+
 def train(
     cfg: TrainConfig,
     data: str | Path,
@@ -351,6 +358,8 @@ class _Trainer:
         _seed_all(cfg.seed * 1_000_003 + 1 + rank)  # each rank draws its own augmentations
         self.step = 0
         self.masked_images = 0  # slots of images that failed to decode, over all ranks and workers
+        self.skipped_steps = 0  # optimiser steps skipped for a non-finite loss or gradient
+        self.nonfinite_run = 0  # of them, in a row up to now
         self.defaults = self._decided_defaults() if self.is_main else {}
         self._resume()
 
@@ -384,6 +393,7 @@ class _Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.masked_images = int(state.get("masked_images", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         if self.rank < len(state["rng"]):
             set_rng_state(state["rng"][self.rank])
         self.step = int(state["step"])
@@ -419,6 +429,7 @@ class _Trainer:
                 "step": self.step,
                 "world_size": self.world,
                 "masked_images": self.masked_images,
+                "skipped_steps": self.skipped_steps,
                 "config": self.cfg.model_dump(mode="json"),
                 "defaults": {name: d["source"] for name, d in self.defaults.items()},
             },
@@ -448,11 +459,27 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
         self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
+        if self._gradients_finite():
+            self.scaler.step(self.optimizer)
+            self.nonfinite_run = 0
+        else:  # a non-finite step would put NaN in every weight: skip it, and give up if it persists
+            self.skipped_steps += 1
+            self.nonfinite_run += 1
+            if self.nonfinite_run >= MAX_NONFINITE_STEPS:
+                raise TrainingDivergedError(
+                    f"the loss or its gradients were not finite for {self.nonfinite_run} steps in a row "
+                    f"(step {self.step}, precision {self.cfg.precision}, lr {self.lr:.3g}); "
+                    "train again with a lower base_lr, or with precision fp32"
+                )
         self.scaler.update()
         self.scheduler.step()
         self.method.on_after_optimizer_step(self.step, self.total_steps)
         return loss.detach()
+
+    def _gradients_finite(self) -> bool:
+        """Whether every gradient is finite (the same answer on every rank: DDP has averaged them)."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
     def run(self) -> TrainResult:
         from torch.utils.tensorboard import SummaryWriter
@@ -506,6 +533,7 @@ class _Trainer:
                             "eta_s": (self.total_steps - self.step) * cfg.batch_size / rate,
                             "knn_top1": self.knn_top1,
                             "masked_images": self.masked_images,
+                            "skipped_steps": self.skipped_steps,
                             "precision": cfg.precision,
                             "warning": self.precision_warning,
                         }

@@ -19,6 +19,8 @@ from _procs import STARTUP_S, free_port, wait_until
 from jobstack import REPO, Api, base_env
 from test_jobs import job_lifecycle_to_served_model
 
+from service.contract.variants import vector_space
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
@@ -137,8 +139,10 @@ def test_first_start_trains_the_demo_and_search_works(tmp_path: Path) -> None:
         page = wait_until(indexed, 900, "the demo to train, activate and index 300 digits", every_s=2)
         jobs = api.http.get("/train-jobs").json()["items"]
         assert [j["state"] for j in jobs] == ["succeeded"] and jobs[0]["name"].startswith("demo")
-        active = api.http.get("/models").json()["active"]
-        assert active == jobs[0]["model_id"] and all(i["models"] == [active] for i in page["items"])
+        models = api.http.get("/models").json()
+        active, space = models["active"], vector_space(models["active"], models["active_variant"])
+        # vectors of the variant this deployment embeds with (int8 where its export verified one)
+        assert active == jobs[0]["model_id"] and all(i["models"] == [space] for i in page["items"])
 
         # Each digit finds itself at score 1 (first, or tied with an identical scan); its nearest
         # other digit mostly has the same label (chance: 10%).
@@ -173,7 +177,7 @@ def test_first_start_trains_the_demo_and_search_works(tmp_path: Path) -> None:
     try:
         page = wait_until(indexed, 300, "the restarted demo to index its 300 digits", every_s=2)
         assert api.http.get("/train-jobs").json()["total"] == 1
-        assert all(i["models"] == [active] for i in page["items"])
+        assert all(i["models"] == [space] for i in page["items"])
         wait_until((data_dir / "demo-complete").is_file, 30, "the demo's completion marker")
     finally:
         stop_up(api, proc)
