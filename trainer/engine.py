@@ -478,7 +478,7 @@ class _Trainer:
 
     def _gradients_finite(self) -> bool:
         """Whether every gradient is finite (the same answer on every rank: DDP has averaged them)."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.method.parameters() if p.grad is not None]
         return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
     def run(self) -> TrainResult:
