@@ -99,10 +99,10 @@ def test_stop_then_resume_and_run_dir_contract(tiny_npz: Path, tmp_path: Path) -
     assert [p["step"] for p in progress] == [1, 2, 3]
     assert set(progress[0]) == {
         *("epoch", "step", "total_steps", "loss", "lr", "images_per_s", "eta_s", "knn_top1"),
-        *("masked_images", "defaults", "precision", "warning"),
+        *("masked_images", "skipped_steps", "defaults", "precision", "warning"),
     }
     assert progress[0]["knn_top1"] is None  # the monitor is off by default
-    assert progress[0]["masked_images"] == 0
+    assert progress[0]["masked_images"] == 0 and progress[0]["skipped_steps"] == 0
     assert progress[0]["defaults"]["base_lr"] == {"value": 1.2, "source": progress[0]["defaults"]["base_lr"]["source"]}
     assert "B.1" in progress[0]["defaults"]["base_lr"]["source"] and "warmup_epochs" not in progress[0]["defaults"]
     ran_in = resolve_precision("auto", cuda=False, deterministic=True)  # how this machine resolves auto here
