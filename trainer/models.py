@@ -9,6 +9,7 @@ away after pretraining.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -31,6 +32,62 @@ _BACKBONES = {
 }
 
 
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters and state_dict) that convolves a spatially 1x1 input with
+    the centre tap only.
+
+    With an odd kernel, padding k // 2 and no dilation, a 1x1 input gives a 1x1 output in
+    which every tap but the centre sees padding, so conv(x, w) == conv(x, w[..., c:c+1, c:c+1])
+    exactly, at any stride. The short form is cheaper, and it sidesteps oneDNN's bf16 weight
+    gradient of a stride-2 3x3 conv on a 1x1 input, which on AMX CPUs returns uninitialised
+    memory (values of 1e20 and beyond, inf, NaN) while the output and input gradient are right.
+    A ResNet's layer4 sees 1x1 maps when the images are small (16 px with the standard stem).
+    Only taken when a gradient is wanted; inference and export keep the plain convolution.
+    """
+
+    def _centre_tap_applies(self, x: torch.Tensor) -> bool:
+        kh, kw = self.kernel_size
+        return (
+            torch.is_grad_enabled()
+            and x.shape[-2:] == (1, 1)
+            and kh % 2 == 1
+            and kw % 2 == 1
+            and self.padding == (kh // 2, kw // 2)
+            and self.dilation == (1, 1)
+            and self.padding_mode == "zeros"
+            and not torch.jit.is_tracing()
+            and not torch.onnx.is_in_onnx_export()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._centre_tap_applies(x):
+            return super().forward(x)
+        ch, cw = self.kernel_size[0] // 2, self.kernel_size[1] // 2
+        centre = self.weight[:, :, ch : ch + 1, cw : cw + 1]  # [C_out, C_in/groups, 1, 1]
+        return F.conv2d(x, centre, self.bias, stride=1, groups=self.groups)  # [N, C_out, 1, 1]
+
+
+def _use_centre_tap_convs(net: nn.Module) -> None:
+    """Swap every nn.Conv2d in `net` for `Conv2d`, keeping its initialised weights."""
+    for name, child in net.named_children():
+        if type(child) is nn.Conv2d:
+            conv = Conv2d(
+                child.in_channels,
+                child.out_channels,
+                child.kernel_size,  # type: ignore[arg-type]
+                stride=child.stride,  # type: ignore[arg-type]
+                padding=child.padding,  # type: ignore[arg-type]
+                dilation=child.dilation,  # type: ignore[arg-type]
+                groups=child.groups,
+                bias=child.bias is not None,
+                padding_mode=child.padding_mode,
+            )
+            conv.load_state_dict(child.state_dict())
+            setattr(net, name, conv)
+        else:
+            _use_centre_tap_convs(child)
+
+
 class Encoder(nn.Module):
     """ResNet trunk without its classifier: images [N, 3, S, S] (normalised) -> h [N, D]."""
 
@@ -43,6 +100,7 @@ class Encoder(nn.Module):
             # CIFAR variant (paper, Appendix B.9): 3x3 stride-1 conv, no max-pool.
             net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
             net.maxpool = nn.Identity()
+        _use_centre_tap_convs(net)
         self.feature_dim: int = net.fc.in_features
         net.fc = nn.Identity()
         self.net = net
