@@ -49,14 +49,14 @@ class Conv2d(nn.Conv2d):
         kh, kw = self.kernel_size
         return (
             torch.is_grad_enabled()
+            and not torch.jit.is_tracing()
+            and not torch.onnx.is_in_onnx_export()
             and x.shape[-2:] == (1, 1)
             and kh % 2 == 1
             and kw % 2 == 1
             and self.padding == (kh // 2, kw // 2)
             and self.dilation == (1, 1)
             and self.padding_mode == "zeros"
-            and not torch.jit.is_tracing()
-            and not torch.onnx.is_in_onnx_export()
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
