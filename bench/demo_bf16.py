@@ -18,15 +18,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from sklearn.datasets import load_digits
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from service.contract.train_config import TrainConfig
-from service.up import DEMO_JOB
+from service.settings import Settings
+from service.up import DEMO_JOB, demo_dataset
 from trainer import models
 from trainer.engine import train
 
@@ -55,14 +54,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    fields = {k: v for k, v in DEMO_JOB.items() if k not in ("dataset", "name", "activate")}
+    fields = {k: v for k, v in DEMO_JOB.items() if k in TrainConfig.model_fields}
     cfg = TrainConfig.model_validate({**fields, "precision": "bf16"})
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        digits = load_digits()
-        images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)[..., None]  # [1797, 8, 8, 1]
-        data = Path(tmp) / "digits.npz"
-        np.savez(data, x_train=images, y_train=digits.target.astype(np.int64))
+        data = demo_dataset(Settings(data_dir=Path(tmp)))  # the digits file `make up` writes
+        if data is None:
+            raise SystemExit("scikit-learn, which ships the digits, is not installed")
         for centre_tap in (False, True):
             rows.append(_run(cfg, data, Path(tmp) / f"run-{centre_tap}", centre_tap))
             print(json.dumps(rows[-1]), flush=True)

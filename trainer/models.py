@@ -8,6 +8,8 @@ away after pretraining.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -45,24 +47,31 @@ class Conv2d(nn.Conv2d):
     Only taken when a gradient is wanted; inference and export keep the plain convolution.
     """
 
-    def _centre_tap_applies(self, x: torch.Tensor) -> bool:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         kh, kw = self.kernel_size
-        return (
-            torch.is_grad_enabled()
-            and not torch.jit.is_tracing()
-            and not torch.onnx.is_in_onnx_export()
-            and x.shape[-2:] == (1, 1)
-            and kh % 2 == 1
+        keeps_size = (
+            kh % 2 == 1
             and kw % 2 == 1
             and self.padding == (kh // 2, kw // 2)
             and self.dilation == (1, 1)
             and self.padding_mode == "zeros"
         )
+        # The centre tap's index, where the geometry allows the short form at all (fixed per layer).
+        self._centre: tuple[int, int] | None = (kh // 2, kw // 2) if keeps_size else None
+
+    def _centre_tap_applies(self, x: torch.Tensor) -> bool:
+        return (
+            torch.is_grad_enabled()
+            and not torch.jit.is_tracing()
+            and not torch.onnx.is_in_onnx_export()
+            and x.shape[-2:] == (1, 1)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._centre_tap_applies(x):
+        if self._centre is None or not self._centre_tap_applies(x):
             return super().forward(x)
-        ch, cw = self.kernel_size[0] // 2, self.kernel_size[1] // 2
+        ch, cw = self._centre
         centre = self.weight[:, :, ch : ch + 1, cw : cw + 1]  # [C_out, C_in/groups, 1, 1]
         return F.conv2d(x, centre, self.bias, stride=1, groups=self.groups)  # [N, C_out, 1, 1]
 
@@ -74,10 +83,10 @@ def _use_centre_tap_convs(net: nn.Module) -> None:
             conv = Conv2d(
                 child.in_channels,
                 child.out_channels,
-                child.kernel_size,  # type: ignore[arg-type]
-                stride=child.stride,  # type: ignore[arg-type]
-                padding=child.padding,  # type: ignore[arg-type]
-                dilation=child.dilation,  # type: ignore[arg-type]
+                child.kernel_size,
+                stride=child.stride,
+                padding=child.padding,
+                dilation=child.dilation,
                 groups=child.groups,
                 bias=child.bias is not None,
                 padding_mode=child.padding_mode,
