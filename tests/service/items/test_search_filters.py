@@ -86,13 +86,19 @@ def matches(meta: dict[str, Any] | None, flt: dict[str, Any]) -> bool:
     return True
 
 
-def fill(items: ItemService, rng: np.random.Generator) -> tuple[np.ndarray, list[dict[str, Any] | None]]:
-    """N items with random vectors and metadata, written to the store in batches of 500."""
+def fill(
+    items: ItemService, rng: np.random.Generator, *, first_indexed: bool = False
+) -> tuple[np.ndarray, list[dict[str, Any] | None]]:
+    """N items with random vectors and metadata, written to the store in batches of 500;
+    with `first_indexed`, the rest only once the served index holds the first batch (the
+    follower reads the log in its own time and would otherwise see any number at once)."""
     vecs, meta = unit(rng, N), random_metadata(rng, N)
     for start in range(0, N, 500):
         part = range(start, start + 500)
         new = [NewItem(f"it-{i}", f"sha-{i}", "image/png", meta[i]) for i in part]
         items.store.add(new, {items.served or "": vecs[start : start + 500]})
+        if first_indexed and start == 0:
+            wait_indexed(items, 500, timeout_s=30)
     return vecs, meta
 
 
@@ -287,7 +293,7 @@ def test_a_grown_ivf_index_is_retrained_in_the_background_with_more_lists(
     )  # fmt: skip
     with TestClient(create_app(settings), raise_server_exceptions=False) as c:
         items = c.app.state.items
-        vecs, _ = fill(items, np.random.default_rng(9))  # 500 at a time: trained at 500, 4x at 2,000
+        vecs, _ = fill(items, np.random.default_rng(9), first_indexed=True)  # trained at 500, 4x at 2,000
         deadline = time.monotonic() + 60
         while True:
             index = items._follower.index
