@@ -51,6 +51,16 @@ def _metrics(run_dir: Path) -> tuple[list[float], list[tuple[int, float]]]:
     return losses, [(r["epoch"], r["knn_top1"]) for r in records if r.get("event") == "knn"]
 
 
+def _choices(cfg: TrainConfig) -> str:
+    """What the run's defaults decided for one method, as the table shows it."""
+    scaling = {"linear": "x B/256", "sqrt": "x sqrt(B/256)", "none": ""}[cfg.lr_scaling or "none"]
+    own = f"T {cfg.temperature:g}" if cfg.method != "byol" else f"tau {cfg.byol_tau_base:g}"
+    if cfg.method == "moco_v2":
+        own += f", m {cfg.moco_momentum:g}, K {cfg.queue_size}"
+    return (f"{cfg.optimizer.upper()} lr {cfg.base_lr:g} {scaling} = {cfg.learning_rate:.3g}, wd {cfg.weight_decay:g}, "
+            f"warm-up {cfg.warmup_epochs:g} ep, {own}")  # fmt: skip
+
+
 def method_config(method: str, recipe: Recipe, args: argparse.Namespace) -> TrainConfig:
     """The data's recipe for `method` (the rest: the run's defaults), overridden by any flag given."""
     own = {"simclr": ("temperature",), "moco_v2": ("temperature", "queue_size", "moco_momentum"),
@@ -109,6 +119,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     splits = labeled_splits(args.data, image_size)  # x_train, y_train, x_test, y_test, decoded once
+    resolved = {m: cfg.resolved(num_images=len(splits[0])) for m, cfg in configs.items()}
     rows = [("raw pixels (centred)", None, None, raw_pixel_baseline(*splits), None, None)]
     torch.manual_seed(args.seed)  # the engine's initial weights come from the same seed
     random_enc = Encoder(args.backbone, args.small_stem)
@@ -132,7 +143,7 @@ def main() -> None:
         if args.against_lightly and method in LIGHTLY_METHODS:
             from lightly_simclr import train_lightly  # needs the bench extra
 
-            encoder, stats = train_lightly(configs[method].resolved(num_images=len(splits[0])), splits[0])
+            encoder, stats = train_lightly(resolved[method], splits[0])
             scores = probe(encoder, *splits)
             # lightly's BYOL loss is -cos, ours 2 - 2 cos: shown on our scale, so the columns compare.
             scale = (lambda v: 2 + 2 * v) if method == "byol" else (lambda v: v)
@@ -141,18 +152,20 @@ def main() -> None:
             print(f"lightly {method}: {stats}, {scores}", flush=True)
 
     print(f"\n{json.dumps(vars(args))}")
-    for method, cfg in configs.items():
-        print(f"{method}: {cfg.resolved(num_images=len(splits[0])).model_dump_json(exclude_defaults=True)}")
+    for method, cfg in resolved.items():
+        print(f"{method}: {cfg.model_dump_json(exclude_defaults=True)}")
     print()
     print(
-        "| features | loss start | loss end | kNN top-1 | linear top-1 | first direction | effective rank | steps "
-        "| train s |"
+        "| features | defaults chosen | loss start | loss end | kNN top-1 | linear top-1 | first direction "
+        "| effective rank | steps | train s |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    choices = {LABELS[m]: _choices(cfg) for m, cfg in resolved.items()}
     for name, start, end, s, steps, wall in rows:
         fmt = lambda v, spec: "-" if v is None else format(v, spec)
         shape = f"{fmt(s.get('first_direction_share'), '.0%')} | {fmt(s.get('effective_rank'), '.0f')}"
-        print(f"| {name} | {fmt(start, '.3f')} | {fmt(end, '.3f')} | {100 * s['knn_top1']:.1f}% | "
+        chosen = choices.get(name, "its benchmark's" if name.startswith("lightly") else "-")
+        print(f"| {name} | {chosen} | {fmt(start, '.3f')} | {fmt(end, '.3f')} | {100 * s['knn_top1']:.1f}% | "
               f"{100 * s['linear_top1']:.1f}% | {shape} | {fmt(steps, 'd')} | {fmt(wall, '.0f')} |")  # fmt: skip
 
 

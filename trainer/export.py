@@ -12,8 +12,9 @@ against the torch encoder on real images (max abs difference of the unit-norm ou
 
 Variants: beside the fp32 reference, an int8 model for CPUs (`quantize_int8`: ONNX Runtime
 static quantisation, QDQ format, per-channel int8 weights, uint8 activations calibrated on
-CALIBRATION_IMAGES images of the training data; the uint8 input and the preprocessing stay
-in the graph). It is published only when `verify_variant` passes INT8_THRESHOLDS on at least
+CALIBRATION_IMAGES images of the training data; the uint8 input stays the graph's, and the
+pixel normalisation is folded into the first convolution, which reads the uint8 pixels:
+trainer/quant_stem.py). It is published only when `verify_variant` passes INT8_THRESHOLDS on at least
 VERIFY_IMAGES other images of the training data that calibration did not see; otherwise the
 fp32 model is published alone and the card says why (`refused_variants`).
 
@@ -58,6 +59,7 @@ from service.contract.variants import INT8
 from trainer.checkpoint import load_encoder
 from trainer.finetune import FinetunedClassifier
 from trainer.models import Encoder, normalize_pixels
+from trainer.quant_stem import PIXELS, fold_pixel_normalisation, read_raw_pixels
 
 PARITY_TOLERANCE = 1e-4
 PARITY_IMAGES = 64  # real images checked at export
@@ -70,6 +72,9 @@ NEIGHBOURS = 10
 # the held-out images that both models find). docs/benchmarks.md gives the figures trained
 # models reach (cosine ~0.999, agreement ~0.95) and what search recall@10 follows from them.
 INT8_THRESHOLDS = {"cosine_min": 0.98, "cosine_mean": 0.995, "top10_agreement": 0.85}
+
+
+_RAW_PIXELS = {"scale": np.array(1.0, np.float32), "zero_point": np.array(0, np.uint8)}
 
 
 class ExportError(RuntimeError):
@@ -225,8 +230,9 @@ class _Batches:
 
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.ndarray) -> None:
     """Static int8 quantisation of the fp32 encoder (QDQ, per-channel int8 weights, uint8
-    activations whose ranges are calibrated on `calibration`: uint8 [N, S, S, 3]). The
-    reference's metadata is carried over, plus `variant`."""
+    activations whose ranges are calibrated on `calibration`: uint8 [N, S, S, 3]), the pixel
+    normalisation folded into the first convolution (trainer/quant_stem.py). The reference's
+    metadata is carried over, plus `variant`."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -236,6 +242,10 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.n
         # Shape inference and graph optimisation first (ONNX Runtime's advice); the symbolic
         # shape pass cannot follow the normalising Div's Expand, so the ONNX one is used.
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        graph = onnx.load(str(prepared))
+        folded = fold_pixel_normalisation(graph)
+        if folded:
+            onnx.save(graph, str(prepared))
         quantize_static(
             str(prepared),
             str(out_path),
@@ -247,11 +257,15 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.n
             # 7-bit weights: AVX2 without VNNI multiplies u8 x s8 pairs into saturating int16
             # (ONNX Runtime's quantisation guide); without it a CPU like this one loses accuracy.
             reduce_range=True,
+            # The pixels, 0..255 once folded, at scale 1: exact, and read_raw_pixels drops the pass.
+            extra_options={"TensorQuantOverrides": {PIXELS: [_RAW_PIXELS]}} if folded else {},
         )
     finally:
         prepared.unlink(missing_ok=True)
-    reference = onnx.load(str(fp32_path), load_external_data=False)
     model = onnx.load(str(out_path))
+    if folded:
+        read_raw_pixels(model)
+    reference = onnx.load(str(fp32_path), load_external_data=False)
     props = {p.key: p.value for p in reference.metadata_props} | {"variant": INT8}
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, props)
@@ -316,7 +330,8 @@ def int8_variant(
     card = VariantCard(
         file=f"model.{INT8}.onnx",
         providers=["CPUExecutionProvider"],
-        method=f"static QDQ, per-channel int8 weights, uint8 activations calibrated on {len(calibration)} images",
+        method=f"static QDQ, per-channel int8 weights, uint8 activations calibrated on {len(calibration)} images, "
+        "the first convolution on the uint8 pixels",
         verification=figures,
     )
     return card, ""
