@@ -40,6 +40,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the tests' server fixture and the helpers it imports
 
+from service.contract.encoder_io import ort_session_options
 from service.contract.imaging import ResizePolicy
 from service.contract.registry import ModelCard, ModelRegistry, VariantCard
 from service.contract.variants import FP32, INT8
@@ -86,12 +87,9 @@ def publish_model(root: Path, backbone: str, size: int, images: np.ndarray) -> s
     return model_id
 
 
-def raw_session(model_path: Path, threads: int) -> ort.InferenceSession:
+def raw_session(model_path: Path, threads: int, spin_wait: bool) -> ort.InferenceSession:
     """A session configured like the server's."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads
+    options = ort_session_options(threads, spin_wait=spin_wait)
     return ort.InferenceSession(str(model_path), options, providers=default_providers())
 
 
@@ -171,6 +169,7 @@ def main() -> int:
     parser.add_argument("--batch-max-size", type=int, default=64)
     parser.add_argument("--batch-max-wait-ms", type=float, default=2.0)
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
+    parser.add_argument("--spin-wait", action="store_true", help="SIMCLR_EMBED_ORT_SPIN_WAIT=true, raw sessions alike")
     parser.add_argument("--rounds", type=int, default=3, help="alternations of raw ORT and /embed")
     parser.add_argument("--variants", default="fp32,int8", help="comma list of the variants to serve and time")
     args = parser.parse_args()
@@ -181,7 +180,9 @@ def main() -> int:
         root = Path(tmp)
         model_id = publish_model(root, args.backbone, args.size, images)
         files = {FP32: "model.onnx", INT8: "model.int8.onnx"}
-        sessions = {v: raw_session(root / "models" / model_id / files[v], args.threads) for v in variants}
+        sessions = {
+            v: raw_session(root / "models" / model_id / files[v], args.threads, args.spin_wait) for v in variants
+        }
         raw = {
             v: {int(b): raw_ort(sessions[v], images, int(b), args.seconds / 2) for b in args.batch_sizes.split(",")}
             for v in variants
@@ -192,6 +193,7 @@ def main() -> int:
             "SIMCLR_EMBED_BATCH_MAX_SIZE": str(args.batch_max_size),
             "SIMCLR_EMBED_BATCH_MAX_WAIT_MS": str(args.batch_max_wait_ms),
             "SIMCLR_EMBED_MAX_IMAGES_PER_REQUEST": str(max(64, args.per_request)),
+            "SIMCLR_EMBED_ORT_SPIN_WAIT": str(args.spin_wait).lower(),
         }
         # One server per variant on the same data dir; each answers once its model is loaded.
         urls = {v: servers.enter_context(live_server(root, **env, SIMCLR_EMBED_EMBED_VARIANT=v)).url for v in variants}

@@ -6,7 +6,11 @@ thread count (torch.set_num_threads and ORT intra_op_num_threads). Each encoder 
 with trainer.export.export_encoder, so the parity check on real CIFAR-10 images runs first.
 The int8 variant export publishes (trainer.export.quantize_int8, calibrated on 64 CIFAR-10
 images) runs in the same loop, with its cosine to the fp32 ORT output on the timed images.
-Torch, ORT fp32 and ORT int8 calls are interleaved so load from other processes hits all alike.
+Torch, ORT fp32 and ORT int8 calls are interleaved so load from other processes hits all alike;
+the ORT sessions' thread pools do not spin-wait between calls (`--spin-wait` to let them): a
+served process holds one session, but here three pools take turns on the same cores, and a
+pool still spinning after its call takes the cores from the next one (on 2 cores that cut the
+int8 / fp32 ratio from ~3.4x, each session timed alone, to ~2.2x; docs/benchmarks.md).
 
     .venv/bin/python bench/onnx_vs_torch.py --threads 2 [--models r18s32,r18_224,r50_224]
 
@@ -31,6 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from service.contract.encoder_io import ort_session_options
 from service.contract.imaging import ResizePolicy
 from service.contract.registry import ModelCard
 from trainer.export import EmbeddingGraph, export_encoder, quantize_int8
@@ -44,12 +49,8 @@ MODELS = {  # name -> (backbone, small_stem, input size)
 CIFAR = REPO.parent / "shared" / "data" / "cifar10-5k.npz"
 
 
-def _session(path: Path, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+def _session(path: Path, threads: int, spin_wait: bool) -> ort.InferenceSession:
+    opts = ort_session_options(threads, spin_wait=spin_wait)  # the server's options
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -67,7 +68,9 @@ def _time_interleaved(runs: list[Callable[[], object]], min_time: float, min_ite
     return [statistics.median(t) for t in times]
 
 
-def bench_model(name: str, images: np.ndarray, batches: list[int], threads: int, min_time: float) -> list[str]:
+def bench_model(
+    name: str, images: np.ndarray, batches: list[int], threads: int, min_time: float, spin_wait: bool = False
+) -> list[str]:
     backbone, small_stem, size = MODELS[name]
     torch.manual_seed(0)
     encoder = Encoder(backbone, small_stem).eval()
@@ -81,8 +84,8 @@ def bench_model(name: str, images: np.ndarray, batches: list[int], threads: int,
         path = Path(tmp) / "model.onnx"
         diff = export_encoder(encoder, path, card=card, parity_images=policy.batch(images[:16]))
         quantize_int8(path, Path(tmp) / "model.int8.onnx", policy.batch(images[:64]))
-        session = _session(path, threads)
-        int8 = _session(Path(tmp) / "model.int8.onnx", threads)
+        session = _session(path, threads, spin_wait)
+        int8 = _session(Path(tmp) / "model.int8.onnx", threads, spin_wait)
         graph = EmbeddingGraph(encoder).eval()
         for batch in batches:
             x = policy.batch(images[:batch])  # [B, S, S, 3] uint8, real images
@@ -116,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="r18s32,r18_224", help=f"comma list of {', '.join(MODELS)}")
     parser.add_argument("--batches", default="1,8,32,64")
     parser.add_argument("--min-time", type=float, default=2.0, help="seconds of timed calls per cell and side")
+    parser.add_argument("--spin-wait", action="store_true", help="let the ORT thread pools spin-wait between calls")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     with np.load(CIFAR) as data:
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     batches = [int(b) for b in args.batches.split(",")]
     for name in args.models.split(","):
-        bench_model(name, images, batches, args.threads, args.min_time)
+        bench_model(name, images, batches, args.threads, args.min_time, args.spin_wait)
     return 0
 
 

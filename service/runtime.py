@@ -144,7 +144,9 @@ class EncoderRuntime:
         if variant is None:
             variant = variant_for(registry.get(model_id), settings)
         card, path = registry.verify(model_id, variant)  # ModelNotFoundError / ModelIntegrityError
-        options = ort_session_options(settings.ort_intra_op_threads, settings.ort_inter_op_threads)
+        options = ort_session_options(
+            settings.ort_intra_op_threads, settings.ort_inter_op_threads, settings.ort_spin_wait
+        )
         try:
             session = ort.InferenceSession(str(path), options, providers=default_providers(settings.ort_providers))
         except ModelLoadError:

@@ -81,6 +81,11 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(2.0, ge=0.0, description="micro-batching: longest wait to fill a batch")
     ort_intra_op_threads: int = Field(0, ge=0, description="0 = ONNX Runtime's default (all cores)")
     ort_inter_op_threads: int = Field(1, ge=0)
+    ort_spin_wait: bool = Field(
+        False,
+        description="ONNX Runtime's threads busy-wait between runs (its own default; off leaves the cores "
+        "to decoding sooner)",
+    )
     ort_providers: CommaList = Field(default_factory=list, description="default: CUDA when present, else CPU")
     embed_variant: Literal["auto", "fp32", "int8"] = Field(
         "auto",

@@ -170,7 +170,9 @@ class ClassifierModel:
     @classmethod
     def load(cls, registry: ModelRegistry, model_id: str, settings: Settings) -> ClassifierModel:
         card, path = registry.verify(model_id)  # sha256 checked
-        options = ort_session_options(settings.ort_intra_op_threads, settings.ort_inter_op_threads)
+        options = ort_session_options(
+            settings.ort_intra_op_threads, settings.ort_inter_op_threads, settings.ort_spin_wait
+        )
         return cls(card, ort.InferenceSession(str(path), options, providers=default_providers(settings.ort_providers)))
 
     def predict_proba(self, images: Sequence[Image.Image] | EncodedImages) -> np.ndarray:
