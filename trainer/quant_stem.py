@@ -59,7 +59,7 @@ def fold_pixel_normalisation(model: onnx.ModelProto) -> bool:
         if any(name not in inits for name in consts) or len(conv.input) != 3:
             raise _Mismatch("constants or the conv's bias are not initializers")
         scale, mean, std, w, b = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in consts)
-        if float(scale) != 255.0 or list(attrs["perm"]) != [0, 3, 1, 2] or mean.size != 3 or std.size != 3:
+        if float(scale) != 255.0 or list(attrs.get("perm", [])) != [0, 3, 1, 2] or mean.size != 3 or std.size != 3:
             raise _Mismatch("not /255, NHWC->NCHW and a per-channel mean and std")
         if attrs.get("group", 1) != 1 or attrs.get("auto_pad", b"NOTSET") != b"NOTSET" or w.shape[1] != 3:
             raise _Mismatch("a grouped or auto-padded first convolution")
