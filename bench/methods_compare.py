@@ -10,7 +10,9 @@ scored by bench/knn_quality.py's `probe` (kNN top-1, k = 200, T = 0.1, and a lin
 beside raw pixels and a randomly initialised encoder of the same architecture (same seed as
 the runs' initial weights). "loss start" is the mean over the first log window, "end" over
 the last; "first direction" and "effective rank" describe the spread of the L2-normalised h of
-the train split (`trainer.evaluate.variance_spectrum`), which shows a dimensional collapse. Every flag given overrides the recipe for all the methods it applies to.
+the train split (`trainer.evaluate.variance_spectrum`), which shows a dimensional collapse;
+"defaults chosen" is what the run's defaults decided for each method (optimiser, rate and its
+scaling rule, weight decay, warm-up, temperature or target rate, MoCo's m and K). Every flag given overrides the recipe for all the methods it applies to.
 
     .venv/bin/python bench/methods_compare.py --data ../shared/data/cifar10-5k.npz --epochs 10 --threads 1
     .venv/bin/python bench/methods_compare.py --data ../shared/data/digits.npz --threads 1 --knn-every-epochs 5
