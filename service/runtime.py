@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -76,6 +77,14 @@ def default_providers(requested: Sequence[str] = ()) -> list[str]:
             raise ModelLoadError(f"ONNX Runtime providers {missing} are not available here; this build has {available}")
         return list(requested)
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def open_session(path: str | Path, settings: Settings) -> ort.InferenceSession:
+    """An ONNX Runtime session for `path` with the deployment's threads, spinning and providers
+    (the encoder's and the classifiers'). Raises ModelLoadError for providers this build lacks;
+    ONNX Runtime's own errors pass through."""
+    options = ort_session_options(settings.ort_intra_op_threads, settings.ort_inter_op_threads, settings.ort_spin_wait)
+    return ort.InferenceSession(str(path), options, providers=default_providers(settings.ort_providers))
 
 
 def on_cpu(settings: Settings) -> bool:
@@ -144,11 +153,8 @@ class EncoderRuntime:
         if variant is None:
             variant = variant_for(registry.get(model_id), settings)
         card, path = registry.verify(model_id, variant)  # ModelNotFoundError / ModelIntegrityError
-        options = ort_session_options(
-            settings.ort_intra_op_threads, settings.ort_inter_op_threads, settings.ort_spin_wait
-        )
         try:
-            session = ort.InferenceSession(str(path), options, providers=default_providers(settings.ort_providers))
+            session = open_session(path, settings)
         except ModelLoadError:
             raise
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types

@@ -244,10 +244,8 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.n
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         graph = onnx.load(str(prepared))
         folded = fold_pixel_normalisation(graph)
-        if folded:
-            onnx.save(graph, str(prepared))
         quantize_static(
-            str(prepared),
+            graph,
             str(out_path),
             _Batches(calibration),
             quant_format=QuantFormat.QDQ,

@@ -54,12 +54,13 @@ def fold_pixel_normalisation(model: onnx.ModelProto) -> bool:
             chain.append(_only_consumer(graph, tensor, op))
             tensor = chain[-1].output[0]
         cast, div255, transpose, sub, div_std, conv = chain
-        attrs = {a.name: helper.get_attribute_value(a) for a in (*transpose.attribute, *conv.attribute)}
+        perm = next((list(helper.get_attribute_value(a)) for a in transpose.attribute if a.name == "perm"), None)
+        attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
         consts = [div255.input[1], sub.input[1], div_std.input[1], *conv.input[1:]]
         if any(name not in inits for name in consts) or len(conv.input) != 3:
             raise _Mismatch("constants or the conv's bias are not initializers")
         scale, mean, std, w, b = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in consts)
-        if float(scale) != 255.0 or list(attrs.get("perm", [])) != [0, 3, 1, 2] or mean.size != 3 or std.size != 3:
+        if float(scale) != 255.0 or perm != [0, 3, 1, 2] or mean.size != 3 or std.size != 3:
             raise _Mismatch("not /255, NHWC->NCHW and a per-channel mean and std")
         if attrs.get("group", 1) != 1 or attrs.get("auto_pad", b"NOTSET") != b"NOTSET" or w.shape[1] != 3:
             raise _Mismatch("a grouped or auto-padded first convolution")
@@ -89,7 +90,7 @@ def fold_pixel_normalisation(model: onnx.ModelProto) -> bool:
             [PIXELS, name("W"), name("B")],
             list(conv.output),
             name=conv.name,
-            **{k: v for k, v in attrs.items() if k not in ("pads", "perm")},
+            **{k: v for k, v in attrs.items() if k != "pads"},
         ),
     ]
     graph.initializer.extend(
@@ -115,8 +116,8 @@ def read_raw_pixels(model: onnx.ModelProto) -> None:
     graph = model.graph
     cast = next(n for n in graph.node if PIXELS in n.output)
     quantize = _only_consumer(graph, PIXELS, "QuantizeLinear")
-    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    scale, zero = inits[quantize.input[1]], inits[quantize.input[2]]
+    inits = {i.name: i for i in graph.initializer}
+    scale, zero = (numpy_helper.to_array(inits[name]) for name in quantize.input[1:3])
     if float(scale) != 1.0 or int(zero) != 0 or zero.dtype != np.uint8:
         raise ValueError(f"the pixels were quantised with scale {scale} and zero point {zero}, not 1 and uint8 0")
     for node in graph.node:

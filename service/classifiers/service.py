@@ -45,12 +45,12 @@ from service.classifiers.storage import (
     Label,
     open_classifiers,
 )
-from service.contract.encoder_io import INPUT_NAME, ort_session_options
+from service.contract.encoder_io import INPUT_NAME
 from service.contract.imaging import EncodedImages, ImageDecodeError, ResizePolicy, decode_image
 from service.contract.registry import ModelCard, ModelNotFoundError, ModelRegistry
 from service.items.service import ItemService
 from service.items.store import Item
-from service.runtime import default_providers
+from service.runtime import open_session
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -170,10 +170,7 @@ class ClassifierModel:
     @classmethod
     def load(cls, registry: ModelRegistry, model_id: str, settings: Settings) -> ClassifierModel:
         card, path = registry.verify(model_id)  # sha256 checked
-        options = ort_session_options(
-            settings.ort_intra_op_threads, settings.ort_inter_op_threads, settings.ort_spin_wait
-        )
-        return cls(card, ort.InferenceSession(str(path), options, providers=default_providers(settings.ort_providers)))
+        return cls(card, open_session(path, settings))
 
     def predict_proba(self, images: Sequence[Image.Image] | EncodedImages) -> np.ndarray:
         """Images (decoded RGB, or a request's encoded ones) -> float32 [N, K] over the card's classes."""
