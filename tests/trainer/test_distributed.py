@@ -35,8 +35,7 @@ def _refuse() -> None:
 
 
 def _rank(rank: int, world: int, init_method: str, out: str) -> None:
-    distributed.init_process_group(rank, world, "gloo", init_method)
-    try:
+    with distributed.process_group(rank, world, "gloo", init_method):
         marker = Path(out) / "set-up-by-rank-0"
         distributed.main_first(lambda: marker.write_text(str(distributed.rank())))
         set_up = marker.read_text()  # every rank returns only once rank 0 is done
@@ -64,8 +63,6 @@ def _rank(rank: int, world: int, init_method: str, out: str) -> None:
             },
             Path(out) / f"rank{rank}.pt",
         )
-    finally:
-        distributed.destroy_process_group()
 
 
 @pytest.mark.integration

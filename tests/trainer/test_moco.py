@@ -229,8 +229,7 @@ def _key_side(method: MoCoV2) -> list[torch.Tensor]:
 def _ddp_rank(r: int, init_method: str, out: str) -> None:
     """One optimiser step of MoCo as the engine runs it: DDP-wrapped, SGD, then the momentum update."""
     torch.set_num_threads(1)  # as the parent's reference (conftest), so the float sums agree
-    distributed.init_process_group(r, WORLD, "gloo", init_method)
-    try:
+    with distributed.process_group(r, WORLD, "gloo", init_method):
         method = _tiny()
         model = DistributedDataParallel(method)  # broadcasts buffers (queue, BN statistics) every forward
         optimizer = build_optimizer(method, method.cfg)
@@ -246,8 +245,6 @@ def _ddp_rank(r: int, init_method: str, out: str) -> None:
              "online": [p.detach() for p in _online(method)], "key": [p.detach() for p in _key_side(method)]},
             Path(out) / f"rank{r}.pt",
         )  # fmt: skip
-    finally:
-        distributed.destroy_process_group()
 
 
 @pytest.mark.integration

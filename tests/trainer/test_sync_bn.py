@@ -42,8 +42,7 @@ def _problem() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 
 
 def _bn_rank(rank: int, world: int, init_method: str, out: str) -> None:
-    distributed.init_process_group(rank, world, "gloo", init_method)
-    try:
+    with distributed.process_group(rank, world, "gloo", init_method):
         net, x, readout = _problem()
         net = convert_sync_batchnorm(net, cuda=False)
         ddp = DistributedDataParallel(net)
@@ -60,8 +59,6 @@ def _bn_rank(rank: int, world: int, init_method: str, out: str) -> None:
             },
             Path(out) / f"rank{rank}.pt",
         )
-    finally:
-        distributed.destroy_process_group()
 
 
 @pytest.mark.integration
@@ -90,8 +87,7 @@ def test_two_gloo_ranks_normalise_with_the_global_batch(tmp_path: Path) -> None:
 def _engine_rank(rank: int, world: int, init_method: str, data: str, out: str) -> None:
     """Build the engine's trainer for a 2-process run of the default config, report its BatchNorm
     layers, and train one step with them."""
-    distributed.init_process_group(rank, world, "gloo", init_method)
-    try:
+    with distributed.process_group(rank, world, "gloo", init_method):
         cfg = TrainConfig(image_size=16, small_stem=False, batch_size=8, epochs=1, max_steps=1, num_workers=0)
         dataset = open_dataset(data, cfg.image_size)
         resolution = resolve(cfg, RunShape(len(dataset), world))
@@ -104,8 +100,6 @@ def _engine_rank(rank: int, world: int, init_method: str, data: str, out: str) -
         Path(out, f"rank{rank}.json").write_text(
             json.dumps({"sync_bn": resolution.config.sync_bn, "layers": layers, "step": result.step})
         )
-    finally:
-        distributed.destroy_process_group()
 
 
 @pytest.mark.integration
