@@ -6,7 +6,9 @@ verification), then embed with ONNX Runtime, fp32 and int8 alike: memory = cifar
 Reports kNN top-1 of each (cosine, k = 200, T = 0.1, trainer.evaluate.knn_top1), and the
 recall@10 of int8 search against fp32 search: a FAISS flat inner-product index of the memory
 images per variant (what the server builds by default), each query's 10 results under int8
-compared with its 10 under fp32. Also the verification figures export recorded in the card.
+compared with its 10 under fp32. Also the verification figures export recorded in the card, and
+the recall that a variant with a fraction of the int8 error would keep (the int8 embeddings'
+difference from fp32 scaled down): how much smaller the error must be for a given recall.
 
     .venv/bin/python bench/precision_parity.py --seeds 0 --precisions fp32 --runs /tmp/precision-parity
     .venv/bin/python bench/int8_quality.py --run /tmp/precision-parity/fp32-seed0 --threads 2
@@ -56,6 +58,13 @@ def recall_at(k: int, memory: dict[str, np.ndarray], queries: dict[str, np.ndarr
     return float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(found["fp32"], found[INT8], strict=True)]))
 
 
+def scaled_error(variant: dict[str, np.ndarray], fraction: float) -> dict[str, np.ndarray]:
+    """fp32 and, as the int8 entry, fp32 + fraction x (int8 - fp32), renormalised: what recall
+    a variant with that fraction of the int8 error would keep."""
+    mixed = variant["fp32"] + fraction * (variant[INT8] - variant["fp32"])
+    return {"fp32": variant["fp32"], INT8: mixed / np.linalg.norm(mixed, axis=1, keepdims=True)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="a trained run directory (CIFAR-10)")
@@ -88,6 +97,9 @@ def main() -> None:
         "verification": card.variants[INT8].verification,
         "knn_top1": {v: knn_top1(memory[v], y_train, queries[v], y_test) for v in files},
         "recall_at_10": recall_at(10, memory, queries),
+        "recall_at_10_with_error_scaled": {
+            f: recall_at(10, scaled_error(memory, f), scaled_error(queries, f)) for f in (0.75, 0.5, 0.33, 0.25)
+        },
         "embed_images_per_s": {v: round(r, 1) for v, r in rates.items()},
         "sizes_bytes": {"fp32": card.size_bytes, INT8: card.variants[INT8].size_bytes},
     }

@@ -1,0 +1,159 @@
+"""Where the int8 variant's error comes from: weights or activations, simulated in torch.
+
+The trained encoder with its BatchNorms folded into the convolutions (as ONNX Runtime's
+quantiser sees it), then each source of rounding alone and together, as the exported variant
+quantises: per output channel symmetric weights (7-bit, `reduce_range`, the published variant;
+8-bit for comparison), and uint8 per-tensor activations with min-max ranges calibrated on 256
+train images at the tensors the QDQ graph quantises (every convolution's input, the two
+branches of each residual Add, the pooled feature map). Error = mean (1 - cosine) of the
+unit-norm embedding against fp32 on 1,000 other train images; the last row is ONNX Runtime's
+int8 variant of the same run on the same images, exported as `export_run` does.
+
+    .venv/bin/python bench/int8_error_budget.py --run RUN --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from service.contract.registry import ModelRegistry
+from service.contract.variants import INT8
+from trainer.data import labeled_arrays, open_labeled
+from trainer.export import export_run, load_encoder, ort_session, reference_input
+
+SHARED = REPO.parent / "shared" / "data"
+
+
+def fold_batchnorms(module: nn.Module) -> None:
+    """conv -> bn pairs of a torchvision ResNet folded in place (eval statistics), bn -> Identity."""
+    for child in module.children():
+        fold_batchnorms(child)
+    for conv_name, bn_name in (("conv1", "bn1"), ("conv2", "bn2"), ("0", "1")):
+        conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            fused = fuse_conv_bn_eval(conv, bn)
+            conv.weight.data, conv.bias = fused.weight.data, fused.bias
+            setattr(module, bn_name, nn.Identity())
+
+
+def quantise_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric per-output-channel rounding to `bits`-bit signed integers, back to float."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True) / qmax
+    return torch.round(w / scale).clamp(-qmax, qmax) * scale
+
+
+def quantise_uint8(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Asymmetric per-tensor uint8 over [min(lo, 0), max(hi, 0)], back to float."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max(hi - lo, 1e-12) / 255
+    zero = round(-lo / scale)
+    return (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
+
+
+class ActivationPoints:
+    """The tensors the QDQ graph quantises, as forward hooks: record ranges, then round to them."""
+
+    def __init__(self, net: nn.Module) -> None:
+        self.inputs = [m for m in net.modules() if isinstance(m, nn.Conv2d | nn.AdaptiveAvgPool2d)]
+        # Outputs that feed a residual Add without passing another quantised op first.
+        self.outputs = [b.conv2 for b in net.modules() if hasattr(b, "conv2")]
+        self.outputs += [b.downsample[0] for b in net.modules() if getattr(b, "downsample", None) is not None]
+        self.ranges: dict[tuple[str, int], tuple[float, float]] = {}
+
+    def _hooks(self, act: Callable[[tuple[str, int], torch.Tensor], torch.Tensor | None]) -> list:
+        hooks = [
+            m.register_forward_pre_hook(lambda _m, a, k=("in", i): (act(k, a[0]),)) for i, m in enumerate(self.inputs)
+        ]
+        hooks += [
+            m.register_forward_hook(lambda _m, _a, y, k=("out", i): act(k, y)) for i, m in enumerate(self.outputs)
+        ]
+        return hooks
+
+    def calibrate(self, net: nn.Module, x: torch.Tensor) -> None:
+        def record(key: tuple[str, int], t: torch.Tensor) -> torch.Tensor:
+            lo, hi = self.ranges.get(key, (0.0, 0.0))
+            self.ranges[key] = (min(lo, float(t.min())), max(hi, float(t.max())))
+            return t
+
+        hooks = self._hooks(record)
+        with torch.no_grad():
+            net(x)
+        for h in hooks:
+            h.remove()
+
+    def rounding(self) -> list:
+        return self._hooks(lambda key, t: quantise_uint8(t, *self.ranges[key]))
+
+
+def unit(h: torch.Tensor | np.ndarray) -> np.ndarray:
+    h = np.asarray(h, dtype=np.float64)
+    return h / np.linalg.norm(h, axis=1, keepdims=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, required=True, help="a trained run directory (CIFAR-10)")
+    parser.add_argument("--data", type=Path, default=SHARED / "cifar10-5k.npz")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    encoder, cfg, _ = load_encoder(args.run)
+    net = copy.deepcopy(encoder).eval()
+    fold_batchnorms(net)
+    images, _ = labeled_arrays(open_labeled(args.data, "train", cfg.image_size))  # uint8 [N, S, S, 3]
+    calibration, held_out = images[:256], images[-1000:]
+    x = reference_input(held_out)
+    with torch.no_grad():
+        reference = unit(encoder.eval()(x))  # [1000, D]
+    points = ActivationPoints(net)
+    points.calibrate(net, reference_input(calibration))
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    weights = [c.weight.data.clone() for c in convs]
+
+    def error(bits: int | None, activations: bool) -> float:
+        for conv, w in zip(convs, weights, strict=True):
+            conv.weight.data = quantise_weight(w, bits) if bits else w.clone()
+        hooks = points.rounding() if activations else []
+        with torch.no_grad():
+            out = unit(net(x))
+        for h in hooks:
+            h.remove()
+        return float(np.mean(1 - np.sum(out * reference, axis=1)))
+
+    rows = {
+        "BatchNorm folded, no rounding": error(None, False),
+        "7-bit weights alone": error(7, False),
+        "8-bit weights alone": error(8, False),
+        "uint8 activations alone": error(None, True),
+        "7-bit weights + uint8 activations (the variant, simulated)": error(7, True),
+        "8-bit weights + uint8 activations (simulated)": error(8, True),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        registry = ModelRegistry(Path(tmp) / "models")
+        card = export_run(args.run, registry, model_id="budget")
+        if INT8 in card.variants:
+            session = ort_session(registry.root / "budget" / "model.int8.onnx", args.threads)
+            out = unit(session.run(["embedding"], {"images": held_out})[0])
+            rows["ONNX Runtime int8 variant (exported)"] = float(np.mean(1 - np.sum(out * reference, axis=1)))
+    for name, value in rows.items():
+        print(f"| {name} | {value:.2e} |")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
