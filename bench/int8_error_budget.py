@@ -29,11 +29,14 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from int8_quality import embed
 
 from service.contract.registry import ModelRegistry
 from service.contract.variants import INT8
 from trainer.data import labeled_arrays, open_labeled
-from trainer.export import export_run, load_encoder, ort_session, reference_input
+from trainer.export import export_run, load_encoder, reference_embed, reference_input
 
 SHARED = REPO.parent / "shared" / "data"
 
@@ -100,11 +103,6 @@ class ActivationPoints:
         return self._hooks(lambda key, t: quantise_uint8(t, *self.ranges[key]))
 
 
-def unit(h: torch.Tensor | np.ndarray) -> np.ndarray:
-    h = np.asarray(h, dtype=np.float64)
-    return h / np.linalg.norm(h, axis=1, keepdims=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="a trained run directory (CIFAR-10)")
@@ -117,9 +115,12 @@ def main() -> None:
     fold_batchnorms(net)
     images, _ = labeled_arrays(open_labeled(args.data, "train", cfg.image_size))  # uint8 [N, S, S, 3]
     calibration, held_out = images[:256], images[-1000:]
-    x = reference_input(held_out)
-    with torch.no_grad():
-        reference = unit(encoder.eval()(x))  # [1000, D]
+    reference = reference_embed(encoder.eval(), held_out)  # float64 [1000, D], unit norm
+
+    def gap(out: np.ndarray) -> float:
+        """Mean (1 - cosine) of unit-norm embeddings [1000, D] against fp32's."""
+        return float(np.mean(1 - np.sum(out * reference, axis=1)))
+
     points = ActivationPoints(net)
     points.calibrate(net, reference_input(calibration))
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
@@ -129,11 +130,10 @@ def main() -> None:
         for conv, w in zip(convs, weights, strict=True):
             conv.weight.data = quantise_weight(w, bits) if bits else w.clone()
         hooks = points.rounding() if activations else []
-        with torch.no_grad():
-            out = unit(net(x))
+        out = reference_embed(net, held_out)
         for h in hooks:
             h.remove()
-        return float(np.mean(1 - np.sum(out * reference, axis=1)))
+        return gap(out)
 
     rows = {
         "BatchNorm folded, no rounding": error(None, False),
@@ -147,9 +147,8 @@ def main() -> None:
         registry = ModelRegistry(Path(tmp) / "models")
         card = export_run(args.run, registry, model_id="budget")
         if INT8 in card.variants:
-            session = ort_session(registry.root / "budget" / "model.int8.onnx", args.threads)
-            out = unit(session.run(["embedding"], {"images": held_out})[0])
-            rows["ONNX Runtime int8 variant (exported)"] = float(np.mean(1 - np.sum(out * reference, axis=1)))
+            out, _ = embed(registry.root / "budget" / "model.int8.onnx", held_out, args.threads)
+            rows["ONNX Runtime int8 variant (exported)"] = gap(out)
     for name, value in rows.items():
         print(f"| {name} | {value:.2e} |")
     print(json.dumps(rows))

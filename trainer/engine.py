@@ -21,7 +21,6 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -285,8 +284,7 @@ def _run(
     """One rank's run; `prepare` (rank 0 only, before any rank reads the run directory) if given."""
     if world > 1 and not cuda:  # the CPU processes on this machine share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes_here))
-    group = distributed.process_group(rank, world, "nccl" if cuda else "gloo", init_method)
-    with group if world > 1 else nullcontext():
+    with distributed.process_group(rank, world, "nccl" if cuda else "gloo", init_method):
         if prepare is not None:
             distributed.main_first(prepare)
         knn = knn if rank == 0 else None
