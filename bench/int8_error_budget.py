@@ -2,12 +2,15 @@
 
 The trained encoder with its BatchNorms folded into the convolutions (as ONNX Runtime's
 quantiser sees it), then each source of rounding alone and together, as the exported variant
-quantises: per output channel symmetric weights (7-bit, `reduce_range`, the published variant;
-8-bit for comparison), and uint8 per-tensor activations with min-max ranges calibrated on 256
-train images at the tensors the QDQ graph quantises (every convolution's input, the two
-branches of each residual Add, the pooled feature map). Error = mean (1 - cosine) of the
-unit-norm embedding against fp32 on 1,000 other train images; the last row is ONNX Runtime's
-int8 variant of the same run on the same images, exported as `export_run` does.
+quantises: per output channel symmetric weights on ONNX Runtime's grids (+-64 levels with
+`reduce_range`, the published variant; +-127 for comparison), and uint8 per-tensor activations
+with min-max ranges calibrated on 256 train images at the tensors the QDQ graph quantises (every
+convolution's input, the two branches of each residual Add, the pooled feature map). The rows
+with per-channel activation ranges (which ONNX Runtime's integer convolutions cannot take) are
+the limit of any function-preserving channel rescaling (cross-layer equalisation, SmoothQuant):
+every channel on a grid of its own range. Error = mean (1 - cosine) of the unit-norm embedding
+against fp32 on 1,000 other train images; the last row is ONNX Runtime's int8 variant of the
+same run on the same images, exported as `export_run` does.
 
     .venv/bin/python bench/int8_error_budget.py --run RUN --threads 2
 """
@@ -53,19 +56,30 @@ def fold_batchnorms(module: nn.Module) -> None:
             setattr(module, bn_name, nn.Identity())
 
 
-def quantise_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Symmetric per-output-channel rounding to `bits`-bit signed integers, back to float."""
-    qmax = 2 ** (bits - 1) - 1
-    scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True) / qmax
-    return torch.round(w / scale).clamp(-qmax, qmax) * scale
+# ONNX Runtime's symmetric int8 weight grids: integers in [-64, 64] with reduce_range (7 bits,
+# the published variant), [-127, 127] without (onnxruntime.quantization.quant_utils).
+REDUCED, FULL = 64, 127
 
 
-def quantise_uint8(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """Asymmetric per-tensor uint8 over [min(lo, 0), max(hi, 0)], back to float."""
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = max(hi - lo, 1e-12) / 255
-    zero = round(-lo / scale)
+def quantise_weight(w: torch.Tensor, levels: int) -> torch.Tensor:
+    """Symmetric per-output-channel rounding to integers in [-levels, levels], back to float."""
+    scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True) / levels
+    return torch.round(w / scale).clamp(-levels, levels) * scale
+
+
+def quantise_uint8(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Asymmetric uint8 over [min(lo, 0), max(hi, 0)] (per tensor, or per channel when the
+    ranges are [1, C, 1, 1]), back to float."""
+    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+    scale = (hi - lo).clamp(min=1e-12) / 255
+    zero = torch.round(-lo / scale)
     return (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
+
+
+def channel_extremes(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (min, max) of [N, C, H, W] or [N, C], shaped to broadcast against `t`."""
+    dims = (0, *range(2, t.dim()))
+    return t.amin(dim=dims, keepdim=True), t.amax(dim=dims, keepdim=True)
 
 
 class ActivationPoints:
@@ -76,7 +90,7 @@ class ActivationPoints:
         # Outputs that feed a residual Add without passing another quantised op first.
         self.outputs = [b.conv2 for b in net.modules() if hasattr(b, "conv2")]
         self.outputs += [b.downsample[0] for b in net.modules() if getattr(b, "downsample", None) is not None]
-        self.ranges: dict[tuple[str, int], tuple[float, float]] = {}
+        self.ranges: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # per channel
 
     def _hooks(self, act: Callable[[tuple[str, int], torch.Tensor], torch.Tensor | None]) -> list:
         hooks = [
@@ -89,8 +103,10 @@ class ActivationPoints:
 
     def calibrate(self, net: nn.Module, x: torch.Tensor) -> None:
         def record(key: tuple[str, int], t: torch.Tensor) -> torch.Tensor:
-            lo, hi = self.ranges.get(key, (0.0, 0.0))
-            self.ranges[key] = (min(lo, float(t.min())), max(hi, float(t.max())))
+            lo, hi = channel_extremes(t)
+            if key in self.ranges:
+                lo, hi = torch.minimum(lo, self.ranges[key][0]), torch.maximum(hi, self.ranges[key][1])
+            self.ranges[key] = (lo, hi)
             return t
 
         hooks = self._hooks(record)
@@ -99,8 +115,16 @@ class ActivationPoints:
         for h in hooks:
             h.remove()
 
-    def rounding(self) -> list:
-        return self._hooks(lambda key, t: quantise_uint8(t, *self.ranges[key]))
+    def rounding(self, per_channel: bool = False, straight_through: bool = False) -> list:
+        """Hooks that round each point to its calibrated range; `straight_through`: the
+        gradient passes the rounding unchanged (quantisation-aware training)."""
+
+        def act(key: tuple[str, int], t: torch.Tensor) -> torch.Tensor:
+            lo, hi = self.ranges[key]
+            q = quantise_uint8(t, lo, hi) if per_channel else quantise_uint8(t, lo.min(), hi.max())
+            return t + (q - t).detach() if straight_through else q
+
+        return self._hooks(act)
 
 
 def main() -> None:
@@ -126,22 +150,26 @@ def main() -> None:
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
     weights = [c.weight.data.clone() for c in convs]
 
-    def error(bits: int | None, activations: bool) -> float:
+    def error(levels: int | None, activations: str | None) -> float:
+        """`levels`: the weight grid (None: exact); `activations`: None, "tensor" or "channel"."""
         for conv, w in zip(convs, weights, strict=True):
-            conv.weight.data = quantise_weight(w, bits) if bits else w.clone()
-        hooks = points.rounding() if activations else []
+            conv.weight.data = quantise_weight(w, levels) if levels else w.clone()
+        hooks = points.rounding(activations == "channel") if activations else []
         out = reference_embed(net, held_out)
         for h in hooks:
             h.remove()
         return gap(out)
 
     rows = {
-        "BatchNorm folded, no rounding": error(None, False),
-        "7-bit weights alone": error(7, False),
-        "8-bit weights alone": error(8, False),
-        "uint8 activations alone": error(None, True),
-        "7-bit weights + uint8 activations (the variant, simulated)": error(7, True),
-        "8-bit weights + uint8 activations (simulated)": error(8, True),
+        "BatchNorm folded, no rounding": error(None, None),
+        "7-bit weights alone": error(REDUCED, None),
+        "8-bit weights alone": error(FULL, None),
+        "uint8 activations alone": error(None, "tensor"),
+        "7-bit weights + uint8 activations (the variant, simulated)": error(REDUCED, "tensor"),
+        "8-bit weights + uint8 activations (simulated)": error(FULL, "tensor"),
+        "uint8 activations per channel alone (the limit of channel equalisation)": error(None, "channel"),
+        "7-bit weights + uint8 activations per channel": error(REDUCED, "channel"),
+        "8-bit weights + uint8 activations per channel": error(FULL, "channel"),
     }
     with tempfile.TemporaryDirectory() as tmp:
         registry = ModelRegistry(Path(tmp) / "models")
