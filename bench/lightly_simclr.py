@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from service.contract.train_config import TrainConfig
+from trainer.engine import loader_workers
 from trainer.models import Encoder
 from trainer.optim import param_groups
 
@@ -124,7 +125,7 @@ def train_lightly(cfg: TrainConfig, images: np.ndarray) -> tuple[Encoder, dict[s
         batch_size=cfg.batch_size,
         shuffle=True,
         drop_last=True,
-        num_workers=cfg.num_workers,
+        num_workers=loader_workers(cfg.num_workers, 1),  # the count our loader takes
         generator=torch.Generator().manual_seed(cfg.seed),
     )
     total_steps = len(loader) * cfg.epochs

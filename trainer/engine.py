@@ -112,6 +112,20 @@ class GlobalBatchSampler(Sampler[list[int]]):
             yield perm[first : first + self.per_rank].tolist()
 
 
+DEFAULT_LOADER_WORKERS = 4
+
+
+def loader_workers(requested: int | None, processes_here: int, cpus: int | None = None) -> int:
+    """DataLoader workers for one training process: `requested`, or by default this process's
+    share of the CPUs it may run on (`cpus`, default its affinity), at least 1 and at most 4, so
+    that a 2-core host does not start 4 decoders per process to fight over 2 cores."""
+    if requested is not None:
+        return requested
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(DEFAULT_LOADER_WORKERS, cpus // max(1, processes_here)))
+
+
 def training_loader(
     dataset: ImageDataset, cfg: TrainConfig, rank: int = 0, world: int = 1, cuda: bool = False
 ) -> tuple[DataLoader, GlobalBatchSampler]:
@@ -121,7 +135,8 @@ def training_loader(
     loader = DataLoader(
         dataset.training_frames(),
         batch_sampler=sampler,
-        num_workers=cfg.num_workers,
+        # every training process on this host (torchrun says how many; spawned ones are all here)
+        num_workers=loader_workers(cfg.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", world))),
         pin_memory=cuda,
         # worker seeds come from here, not from the global RNG, so creating an iterator
         # mid-epoch on resume draws nothing from the state we restore

@@ -134,7 +134,12 @@ class TrainConfig(_Strict):
     )
     channels_last: bool = True
     compile: bool = False
-    num_workers: int = Field(4, ge=0, le=64)
+    num_workers: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="DataLoader processes per training process; None = this process's share of the CPUs, at most 4",
+    )
     devices: int | None = Field(None, ge=1, description="GPUs to use; None = all the worker sees")
     cpu_processes: int = Field(1, ge=1, le=64, description="gloo processes when no GPU is present")
     seed: int = Field(0, ge=0)
