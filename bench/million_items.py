@@ -26,6 +26,14 @@ log, no ids) beside it and reports that index's add time per 1,000: the insert c
 itself has at that size (HNSW's grows with the graph), against which the item layer's is read.
 Not for IVFauto, whose lists the service retrains as the collection grows.
 
+On HNSW an add lands in the index's fresh buffer (exact, searched beside the graph) and a
+background thread inserts it into the graph (`insert_pending_until`, as the service runs it),
+up to `--fresh-max` vectors (the service's `index_fresh_max`); past it an add inserts its
+overflow into the graph itself. Each checkpoint then also reports the vectors still in the
+buffer and what the background graph inserts cost per 1,000 since the last checkpoint. With
+`--rate R` the adds come at R items a second (what a host's embedding would deliver), not as
+fast as the store takes them.
+
 `--like FILE` draws the vectors with the mean and covariance of real embeddings (bench/
 synthetic.py) instead of isotropic ones. `--delete-share F` deletes that share of the items
 after the adds, with upkeep held back, then lets it run: search p50 fresh, with the
@@ -40,6 +48,7 @@ server and drops at the end (it must not exist).
     .venv/bin/python bench/million_items.py --items 100000 --dim 512 --factory HNSW32 --threads 1
     .venv/bin/python bench/million_items.py --factory IVFauto,Flat --like EMBEDDINGS.npz --threads 1
     .venv/bin/python bench/million_items.py --items 100000 --factory HNSW32 --delete-share 0.5 --threads 1
+    .venv/bin/python bench/million_items.py --factory HNSW32 --rate 1000 --like EMBEDDINGS.npz --threads 1
     .venv/bin/python bench/million_items.py --dim 512 --dir DIR --reopen   # start-up and search on DIR
 """
 
@@ -61,7 +70,7 @@ from synthetic import source
 
 from service.items.filters import parse_filter
 from service.items.follower import LogFollower, LogPosition
-from service.items.index import VectorIndex
+from service.items.index import VectorIndex, insert_pending_until
 from service.items.reindex import (
     build_from_store,
     load_or_build_index,
@@ -208,6 +217,10 @@ def main() -> None:
     ap.add_argument("--race-faiss", action="store_true", help="time a bare FAISS index of the factory beside it")
     ap.add_argument("--like", type=Path, default=None, help="real embeddings (.npz `vectors`) to draw vectors like")
     ap.add_argument("--delete-share", type=float, default=0.0, help="share of the items deleted after the adds")
+    ap.add_argument("--rate", type=float, default=0.0, help="items added a second (0: as fast as they go)")
+    ap.add_argument(
+        "--fresh-max", type=int, default=Settings().index_fresh_max, help="HNSW: the fresh buffer's bound (0: none)"
+    )
     ap.add_argument(
         "--store-url", default=None, help="postgresql://host:port/NAME: a database the bench creates and drops"
     )
@@ -223,13 +236,20 @@ def run(args: argparse.Namespace) -> None:
     checkpoints = sorted(c for c in map(int, args.checkpoints.split(",")) if c <= args.items)
     root = args.dir or Path(tempfile.mkdtemp(prefix="million-"))
     settings = Settings(
-        data_dir=root, index_factory=args.factory, index_min_train_vectors=10_000, store_url=args.store_url
+        data_dir=root,
+        index_factory=args.factory,
+        index_min_train_vectors=10_000,
+        store_url=args.store_url,
+        index_fresh_max=args.fresh_max,
     )
     draw, dim, drawn = source(args.like, args.dim)
     store = open_backend(settings)
-    follower = LogFollower(
-        store, SPACE, VectorIndex(dim, args.factory, min_train=10_000), LogPosition(store.state(SPACE).changes)
-    )
+    index = VectorIndex(dim, args.factory, min_train=10_000, fresh_max=args.fresh_max)
+    follower = LogFollower(store, SPACE, index, LogPosition(store.state(SPACE).changes))
+    served = [follower]  # what the background graph inserts follow (the upkeep swaps it)
+    stop_inserts = threading.Event()
+    inserter = threading.Thread(target=insert_pending_until, args=(lambda: served[0].index, stop_inserts), daemon=True)
+    inserter.start()
     rng = np.random.default_rng(args.seed)
     vec_rng = np.random.default_rng([args.seed, 1])  # the vectors' own stream
     queries = draw(np.random.default_rng([args.seed, 2]), 100)  # [100, D], not among the items
@@ -239,28 +259,37 @@ def run(args: argparse.Namespace) -> None:
     bare = faiss.index_factory(dim, args.factory, faiss.METRIC_INNER_PRODUCT) if args.race_faiss else None
 
     where = args.store_url or settings.sqlite_store_path
-    print(f"# {args.items} items ({drawn}), {args.factory}, batch {BATCH}, FAISS threads {args.threads}, {where}")
+    print(
+        f"# {args.items} items ({drawn}), {args.factory}, batch {BATCH}, FAISS threads {args.threads}, {where}, "
+        f"fresh buffer {args.fresh_max:,}, {f'{args.rate:,.0f} items/s' if args.rate else 'adds as fast as they go'}"
+    )
     print(f"# RSS before the first add: {rss_mib():.0f} MiB")
     print(
         "| items | add ms / 1,000 (last 10 batches) | of which store commit | of which index insert "
         "| add CPU ms / 1,000 (this thread) | bare FAISS add ms / 1,000 | old COUNT(*) ms per add call "
-        "| filter 1% ms | filter 50% ms | search p50 ms | recall@10 | RSS MiB | index |"
+        "| filter 1% ms | filter 50% ms | search p50 ms | recall@10 | RSS MiB | fresh | graph insert ms / 1,000 "
+        "| index |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     window: list[float] = []
     store_window: list[float] = []  # the store transaction alone; the rest is the index following the log
     bare_window: list[float] = []
     cpu_window: list[float] = []  # this thread's CPU time: what other processes' load does not inflate
     last_snapshot = 0
+    graph_mark = [0, 0.0]  # background graph inserts (vectors, seconds) at the last checkpoint
+    began_run = time.perf_counter()
 
     def report(label: str, served: LogFollower) -> None:
         rss = rss_mib()
+        moved, took = served.index.graph_inserted - graph_mark[0], served.index.graph_insert_s - graph_mark[1]
+        graph_mark[:] = [served.index.graph_inserted, served.index.graph_insert_s]
         print(
             f"| {label} | {np.median(window):.1f} | {np.median(store_window):.1f} | "
             f"{np.median(window) - np.median(store_window):.1f} | {np.median(cpu_window):.1f} | "
             f"{f'{np.median(bare_window):.1f}' if bare_window else '-'} | {old_count_ms(store):.1f} | "
             f"{filtered_ms(served, rng, 0.01):.1f} | {filtered_ms(served, rng, 0.5):.1f} | "
-            f"{search_p50_ms(served, queries):.2f} | {exact.recall(served):.3f} | {rss:,.0f} | {served.index.kind} |",
+            f"{search_p50_ms(served, queries):.2f} | {exact.recall(served):.3f} | {rss:,.0f} | "
+            f"{served.index.pending:,} | {f'{took / moved * 1e6:.1f}' if moved > 0 else '-'} | {served.index.kind} |",
             flush=True,
         )
 
@@ -271,6 +300,8 @@ def run(args: argparse.Namespace) -> None:
         new = [
             NewItem(f"item-{start + i}", f"{start + i:064x}", "image/png", {"u": float(shares[i])}) for i in range(n)
         ]
+        if args.rate:
+            time.sleep(max(0.0, began_run + start / args.rate - time.perf_counter()))
         began, began_cpu = time.perf_counter(), time.thread_time()
         pks, _, _ = store.add(new, {SPACE: vecs})
         committed = time.perf_counter()
@@ -283,7 +314,7 @@ def run(args: argparse.Namespace) -> None:
             began = time.perf_counter()
             bare.add(vecs)
             bare_window = [*bare_window, (time.perf_counter() - began) * 1e3 * BATCH / n][-10:]
-        follower = upkeep.swap(follower)
+        follower = served[0] = upkeep.swap(follower)
         upkeep.start_if_due(follower)
         done = start + n
         if done - last_snapshot >= args.snapshot_every and (snapshotter is None or not snapshotter.is_alive()):
@@ -294,8 +325,14 @@ def run(args: argparse.Namespace) -> None:
         if done in checkpoints:
             report(f"{done:,}", follower)
     if upkeep.thread is not None:  # the last rebuild, finished: what the service serves next
-        follower = upkeep.swap(follower, wait=True)
+        follower = served[0] = upkeep.swap(follower, wait=True)
         report(f"{follower.index.ntotal:,}, after that upkeep", follower)
+    print(f"# {args.items:,} adds in {time.perf_counter() - began_run:.0f} s; {follower.index.pending:,} still fresh")
+    while follower.index.pending:
+        time.sleep(0.1)
+    print(f"# the graph holds every vector {time.perf_counter() - began_run:.0f} s after the first add", flush=True)
+    stop_inserts.set()
+    inserter.join()
     if args.delete_share:
         delete_and_compact(args, store, follower, upkeep, queries, exact)
     if snapshotter is not None:
@@ -346,6 +383,8 @@ def delete_and_compact(
     due = follower.index.upkeep_due()
     upkeep.start_if_due(follower)
     compacted = upkeep.swap(follower, wait=True)
+    while compacted.index.insert_pending():  # the rebuild's fresh buffer, into its graph
+        pass
     after = search_p50_ms(compacted, queries)
     print(f"deleted {args.delete_share:.0%} ({len(doomed):,} items); upkeep due: {due}")
     print("| index state | vectors searchable | search p50 ms | recall@10 vs exact over the live items |")

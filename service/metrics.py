@@ -48,6 +48,12 @@ class Metrics:
         self.index_size = Gauge(
             "simclr_embed_index_size", "vectors in the search index", ("model_id",), registry=self.registry
         )
+        self.index_fresh = Gauge(
+            "simclr_embed_index_fresh_vectors",
+            "vectors searched exactly beside the HNSW graph until the background inserts them (index_fresh_max)",
+            ("model_id",),
+            registry=self.registry,
+        )
         self.broker_up = Gauge(
             "simclr_embed_broker_up",
             "1 when the job broker answered the last readiness check or scrape; job submission needs it",

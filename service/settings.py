@@ -114,6 +114,12 @@ class Settings(BaseSettings):
     index_min_train_vectors: int = Field(
         10_000, ge=1, description="trainable indexes wait for this many vectors (IVF also for 39 per list)"
     )
+    index_fresh_max: int = Field(
+        10_000,
+        ge=0,
+        description="HNSW: new vectors searched exactly beside the graph until a background thread inserts them "
+        "(an add costs the same at any size); past this many, adds insert into the graph themselves (0: always)",
+    )
     index_snapshot_every: int = Field(
         1000,
         ge=1,

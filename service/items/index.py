@@ -11,6 +11,16 @@ our ids natively; others (HNSW) are wrapped in IndexIDMap2. Indexes that cannot 
 (HNSW) keep removed ids as tombstones filtered out of results, and are rebuilt when the
 tombstones pass COMPACT_TOMBSTONES of them.
 
+Graph indexes (HNSW) with `fresh_max` > 0 take adds into a fresh exact buffer (an exact
+index beside the graph, searched with it and merged by score), so an add costs an append
+whatever the graph's size and is searchable at once; `insert_pending`, called by a
+background thread (`insert_pending_until`), moves the oldest fresh vectors into the graph a
+few tens of milliseconds at a time. An HNSW insert searches the graph, and its cost grows
+with the graph (about 6x from 10k to 1M vectors of 512 floats, as the graph leaves the CPU's
+caches); this takes it off the write path. Past `fresh_max` fresh vectors an add inserts
+its overflow into the graph itself: the buffer is bounded, and so is the exact scan each
+search pays for it (the growing, unindexed segment of Lucene, Qdrant and Milvus).
+
 Concurrency (faiss issue #367): searches share an RWLock, add/remove/train hold it alone.
 
 Snapshot file: MAGIC, 8-byte header length, JSON header (model, dim, factory, ntotal, the
@@ -28,6 +38,9 @@ import json
 import math
 import re
 import struct
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +113,14 @@ def _build(dim: int, factory: str) -> faiss.Index:
     return index
 
 
+def _hnsw_of(index: faiss.Index) -> Any:
+    """The IndexHNSW behind our ID map, or None (flat, IVF, PQ: not a graph)."""
+    if not hasattr(index, "index"):
+        return None
+    inner = faiss.downcast_index(index.index)
+    return inner if isinstance(inner, getattr(faiss, "IndexHNSW")) else None  # noqa: B009 - the stubs lack it
+
+
 def _apply_params(index: faiss.Index, params: str) -> None:
     space = faiss.ParameterSpace()
     for item in filter(None, params.split(",")):
@@ -148,6 +169,7 @@ class VectorIndex:
         *,
         min_train: int = 10_000,
         search_params: str = DEFAULT_INDEX_SEARCH_PARAMS,
+        fresh_max: int = 0,
     ) -> None:
         self.dim = dim
         self.factory = factory
@@ -161,11 +183,24 @@ class VectorIndex:
         self._final = target.is_trained
         self.trained_on = 0  # vectors the trained target was trained on (0: untrained or untrainable)
         _apply_params(self._index, search_params)
+        self.fresh_max = fresh_max
+        self._fresh = self._fresh_buffer()
+        self._step = 64  # fresh vectors per insert_pending call, adapted to its time budget
+        self.graph_inserted, self.graph_insert_s = 0, 0.0  # what insert_pending moved, and its time
+
+    def _fresh_buffer(self) -> Any:
+        """An empty fresh buffer when this index is a graph and buffers its adds, else None."""
+        return _build(self.dim, EXACT) if self.fresh_max and _hnsw_of(self._index) is not None else None
 
     @property
     def ntotal(self) -> int:
-        """Vectors searchable (tombstones excluded)."""
-        return self._index.ntotal - len(self._tombstones)
+        """Vectors searchable (tombstones excluded), the fresh buffer's included."""
+        return self._index.ntotal + self.pending - len(self._tombstones)
+
+    @property
+    def pending(self) -> int:
+        """Fresh vectors not yet in the graph (searched exactly meanwhile)."""
+        return 0 if self._fresh is None else int(self._fresh.ntotal)
 
     @property
     def kind(self) -> str:
@@ -187,8 +222,34 @@ class VectorIndex:
         with self.lock.write():
             if not self._final and self._index.ntotal + len(ids) >= self.min_train:
                 self._train_with(ids, vectors)
-            else:
-                self._index.add_with_ids(vectors, ids)
+                return
+            # the overflow past fresh_max goes into the graph now: the buffer stays bounded
+            direct = len(ids) if self._fresh is None else max(0, self._fresh.ntotal + len(ids) - self.fresh_max)
+            if direct:
+                self._index.add_with_ids(vectors[:direct], ids[:direct])
+            if direct < len(ids):
+                self._fresh.add_with_ids(vectors[direct:], ids[direct:])
+
+    def insert_pending(self, budget_s: float = 0.025) -> int:
+        """Move the oldest fresh vectors into the graph, about `budget_s` of graph inserts
+        (searches wait that long at most); returns how many moved."""
+        with self.lock.write():
+            if not self.pending:
+                return 0
+            n = min(self.pending, self._step)
+            began = time.perf_counter()
+            self._move_fresh(n)
+            took = time.perf_counter() - began
+            self.graph_inserted, self.graph_insert_s = self.graph_inserted + n, self.graph_insert_s + took
+        self._step = int(min(4096, max(8, n * budget_s / max(took, 1e-6))))
+        return n
+
+    def _move_fresh(self, n: int) -> None:
+        """The n oldest fresh vectors into the graph (write lock held)."""
+        fresh = self._fresh
+        ids = faiss.vector_to_array(fresh.id_map)[:n].astype(np.int64)
+        self._index.add_with_ids(fresh.index.reconstruct_n(0, n), ids)  # [n, D]
+        fresh.remove_ids(faiss.IDSelectorBatch(ids))
 
     def _train_with(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Move from the exact stand-in to the trained target (write lock held)."""
@@ -208,6 +269,10 @@ class VectorIndex:
     def remove(self, ids: np.ndarray) -> None:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         with self.lock.write():
+            if self.pending:  # fresh vectors are removed outright
+                fresh = np.isin(ids, faiss.vector_to_array(self._fresh.id_map))
+                self._fresh.remove_ids(faiss.IDSelectorBatch(ids[fresh]))
+                ids = ids[~fresh]
             try:
                 self._index.remove_ids(faiss.IDSelectorBatch(ids))
             except RuntimeError:  # e.g. HNSW cannot remove: filter at search time instead
@@ -235,9 +300,8 @@ class VectorIndex:
         if faiss.try_extract_index_ivf(self._index) is not None:
             return False
         mapped: Any = self._index  # IndexIDMap2 over the codes
-        inner = faiss.downcast_index(mapped.index)
-        if isinstance(inner, getattr(faiss, "IndexHNSW")):  # noqa: B009 - the stubs lack it
-            inner = faiss.downcast_index(inner.storage)
+        hnsw = _hnsw_of(mapped)
+        inner = faiss.downcast_index(mapped.index if hnsw is None else hnsw.storage)
         return isinstance(inner, faiss.IndexFlat)
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray | None:
@@ -247,10 +311,11 @@ class VectorIndex:
         with self.lock.read():
             if not self._holds_exact_vectors() or any(int(i) in self._tombstones for i in ids):
                 return None
+            fresh = set() if not self.pending else set(faiss.vector_to_array(self._fresh.id_map).tolist())
             out = np.empty((len(ids), self.dim), dtype=np.float32)
             try:
                 for row, i in enumerate(ids):
-                    out[row] = self._index.reconstruct(int(i))
+                    out[row] = (self._fresh if int(i) in fresh else self._index).reconstruct(int(i))
             except RuntimeError:  # an id the index does not hold
                 return None
         return out
@@ -260,23 +325,36 @@ class VectorIndex:
         """Searches return the true top k (Flat, or a trainable index still waiting for data)."""
         return not self._final or _is_exact(self.factory)
 
-    def _selector_params(self, subset: np.ndarray) -> faiss.SearchParameters:
-        """Search parameters restricting candidates to the ids `subset` (int64), keeping the
-        index's own efSearch / nprobe (plain SearchParameters would reset them)."""
+    @staticmethod
+    def _selector_params(index: faiss.Index, subset: np.ndarray) -> faiss.SearchParameters:
+        """Search parameters restricting `index`'s candidates to the ids `subset` (int64),
+        keeping its own efSearch / nprobe (plain SearchParameters would reset them)."""
         selector = faiss.IDSelectorBatch(np.ascontiguousarray(subset, dtype=np.int64))
         params: Any
-        ivf = faiss.try_extract_index_ivf(self._index)
-        inner = faiss.downcast_index(self._index.index) if hasattr(self._index, "index") else None
+        ivf = faiss.try_extract_index_ivf(index)
+        hnsw = _hnsw_of(index)
         if ivf is not None:
             params = faiss.SearchParametersIVF()
             params.nprobe = ivf.nprobe
-        elif isinstance(inner, getattr(faiss, "IndexHNSW")):  # noqa: B009 - the stubs lack it
+        elif hnsw is not None:
             params = getattr(faiss, "SearchParametersHNSW")()  # noqa: B009
-            params.efSearch = inner.hnsw.efSearch
+            params.efSearch = hnsw.hnsw.efSearch
         else:
             params = faiss.SearchParameters()
         params.sel = selector
         return params
+
+    @classmethod
+    def _search_one(
+        cls, index: faiss.Index, queries: np.ndarray, want: int, subset: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) [Q, <= want] of one FAISS index (read lock held)."""
+        want = min(want, index.ntotal if subset is None else min(index.ntotal, len(subset)))
+        if want == 0:
+            empty = np.empty((len(queries), 0))
+            return empty.astype(np.float32), empty.astype(np.int64)
+        params = None if subset is None else cls._selector_params(index, subset)
+        return index.search(queries, want, params=params)
 
     def search(self, queries: np.ndarray, k: int, subset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """queries float32 [Q, D] -> (scores [Q, k'], ids [Q, k']), best first, k' <= k; -1 ids
@@ -286,17 +364,16 @@ class VectorIndex:
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"expected queries [Q, {self.dim}], got {queries.shape}")
         with self.lock.read():
-            total = self._index.ntotal if subset is None else min(self._index.ntotal, len(subset))
-            want = min(k + len(self._tombstones), total)
-            if want == 0:
-                empty = np.empty((len(queries), 0))
-                return empty.astype(np.float32), empty.astype(np.int64)
-            params = None if subset is None else self._selector_params(subset)
-            scores, ids = self._index.search(queries, want, params=params)  # [Q, want]
+            scores, ids = self._search_one(self._index, queries, k + len(self._tombstones), subset)  # [Q, want]
+            if self.pending:  # the fresh buffer's best, merged by score
+                fresh_scores, fresh_ids = self._search_one(self._fresh, queries, k, subset)
+                scores, ids = np.concatenate([scores, fresh_scores], 1), np.concatenate([ids, fresh_ids], 1)
+                order = np.argsort(-scores, axis=1, kind="stable")
+                scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
             dead = self._tombstones.copy()
         if dead or (ids < 0).any():
             keep = [
-                [j for j in range(want) if ids[q, j] >= 0 and int(ids[q, j]) not in dead][:k]
+                [j for j in range(ids.shape[1]) if ids[q, j] >= 0 and int(ids[q, j]) not in dead][:k]
                 for q in range(len(queries))
             ]
             width = min((len(row) for row in keep), default=0)
@@ -310,8 +387,9 @@ class VectorIndex:
         """The index serialised as it is now (the read lock held for the copy only), to be
         written as a snapshot off every lock (`FrozenIndex.save`)."""
         with self.lock.read():
+            fresh = faiss.serialize_index(self._fresh).tobytes() if self.pending else b""
             return FrozenIndex(
-                blob=faiss.serialize_index(self._index).tobytes(),
+                blob=faiss.serialize_index(self._index).tobytes() + fresh,
                 header={
                     "dim": self.dim,
                     "factory": self.factory,
@@ -319,6 +397,7 @@ class VectorIndex:
                     "trained_on": self.trained_on,
                     "ntotal": self.ntotal,
                     "tombstones": sorted(self._tombstones),
+                    "fresh_size": len(fresh),  # the fresh buffer's bytes, at the blob's end
                 },
             )
 
@@ -332,7 +411,12 @@ class VectorIndex:
 
     @classmethod
     def load(
-        cls, path: str | Path, *, min_train: int = 10_000, search_params: str = DEFAULT_INDEX_SEARCH_PARAMS
+        cls,
+        path: str | Path,
+        *,
+        min_train: int = 10_000,
+        search_params: str = DEFAULT_INDEX_SEARCH_PARAMS,
+        fresh_max: int = 0,
     ) -> tuple[VectorIndex, SnapshotHeader]:
         """Read a snapshot; raises SnapshotError when it is missing or damaged in any way."""
         try:
@@ -355,7 +439,11 @@ class VectorIndex:
                 or (extra_size and hashlib.sha256(extra).hexdigest() != header["extra_sha256"])
             ):
                 raise SnapshotError(f"{path} is truncated or corrupt (size or sha256 mismatch)")
-            index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
+            fresh_size = int(header.get("fresh_size", 0))  # 0 in snapshots older than the fresh buffer
+            index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8, count=size - fresh_size))
+            fresh = (
+                faiss.deserialize_index(np.frombuffer(blob, np.uint8, offset=size - fresh_size)) if fresh_size else None
+            )
         except SnapshotError:
             raise
         except (struct.error, ValueError, KeyError, TypeError, RuntimeError) as exc:
@@ -365,6 +453,11 @@ class VectorIndex:
         self.trained_on = int(header.get("trained_on", 0))
         self._tombstones = set(header["tombstones"])
         _apply_params(self._index, search_params)
+        self.fresh_max = fresh_max
+        self._fresh = fresh if fresh is not None else self._fresh_buffer()  # an IndexIDMap2 either way
+        if self._fresh is not None and not fresh_max:  # a snapshot's fresh vectors, for a host without the buffer
+            self._move_fresh(self.pending)
+            self._fresh = None
         meta = SnapshotHeader(
             header["model_id"],
             header["dim"],
@@ -376,3 +469,17 @@ class VectorIndex:
             extra,
         )
         return self, meta
+
+
+def insert_pending_until(
+    served: Callable[[], VectorIndex | None], stop: threading.Event, *, budget_s: float = 0.025, idle_s: float = 0.05
+) -> None:
+    """Move the served index's fresh vectors into its graph until `stop` (the body of a
+    background thread; `served` is read again each step, so an index swapped in is followed).
+    Pauses briefly between steps so that searches waiting on the lock get in (it prefers
+    writers)."""
+    while True:
+        index = served()
+        moved = index.insert_pending(budget_s) if index is not None else 0
+        if stop.wait(0.002 if moved else idle_s):
+            return

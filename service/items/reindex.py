@@ -82,6 +82,7 @@ def _empty_index(settings: Settings, dim: int) -> VectorIndex:
         settings.index_factory,
         min_train=settings.index_min_train_vectors,
         search_params=settings.index_search_params,
+        fresh_max=settings.index_fresh_max,
     )
 
 
@@ -94,6 +95,7 @@ def read_snapshot(settings: Settings, store: ItemBackend, space: str, dim: int) 
         snapshot_path(settings, space),
         min_train=settings.index_min_train_vectors,
         search_params=settings.index_search_params,
+        fresh_max=settings.index_fresh_max,
     )
     if (head.model_id, head.dim, head.factory) != (space, dim, settings.index_factory):
         raise SnapshotError(f"snapshot is for {head.model_id}/{head.dim}/{head.factory}")

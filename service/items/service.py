@@ -50,7 +50,7 @@ from service.items.errors import (
 )
 from service.items.filters import Condition
 from service.items.follower import LogFollower
-from service.items.index import SnapshotError
+from service.items.index import SnapshotError, VectorIndex, insert_pending_until
 from service.items.reindex import (
     Encoder,
     build_from_store,
@@ -120,6 +120,9 @@ class ItemService:
         self._unstarted: str | None = None  # why the store failed at start: _start_serving is retried
         self._offline = False  # serving a snapshot read while the store was down, not caught up yet
         self._poller = threading.Thread(target=self._follow_loop, name="index-follow", daemon=True)
+        self._inserter = threading.Thread(  # HNSW: the fresh buffer into the graph, off the write path
+            target=insert_pending_until, args=(self._served_index, self._closing), name="index-graph", daemon=True
+        )
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -136,6 +139,7 @@ class ItemService:
             self._serve_local_snapshot()
         self.runtime.add_listener(self.on_activate)
         self._poller.start()
+        self._inserter.start()
 
     def _serve_local_snapshot(self) -> None:
         """While the store is down at start: serve the active model's snapshot on this host's
@@ -194,8 +198,9 @@ class ItemService:
         if self._job:
             self._job[2].set()
             self._job[1].join(timeout=30)
-        if self._poller.is_alive():
-            self._poller.join(timeout=30)
+        for loop in (self._poller, self._inserter):
+            if loop.is_alive():
+                loop.join(timeout=30)
         for thread in (self._snapshotter, self._upkeep):
             if thread:
                 thread.join(timeout=300)
@@ -459,6 +464,10 @@ class ItemService:
 
     # -- search -------------------------------------------------------------------------
 
+    def _served_index(self) -> VectorIndex | None:
+        follower = self._follower
+        return None if follower is None else follower.index
+
     def _served(self) -> tuple[str, LogFollower]:
         """The served space and its follower, read once without the mutex: a write holding it
         while the store does not answer (up to `store_timeout_s`) must not hold up searches."""
@@ -587,6 +596,7 @@ class ItemService:
             "store": store,
             "index_size": index.ntotal if index else 0,
             "index_kind": index.kind if index else None,
+            "index_fresh": index.pending if index else 0,  # HNSW: not yet in the graph, searched exactly
             "log_position": follower.position if follower else None,
         }
 

@@ -72,3 +72,4 @@ def test_metrics_show_routes_batches_and_active_model(client: TestClient, photos
         in text
     )
     assert f'simclr_embed_index_size{{model_id="{MODEL_A}"}} 0.0' in text
+    assert f'simclr_embed_index_fresh_vectors{{model_id="{MODEL_A}"}} 0.0' in text

@@ -76,8 +76,9 @@ async def metrics(request: Request) -> Response:
     items = getattr(state, "items", None)
     if items is not None:  # the index size is read at scrape time: always current, no coupling
         stats = await run_in_threadpool(items.stats)
-        state.metrics.index_size.clear()
-        if stats["served_model"]:
-            state.metrics.index_size.labels(stats["served_model"]).set(stats["index_size"])
+        for gauge, key in ((state.metrics.index_size, "index_size"), (state.metrics.index_fresh, "index_fresh")):
+            gauge.clear()
+            if stats["served_model"]:
+                gauge.labels(stats["served_model"]).set(stats[key])
     await broker_check(state)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from service.items.index import (
     SnapshotError,
     VectorIndex,
     concrete_factory,
+    insert_pending_until,
     nlist_for,
     train_threshold,
 )
@@ -248,3 +250,116 @@ def test_upkeep_is_due_for_tombstones_and_growth() -> None:
     ivf.add(np.arange(250, 1000), unit(rng, 750, 16))
     assert ivf.upkeep_due() == "retrain"
     assert VectorIndex(16).upkeep_due() is None  # Flat: never
+
+
+def graph_with_fresh(rng: np.random.Generator) -> tuple[VectorIndex, np.ndarray, np.ndarray]:
+    """An HNSW index of 500 vectors (ids 0, 3, 6, ...): the first 400 in the graph (an add's
+    overflow past `fresh_max` goes there itself), the last 100 in the fresh buffer."""
+    base, ids = unit(rng, 500, 16), np.arange(500, dtype=np.int64) * 3
+    index = VectorIndex(16, "HNSW16", fresh_max=100)
+    index.add(ids, base)
+    return index, base, ids
+
+
+def test_graph_adds_go_to_the_fresh_buffer_and_searches_merge_it_exactly() -> None:
+    """The fresh buffer holds at most fresh_max vectors and is searched with the graph; the
+    merged results equal a float64 brute force over every vector (HNSW at efSearch 128 over
+    400 vectors is exact on these queries), unfiltered and restricted to a subset."""
+    rng = np.random.default_rng(12)
+    index, base, ids = graph_with_fresh(rng)
+    assert (index.pending, index._index.ntotal, index.ntotal) == (100, 400, 500)
+    np.testing.assert_array_equal(index.reconstruct(ids[400:]), base[400:])  # the buffer's, bit for bit
+    queries = np.concatenate([base[[0, 399, 400, 499]], unit(rng, 16, 16)])  # graph, fresh and new vectors
+    for k in (1, 10, 150):
+        scores, got = index.search(queries, k)
+        want_scores, want = brute_topk(base, ids, queries, k)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+    subset = rng.choice(ids, 60, replace=False)  # from both parts
+    rows = np.searchsorted(ids, np.sort(subset))
+    scores, got = index.search(queries, 10, subset)
+    np.testing.assert_array_equal(got, brute_topk(base[rows], ids[rows], queries, 10)[1])
+
+
+def test_insert_pending_moves_the_fresh_buffer_into_the_graph() -> None:
+    rng = np.random.default_rng(13)
+    index, base, ids = graph_with_fresh(rng)
+    queries = unit(rng, 20, 16)
+    before = index.search(queries, 10)
+    moved = []
+    while step := index.insert_pending(budget_s=0.001):
+        moved.append(step)
+    assert sum(moved) == 100 and len(moved) > 1  # a few vectors a step, in its time budget
+    assert (index.pending, index._index.ntotal, index.ntotal) == (0, 500, 500)
+    after = index.search(queries, 10)
+    np.testing.assert_array_equal(after[1], before[1])
+    np.testing.assert_array_equal(after[1], brute_topk(base, ids, queries, 10)[1])
+    np.testing.assert_allclose(after[0], before[0], atol=1e-6)
+
+
+def test_fresh_removals_are_outright_and_graph_removals_tombstones() -> None:
+    rng = np.random.default_rng(14)
+    index, base, ids = graph_with_fresh(rng)
+    index.remove(np.array([ids[10], ids[450], ids[451]]))  # one in the graph, two fresh
+    assert index._tombstones == {int(ids[10])} and index.pending == 98 and index.ntotal == 497
+    _, got = index.search(base[[10, 450, 451, 452]], 1)
+    assert got[3, 0] == ids[452] and not {ids[10], ids[450], ids[451]} & set(got.ravel().tolist())
+    np.testing.assert_array_equal(index.reconstruct(ids[[0, 452]]), base[[0, 452]])  # graph and fresh
+    assert index.reconstruct(ids[[450]]) is None
+
+
+@pytest.mark.parametrize("reader_fresh_max", [100, 0])
+def test_snapshot_keeps_the_fresh_buffer(tmp_path, reader_fresh_max: int) -> None:
+    """A snapshot holds the fresh vectors beside the graph; a host without the buffer
+    (fresh_max 0) inserts them into its graph at load."""
+    rng = np.random.default_rng(15)
+    index, base, ids = graph_with_fresh(rng)
+    index.save(tmp_path / "s", model_id="m", changes=500)
+    loaded, head = VectorIndex.load(tmp_path / "s", fresh_max=reader_fresh_max)
+    assert head.ntotal == loaded.ntotal == 500
+    assert loaded.pending == (100 if reader_fresh_max else 0)
+    queries = unit(rng, 20, 16)
+    np.testing.assert_array_equal(loaded.search(queries, 10)[1], brute_topk(base, ids, queries, 10)[1])
+
+
+def test_background_inserts_beside_adds_and_searches() -> None:
+    """`insert_pending_until` empties the buffer while writers add and readers search: every
+    result is a real id with its true score, best first; at the end the graph holds every
+    vector and finds each one itself."""
+    rng = np.random.default_rng(16)
+    d, batches, per = 32, 40, 50
+    base = unit(rng, batches * per, d)
+    index = VectorIndex(d, "HNSW16", fresh_max=300)
+    stop, errors = threading.Event(), []
+    inserter = threading.Thread(target=insert_pending_until, args=(lambda: index, stop), kwargs={"idle_s": 0.005})
+    inserter.start()
+
+    def reader(seed: int) -> None:
+        r = np.random.default_rng(seed)
+        try:
+            while not stop.is_set():
+                q = unit(r, 4, d)
+                scores, got = index.search(q, 10)
+                for row in range(4):
+                    np.testing.assert_allclose(scores[row], base[got[row]] @ q[row], atol=1e-5)
+                    assert (np.diff(scores[row]) <= 1e-6).all()
+        except BaseException as exc:
+            errors.append(exc)
+
+    readers = [threading.Thread(target=reader, args=(s,)) for s in range(2)]
+    for t in readers:
+        t.start()
+    for b in range(batches):
+        index.add(np.arange(b * per, (b + 1) * per), base[b * per : (b + 1) * per])
+        assert index.pending <= 300
+    deadline = time.monotonic() + 30
+    while index.pending:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    stop.set()
+    for t in [inserter, *readers]:
+        t.join()
+    assert not errors, errors[0]
+    assert index._index.ntotal == index.ntotal == len(base)
+    _, top = index.search(base, 1)
+    assert np.mean(top[:, 0] == np.arange(len(base))) > 0.99

@@ -264,6 +264,10 @@ def test_a_heavily_deleted_hnsw_index_is_compacted_in_the_background(hnsw_client
     items = hnsw_client.app.state.items
     vecs, _ = fill(items, np.random.default_rng(8))
     wait_indexed(items, N)
+    deadline = time.monotonic() + 60
+    while items._follower.index.pending:  # in the graph, where a deletion is a tombstone (fresh ones go at once)
+        assert time.monotonic() < deadline, "the fresh buffer was not inserted into the graph"
+        time.sleep(0.05)
     old = items._follower
     live = [i for i in range(N) if i % 3]
     for i in range(0, N, 3):  # a third deleted
