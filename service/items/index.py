@@ -187,6 +187,7 @@ class VectorIndex:
         self._fresh = self._fresh_buffer()
         self._step = 64  # fresh vectors per insert_pending call, adapted to its time budget
         self.graph_inserted, self.graph_insert_s = 0, 0.0  # what insert_pending moved, and its time
+        self.overflow_inserted = 0  # vectors that adds inserted into the graph themselves (the buffer full)
 
     def _fresh_buffer(self) -> Any:
         """An empty fresh buffer when this index is a graph and buffers its adds, else None."""
@@ -227,6 +228,7 @@ class VectorIndex:
             direct = len(ids) if self._fresh is None else max(0, self._fresh.ntotal + len(ids) - self.fresh_max)
             if direct:
                 self._index.add_with_ids(vectors[:direct], ids[:direct])
+                self.overflow_inserted += direct if self._fresh is not None else 0
             if direct < len(ids):
                 self._fresh.add_with_ids(vectors[direct:], ids[direct:])
 
