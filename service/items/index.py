@@ -271,8 +271,8 @@ class VectorIndex:
     def remove(self, ids: np.ndarray) -> None:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         with self.lock.write():
-            if self.pending:  # fresh vectors are removed outright
-                fresh = np.isin(ids, faiss.vector_to_array(self._fresh.id_map))
+            fresh = np.isin(ids, faiss.vector_to_array(self._fresh.id_map)) if self.pending else None
+            if fresh is not None and fresh.any():  # fresh vectors are removed outright
                 self._fresh.remove_ids(faiss.IDSelectorBatch(ids[fresh]))
                 ids = ids[~fresh]
             try:
