@@ -90,6 +90,24 @@ def test_search_params_reach_the_trained_and_the_reloaded_index(tmp_path, params
     assert faiss.extract_index_ivf(loaded._index).nprobe == nprobe
 
 
+def search_until(
+    index: VectorIndex, base: np.ndarray, done: threading.Event, errors: list[BaseException], seed: int
+) -> None:
+    """A reader thread: search until `done`; every hit is an id of `base` (its row) with its
+    true inner product, best first. Failures go to `errors`."""
+    r = np.random.default_rng(seed)
+    try:
+        while not done.is_set():
+            q = unit(r, 4, base.shape[1])
+            scores, ids = index.search(q, 10)
+            for row in range(4):
+                assert (ids[row] >= 0).all() and (ids[row] < len(base)).all()
+                np.testing.assert_allclose(scores[row], base[ids[row]] @ q[row], atol=1e-5)
+                assert (np.diff(scores[row]) <= 1e-6).all()  # best first
+    except BaseException as exc:
+        errors.append(exc)
+
+
 def test_concurrent_adds_and_searches_are_consistent() -> None:
     """Writers add while readers search (faiss #367): no crash, every result is a real id
     whose score is its true inner product, and every vector is found after the fact."""
@@ -108,21 +126,8 @@ def test_concurrent_adds_and_searches_are_consistent() -> None:
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    def reader(seed: int) -> None:
-        r = np.random.default_rng(seed)
-        try:
-            while not done.is_set():
-                q = unit(r, 4, d)
-                scores, ids = index.search(q, 10)
-                for row in range(4):
-                    assert (ids[row] >= 0).all() and (ids[row] < len(base)).all()
-                    np.testing.assert_allclose(scores[row], base[ids[row]] @ q[row], atol=1e-5)
-                    assert (np.diff(scores[row]) <= 1e-6).all()  # best first
-        except BaseException as exc:
-            errors.append(exc)
-
     writers = [threading.Thread(target=writer, args=(p,)) for p in range(2)]
-    readers = [threading.Thread(target=reader, args=(s,)) for s in range(4)]
+    readers = [threading.Thread(target=search_until, args=(index, base, done, errors, s)) for s in range(4)]
     for t in writers + readers:
         t.start()
     for t in writers:
@@ -330,23 +335,12 @@ def test_background_inserts_beside_adds_and_searches() -> None:
     d, batches, per = 32, 40, 50
     base = unit(rng, batches * per, d)
     index = VectorIndex(d, "HNSW16", fresh_max=300)
-    stop, errors = threading.Event(), []
+    stop = threading.Event()
+    errors: list[BaseException] = []
     inserter = threading.Thread(target=insert_pending_until, args=(lambda: index, stop), kwargs={"idle_s": 0.005})
     inserter.start()
 
-    def reader(seed: int) -> None:
-        r = np.random.default_rng(seed)
-        try:
-            while not stop.is_set():
-                q = unit(r, 4, d)
-                scores, got = index.search(q, 10)
-                for row in range(4):
-                    np.testing.assert_allclose(scores[row], base[got[row]] @ q[row], atol=1e-5)
-                    assert (np.diff(scores[row]) <= 1e-6).all()
-        except BaseException as exc:
-            errors.append(exc)
-
-    readers = [threading.Thread(target=reader, args=(s,)) for s in range(2)]
+    readers = [threading.Thread(target=search_until, args=(index, base, stop, errors, s)) for s in range(2)]
     for t in readers:
         t.start()
     for b in range(batches):
