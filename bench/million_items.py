@@ -51,7 +51,7 @@ server and drops at the end (it must not exist).
     .venv/bin/python bench/million_items.py --items 100000 --dim 512 --factory HNSW32 --threads 1
     .venv/bin/python bench/million_items.py --factory IVFauto,Flat --like EMBEDDINGS.npz --threads 1
     .venv/bin/python bench/million_items.py --items 100000 --factory HNSW32 --delete-share 0.5 --threads 1
-    .venv/bin/python bench/million_items.py --factory HNSW32 --rate 1000 --like EMBEDDINGS.npz --threads 1
+    .venv/bin/python bench/million_items.py --factory HNSW32 --rate 500 --like EMBEDDINGS.npz --threads 1
     .venv/bin/python bench/million_items.py --dim 512 --dir DIR --reopen   # start-up and search on DIR
 """
 

@@ -13,6 +13,8 @@ embedded first (slow, no lock held), then under one mutex the originals are writ
 store commits (counters and log rows in the same transaction). Snapshots are written off
 the hot path: another thread copies the served index in memory while the log waits, then
 checksums and writes it off every lock, so no add or search waits on a full-index write.
+On HNSW an add lands in the index's fresh buffer and another thread inserts it into the
+graph (`index.insert_pending_until`), so no add waits on the graph's insert either.
 
 The store unreachable (PostgreSQL down): writes answer StoreUnavailableError (503), searches
 answer from the served index and the ids and metadata kept with it, a search by item id
