@@ -169,10 +169,15 @@ class Upkeep:
         return built
 
 
-def idle_p50_ms(follower: LogFollower, queries: np.ndarray) -> float:
-    """search_p50_ms once the background graph inserts have emptied the fresh buffer."""
+def wait_for_graph(follower: LogFollower) -> None:
+    """Until the background graph inserts have emptied the fresh buffer."""
     while follower.index.pending:
         time.sleep(0.05)
+
+
+def idle_p50_ms(follower: LogFollower, queries: np.ndarray) -> float:
+    """search_p50_ms once the graph holds every vector."""
+    wait_for_graph(follower)
     return search_p50_ms(follower, queries)
 
 
@@ -342,8 +347,7 @@ def run(args: argparse.Namespace) -> None:
         follower = served[0] = upkeep.swap(follower, wait=True)
         report(f"{follower.index.ntotal:,}, after that upkeep", follower)
     print(f"# {args.items:,} adds in {time.perf_counter() - began_run:.0f} s; {follower.index.pending:,} still fresh")
-    while follower.index.pending:
-        time.sleep(0.1)
+    wait_for_graph(follower)
     print(f"# the graph holds every vector {time.perf_counter() - began_run:.0f} s after the first add", flush=True)
     stop_inserts.set()
     inserter.join()

@@ -224,11 +224,14 @@ class VectorIndex:
             if not self._final and self._index.ntotal + len(ids) >= self.min_train:
                 self._train_with(ids, vectors)
                 return
+            if self._fresh is None:
+                self._index.add_with_ids(vectors, ids)
+                return
             # the overflow past fresh_max goes into the graph now: the buffer stays bounded
-            direct = len(ids) if self._fresh is None else max(0, self._fresh.ntotal + len(ids) - self.fresh_max)
+            direct = max(0, self._fresh.ntotal + len(ids) - self.fresh_max)
             if direct:
                 self._index.add_with_ids(vectors[:direct], ids[:direct])
-                self.overflow_inserted += direct if self._fresh is not None else 0
+                self.overflow_inserted += direct
             if direct < len(ids):
                 self._fresh.add_with_ids(vectors[direct:], ids[direct:])
 
@@ -313,14 +316,22 @@ class VectorIndex:
         with self.lock.read():
             if not self._holds_exact_vectors() or any(int(i) in self._tombstones for i in ids):
                 return None
-            fresh = set() if not self.pending else set(faiss.vector_to_array(self._fresh.id_map).tolist())
             out = np.empty((len(ids), self.dim), dtype=np.float32)
             try:
                 for row, i in enumerate(ids):
-                    out[row] = (self._fresh if int(i) in fresh else self._index).reconstruct(int(i))
+                    out[row] = self._reconstruct_one(int(i))
             except RuntimeError:  # an id the index does not hold
                 return None
         return out
+
+    def _reconstruct_one(self, i: int) -> np.ndarray:
+        """The vector of id i from the fresh buffer or the graph (RuntimeError: neither holds it)."""
+        if self.pending:
+            try:
+                return self._fresh.reconstruct(i)
+            except RuntimeError:  # not fresh: in the graph, if anywhere
+                pass
+        return np.asarray(self._index.reconstruct(i))
 
     @property
     def exact(self) -> bool:
@@ -450,16 +461,18 @@ class VectorIndex:
             raise
         except (struct.error, ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise SnapshotError(f"{path} is unreadable: {exc}") from exc
-        self = cls(header["dim"], header["factory"], min_train=min_train, search_params=search_params)
+        self = cls(
+            header["dim"], header["factory"], min_train=min_train, search_params=search_params, fresh_max=fresh_max
+        )
         self._index, self._final = index, bool(header["final"])
         self.trained_on = int(header.get("trained_on", 0))
         self._tombstones = set(header["tombstones"])
         _apply_params(self._index, search_params)
-        self.fresh_max = fresh_max
-        self._fresh = fresh if fresh is not None else self._fresh_buffer()  # an IndexIDMap2 either way
-        if self._fresh is not None and not fresh_max:  # a snapshot's fresh vectors, for a host without the buffer
-            self._move_fresh(self.pending)
-            self._fresh = None
+        if fresh is not None:  # the snapshot's buffer (an IndexIDMap2, as _fresh_buffer builds)
+            self._fresh = fresh
+            if not fresh_max:  # a host without the buffer inserts it into its graph
+                self._move_fresh(self.pending)
+                self._fresh = None
         meta = SnapshotHeader(
             header["model_id"],
             header["dim"],
